@@ -1,0 +1,86 @@
+"""signround: SignRound weight quantization for Hugging Face causal LMs.
+
+Public API::
+
+    from signround import quantize, QuantScheme
+    qmodel = quantize(model, tokenizer, scheme=QuantScheme(bits=4, group_size=128), dataset="calib.jsonl")
+    qmodel.save_pretrained("out/w4g128")          # or signround.save(qmodel, tokenizer, "out/w4g128")
+    model, tokenizer = signround.load_model("out/w4g128")
+    signround.perplexity(model, tokenizer, "wikitext2", seqlen=2048)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from signround._version import __version__
+from signround.config import CalibConfig, DType, LayerRule, Method, QuantConfig, QuantScheme, TuneConfig, parse_layer_config
+from signround.errors import SignRoundError
+from signround.eval.ppl import PplResult, perplexity
+from signround.export import save
+from signround.model.load import load_model
+from signround.pipeline import RunReport, run
+
+PRESETS: dict[str, QuantScheme] = {
+    "W4A16": QuantScheme(bits=4, group_size=128, sym=True),
+    "W3A16": QuantScheme(bits=3, group_size=128, sym=True),
+    "W2A16": QuantScheme(bits=2, group_size=128, sym=True),
+    "W2A16G64": QuantScheme(bits=2, group_size=64, sym=True),
+    "W8A16": QuantScheme(bits=8, group_size=128, sym=True),
+}
+
+
+def quantize(
+    model: Any,
+    tokenizer: Any,
+    scheme: QuantScheme | str = QuantScheme(),
+    dataset: Any = None,
+    iters: int = 200,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    batch_size: int = 8,
+    lr: float | None = None,
+    minmax_lr: float | None = None,
+    seed: int = 42,
+    method: str = "signround",
+    layer_config: dict | str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Any:
+    """Quantize ``model``'s decoder-block linears in place with SignRound (or RTN) and return it.
+
+    Args:
+        model, tokenizer: an HF causal LM in float precision and its tokenizer.
+        scheme: a :class:`QuantScheme` or a preset name from ``PRESETS``.
+        dataset: calibration data: a file path (.txt/.jsonl/.json/.parquet), an HF dataset name, a list
+            of texts, an int64 ``[n, seqlen]`` token tensor, or None for data-free calibration.
+        iters: SignRound steps per block (0 = RTN). lr / minmax_lr default to 1/iters.
+        nsamples, seqlen, batch_size, seed: calibration and sampling settings (auto-round's defaults).
+        method: ``"signround"`` or ``"rtn"``.
+        layer_config: per-layer overrides ``{regex: {"bits": 8}}`` (``None`` value keeps a layer float).
+        device: where blocks are tuned (default CUDA if available).
+
+    Returns:
+        The same model object, with ``QuantLinear`` layers and ``config.quantization_config`` set;
+        ``model.save_pretrained(path)`` writes a native signround checkpoint.
+    """
+    if isinstance(scheme, str):
+        if scheme not in PRESETS:
+            raise SignRoundError(f"unknown preset {scheme!r}; choose one of {', '.join(PRESETS)}")
+        scheme = PRESETS[scheme]
+    text_dataset = dataset if isinstance(dataset, str) else None
+    cfg = QuantConfig(
+        scheme=scheme,
+        layer_rules=parse_layer_config(layer_config, scheme),
+        tune=TuneConfig(method=method, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size, seed=seed),
+        calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
+    )
+    run(model, tokenizer, cfg, data=None if text_dataset is not None else dataset, device=device, progress=progress)
+    return model
+
+
+__all__ = [
+    "PRESETS", "CalibConfig", "DType", "LayerRule", "Method", "PplResult", "QuantConfig", "QuantScheme",
+    "RunReport", "SignRoundError", "TuneConfig", "__version__", "load_model", "perplexity", "quantize", "run",
+    "save",
+]

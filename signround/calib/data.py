@@ -1,0 +1,158 @@
+"""Calibration texts -> a seeded ``[nsamples, seqlen]`` token tensor.
+
+Sources: a local ``.txt`` (documents separated by blank lines), ``.jsonl`` (field ``text``),
+``.json`` (a list of strings or of objects with ``text``), ``.parquet`` (column ``text``); an HF dataset
+name when online (needs the ``datasets`` package); or nothing, in which case the model generates its own
+calibration text (data-free calibration).
+
+Sampling (deterministic for a seed): documents are shuffled; each document of at least ``seqlen`` tokens
+gives one sample, its first ``seqlen`` tokens (auto-round's rule, so both tools see the same samples);
+if that gives fewer than ``nsamples``, the remaining tokens of all documents are joined with EOS and cut
+into non-overlapping windows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from signround.config import CalibConfig
+from signround.errors import SignRoundError
+
+log = logging.getLogger("signround")
+
+
+def load_texts(dataset: str) -> list[str]:
+    """Read calibration documents from a file path or an HF dataset name."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.suffix in {".txt", ".jsonl", ".json", ".parquet"} or dataset.startswith((".", "/")):
+        raise SignRoundError(f"calibration file {dataset} not found")
+    return _read_hub(dataset)
+
+
+def _read_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            texts = []
+            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise SignRoundError(f"{path}:{lineno}: each JSON line needs a string field 'text'")
+                texts.append(row["text"])
+            return texts
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, list):
+                return [d if isinstance(d, str) else str(d.get("text", "")) for d in data]
+            raise SignRoundError(f"{path}: expected a JSON list of strings or of objects with 'text'")
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise SignRoundError(f"{path}: no 'text' column (columns: {table.column_names})")
+            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+        text = path.read_text(encoding="utf-8")
+    except json.JSONDecodeError as exc:
+        raise SignRoundError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except UnicodeDecodeError:
+        raise SignRoundError(f"{path} is not UTF-8 text; give a .txt, .jsonl, .json or .parquet file") from None
+    except OSError as exc:
+        raise SignRoundError(f"cannot read calibration data {path}: {exc.strerror or exc}") from None
+    return [doc for doc in text.split("\n\n") if doc.strip()]
+
+
+def _read_hub(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise SignRoundError(
+            f"{name!r} is not a local file; to use an HF dataset name install 'datasets' (and be online)"
+        ) from None
+    repo, _, subset = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, subset or None, split="train")
+    except Exception as exc:  # datasets raises many unrelated types for "not reachable"
+        raise SignRoundError(f"cannot load HF dataset {name!r} ({type(exc).__name__}); offline? give a local file") from None
+    if "text" not in ds.column_names:
+        raise SignRoundError(f"HF dataset {name!r} has no 'text' column")
+    return [t for t in ds["text"] if isinstance(t, str)]
+
+
+def sample_tokens(texts: list[str], tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    """Tokenize ``texts`` and draw ``[n, cfg.seqlen]`` int64 samples (``n <= cfg.nsamples``).
+
+    Raises:
+        SignRoundError: the texts hold fewer than ``seqlen`` tokens in all.
+    """
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise SignRoundError("calibration data is empty; give a file with text in it")
+    order = list(range(len(texts)))
+    random.Random(cfg.seed).shuffle(order)
+    ids = tokenizer([texts[i] for i in order], add_special_tokens=True)["input_ids"]
+    seqlen = cfg.seqlen
+    samples: list[list[int]] = []
+    rest: list[int] = []
+    eos = tokenizer.eos_token_id
+    for doc in ids:
+        if len(doc) >= seqlen and len(samples) < cfg.nsamples:
+            samples.append(doc[:seqlen])
+            doc = doc[seqlen:]
+        if doc:
+            rest.extend(doc)
+            if eos is not None:
+                rest.append(eos)
+    for start in range(0, len(rest) - seqlen + 1, seqlen):
+        if len(samples) >= cfg.nsamples:
+            break
+        samples.append(rest[start : start + seqlen])
+    if not samples:
+        total = sum(len(d) for d in ids)
+        raise SignRoundError(
+            f"calibration data has only {total} tokens, fewer than seqlen={seqlen}; give more text or a smaller --seqlen"
+        )
+    if len(samples) < cfg.nsamples:
+        log.warning("calibration data gives only %d samples of %d tokens (asked for %d)", len(samples), seqlen, cfg.nsamples)
+    return torch.tensor(samples, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, cfg: CalibConfig, batch_size: int = 16) -> torch.Tensor:
+    """Data-free calibration: sample ``[nsamples, seqlen]`` tokens from the model itself, starting from
+    BOS (or EOS), with top-k 50 sampling seeded by ``cfg.seed``."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise SignRoundError("data-free calibration needs a tokenizer with a BOS or EOS token; give --dataset")
+    log.info(
+        "no calibration data given: generating %d x %d tokens from the model itself (data-free calibration)",
+        cfg.nsamples, cfg.seqlen,
+    )
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, cfg.nsamples, batch_size):
+        n = min(batch_size, cfg.nsamples - i)
+        prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+        seqs = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=50, max_new_tokens=cfg.seqlen - 1,
+            min_new_tokens=cfg.seqlen - 1, pad_token_id=tokenizer.eos_token_id,
+        )
+        out.append(seqs[:, : cfg.seqlen].cpu())
+    return torch.cat(out)
+
+
+def calibration_tokens(model, tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    """The run's calibration tokens ``[n, seqlen]``: from ``cfg.dataset``, or generated when it is None."""
+    if cfg.dataset is None:
+        return generate_tokens(model, tokenizer, cfg)
+    return sample_tokens(load_texts(cfg.dataset), tokenizer, cfg)

@@ -1,0 +1,150 @@
+"""Command line: a thin shim over the public API. Flags mirror config fields one to one.
+
+    signround quantize --model smollm2-135m --bits 4 --group-size 128 --output out/smollm2-w4g128
+    signround eval --model out/smollm2-w4g128 --ppl wikitext2 --max-windows 20 --json ppl.json
+
+User errors print ``signround: error: <one line>`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from signround.errors import SignRoundError
+
+log = logging.getLogger("signround")
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's weights and save a checkpoint")
+    p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or alias (smollm2-135m)")
+    p.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale along the input dim; -1 = per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
+    p.add_argument("--method", choices=["signround", "rtn"], default="signround")
+    p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="rounding step size (default 1/iters)")
+    p.add_argument("--minmax-lr", type=float, default=None, help="clipping step size (default = lr)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dataset", default=None,
+                   help="calibration .txt/.jsonl/.json/.parquet file or HF dataset name; none = data-free")
+    p.add_argument("--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}')
+    p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--report", default=None, metavar="PATH", help="write the run report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a float model or a quantized checkpoint")
+    p.add_argument("--model", required=True, help="HF folder, signround checkpoint, .gguf file, hub id or alias")
+    p.add_argument("--ppl", default="wikitext2", help="wikitext2 or a path to a text file")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", default=None, metavar="PATH", help='write {"ppl": ..., "windows": ..., "seqlen": ...}')
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    return parser
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from signround import export
+    from signround.config import CalibConfig, QuantConfig, QuantScheme, TuneConfig, parse_layer_config
+    from signround.eval.ppl import perplexity
+    from signround.export.atomic import check_output
+    from signround.model.load import load_model
+    from signround.pipeline import run
+
+    # Validate everything cheap before loading anything.
+    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
+    tune = TuneConfig(method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr,
+                      batch_size=args.batch_size, use_best=not args.use_last, seed=args.seed)
+    cfg = QuantConfig(scheme=scheme, layer_rules=parse_layer_config(args.layer_config, scheme), tune=tune,
+                      calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed))
+    check_output(args.output, args.overwrite)
+    if args.dataset is not None and not Path(args.dataset).expanduser().is_file():
+        from signround.calib.data import load_texts
+
+        load_texts(args.dataset)  # fails fast on a missing file
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    log.info("quantizing %s to %s with %s (%d iters)", args.model, scheme.name, tune.method.value, tune.iters)
+    report = run(model, tokenizer, cfg, device=args.device, progress=not args.quiet)
+    out = export.save(model, tokenizer, args.output, overwrite=args.overwrite)
+    print(report.summary())
+    print(f"saved {out}")
+    result = {"seconds": report.seconds, "peak_rss_gb": report.peak_rss_gb, "scheme": scheme.name,
+              "blocks": [vars(b) for b in report.blocks]}
+    if args.eval_ppl:
+        ppl = perplexity(model, tokenizer, args.eval_ppl, seqlen=args.eval_seqlen,
+                         max_windows=args.eval_max_windows, progress=not args.quiet)
+        print(f"perplexity ({args.eval_ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}")
+        result["ppl"] = ppl.to_dict()
+    if args.report:
+        Path(args.report).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from signround.eval.ppl import perplexity, resolve_text
+    from signround.model.load import load_model
+
+    resolve_text(args.ppl)  # fail fast before loading the model
+    if args.json:
+        parent = Path(args.json).expanduser().parent
+        if not parent.is_dir():
+            raise SignRoundError(f"folder {parent} for --json does not exist")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    ppl = perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
+                     batch_size=args.batch_size, progress=not args.quiet)
+    print(f"perplexity ({args.ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}  "
+          f"[{time.perf_counter() - t0:.1f} s]")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ppl.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return _quantize(args) if args.command == "quantize" else _eval(args)
+    except SignRoundError as exc:
+        print(f"signround: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("signround: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("signround: error: out of memory; lower --nsamples, --seqlen or --batch-size", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

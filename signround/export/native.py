@@ -1,0 +1,92 @@
+"""The native signround checkpoint: an HF model folder whose quantized linears are stored packed.
+
+``model.safetensors`` (sharded as transformers shards) holds every float tensor of the model unchanged
+plus, for each quantized linear ``P``, ``P.qweight`` / ``P.scales`` / ``P.qzeros`` (asymmetric only) /
+``P.bias`` (if any) as documented in :mod:`signround.pack.packed`. ``config.json`` carries
+``quantization_config`` with ``quant_method: "signround"`` and the scheme of every quantized module.
+See docs/checkpoint.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from signround.config import QuantScheme
+from signround.errors import SignRoundError
+from signround.pack.packed import QuantLinear
+
+log = logging.getLogger("signround")
+
+
+def write_native(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Write ``model`` (with ``QuantLinear`` layers and ``config.quantization_config``) into ``folder``."""
+    qc = getattr(model.config, "quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != "signround":
+        raise SignRoundError("this model was not quantized by signround; run signround.quantize first")
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SignRoundError(f"{folder} has no .safetensors weights; the checkpoint is incomplete")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as exc:
+            raise SignRoundError(f"cannot read {f.name}: {exc}; the checkpoint is corrupt") from None
+    return state
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a native checkpoint as ``(model, tokenizer)`` with ``QuantLinear`` layers, in eval mode."""
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as exc:
+        raise SignRoundError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
+    qc = config.quantization_config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, scheme_dict in qc.get("modules", {}).items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+        except AttributeError:
+            raise SignRoundError(f"config lists module {name}, which the model does not have; config and weights mismatch") from None
+        scheme = QuantScheme.from_dict(scheme_dict)
+        setattr(parent, child, QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None, dtype))
+    state = _state_dict(folder)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise SignRoundError(f"weights in {folder} do not fit its config ({str(exc).splitlines()[-1].strip()})") from None
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise SignRoundError(f"weights in {folder} do not fit its config: {what}")
+    model.tie_weights()
+    model.config.quantization_config = qc
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError, KeyError, TypeError):
+        raise SignRoundError(f"{folder} has no tokenizer; save one beside the checkpoint") from None
+    return model, tokenizer
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())

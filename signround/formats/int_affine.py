@@ -1,0 +1,106 @@
+"""Integer affine grid: ``w ~= (code - zero) * scale`` with ``code`` in ``[0, 2^bits - 1]``.
+
+One formula serves both flavours:
+
+* asymmetric: ``scale = (max*a - min*b) / (2^bits - 1)``, ``zero = round(-min*b / scale)``;
+* symmetric "full range" (llama.cpp's trick, auto-round's default): ``zero = 2^(bits-1)`` and
+  ``scale = m / -2^(bits-1)`` where ``m`` is the larger-magnitude extreme *with its sign*, so that
+  extreme lands exactly on code 0 (signed value ``-2^(bits-1)``) and the scale may be negative.
+
+``min``/``max`` are the group's extremes widened to include 0; ``a``/``b`` are SignRound's learned
+clipping factors in [0, 1]. Scales are rounded through float16 (what the checkpoint stores), so the
+tuned model and the saved one compute the same numbers. All tensors are grouped ``[out, groups, g]``
+(see :func:`signround.primitives.to_groups`); per-group tensors are ``[out, groups]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from signround.primitives import round_ste
+
+SCALE_DTYPE = torch.float16
+# Smallest |scale|: keeps all-zero groups finite (their codes are then all ``zero``).
+MIN_SCALE = 1e-5
+
+
+def group_minmax(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(min, max)`` of ``wg [out, groups, g]``, widened to include 0; shapes ``[out, groups]``."""
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def compute_qparams(
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    bits: int,
+    sym: bool,
+    min_factor: torch.Tensor | None = None,
+    max_factor: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per group, differentiable in the clipping factors.
+
+    Args:
+        wmin, wmax: ``[out, groups]`` group extremes (``wmin <= 0 <= wmax``).
+        bits: grid width.
+        sym: symmetric full-range grid when True.
+        min_factor, max_factor: ``[out, groups]`` clipping factors, clamped to [0, 1]; None means 1.
+
+    Returns:
+        ``(scale, zero)``, both ``[out, groups]`` float32; ``scale`` holds float16-representable values,
+        ``zero`` holds integers in ``[0, 2^bits-1]`` (rounded with a straight-through gradient).
+    """
+    if min_factor is not None:
+        wmin = wmin * min_factor.clamp(0, 1)
+    if max_factor is not None:
+        wmax = wmax * max_factor.clamp(0, 1)
+    maxq = 2**bits - 1
+    if sym:
+        half = 2 ** (bits - 1)
+        extreme = torch.where(-wmin > wmax, wmin, wmax)
+        scale = _fp16_round(extreme / -half)
+        scale = torch.where(scale < 0, scale.clamp(max=-MIN_SCALE), scale.clamp(min=MIN_SCALE))
+        zero = torch.full_like(scale, float(half))
+        return scale, zero
+    scale = _fp16_round((wmax - wmin) / maxq).clamp(min=MIN_SCALE)
+    zero = round_ste(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    # Differentiable: .to() passes the gradient through unchanged.
+    return x.to(SCALE_DTYPE).to(x.dtype)
+
+
+def fake_quant(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize ``wg [out, groups, g]`` with the rounding offset ``v`` (same shape, or None).
+
+    ``code = clamp(round(w / scale + v) + zero, 0, 2^bits - 1)``; returns ``(code - zero) * scale``.
+    Gradients reach ``v``, ``scale`` and ``zero`` through the straight-through rounding.
+    """
+    s = scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1)
+    x = wg / s
+    if v is not None:
+        x = x + v
+    code = (round_ste(x) + z).clamp(0, 2**bits - 1)
+    return (code - z) * s
+
+
+@torch.no_grad()
+def quantize_codes(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integer codes ``[out, groups, g]`` (uint8, values in ``[0, 2^bits - 1]``) for the same rounding
+    as :func:`fake_quant`."""
+    x = wg / scale.unsqueeze(-1)
+    if v is not None:
+        x = x + v
+    code = (torch.round(x) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
+    return code.to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * scale`` for grouped ``codes [out, groups, g]`` and ``[out, groups]`` params."""
+    return (codes.to(scale.dtype) - zero.unsqueeze(-1).to(scale.dtype)) * scale.unsqueeze(-1)

@@ -1,0 +1,206 @@
+"""The one orchestrator: calibrate, then tune and pack block by block.
+
+For block ``i``: the float block's outputs on the float inputs are the targets (computed once);
+``tune_block`` learns the rounding against them from the quantized model's inputs; the block's
+linears are replaced by packed ``QuantLinear`` layers; the quantized block's outputs become the next
+block's quantized inputs and the targets the next float inputs. Devices, memory, progress and the
+summary live here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from signround._version import __version__
+from signround.calib.capture import block_output, capture_block_inputs, to_device
+from signround.calib.data import calibration_tokens, sample_tokens
+from signround.config import CalibConfig, QuantConfig
+from signround.errors import SignRoundError
+from signround.model.blocks import find_blocks, resolve_schemes
+from signround.model.load import check_finite
+from signround.pack.packed import QuantLinear
+from signround.tune.signround import BlockResult, tune_block
+
+log = logging.getLogger("signround")
+
+
+@dataclass
+class BlockReport:
+    index: int
+    name: str
+    rtn_loss: float
+    first_loss: float
+    best_loss: float
+    final_loss: float
+    steps: int
+    seconds: float
+
+
+@dataclass
+class RunReport:
+    """What a run did: per-block losses, time and peak memory."""
+
+    blocks: list[BlockReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_gb: float = 0.0
+    nsamples: int = 0
+    seqlen: int = 0
+
+    def summary(self) -> str:
+        lines = [
+            f"{'block':>5}  {'rtn loss':>10}  {'first':>10}  {'best':>10}  {'final':>10}  {'steps':>5}  {'sec':>6}"
+        ]
+        for b in self.blocks:
+            lines.append(
+                f"{b.index:>5}  {b.rtn_loss:>10.4g}  {b.first_loss:>10.4g}  {b.best_loss:>10.4g}  "
+                f"{b.final_loss:>10.4g}  {b.steps:>5}  {b.seconds:>6.1f}"
+            )
+        lines.append(
+            f"quantized {len(self.blocks)} blocks on {self.nsamples} x {self.seqlen} calibration tokens in "
+            f"{self.seconds:.1f} s, peak memory {self.peak_rss_gb:.2f} GB"
+        )
+        return "\n".join(lines)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024 / 1e9 if sys.platform != "darwin" else kib / 1e9
+
+
+def resolve_tokens(model: nn.Module, tokenizer: Any, calib: CalibConfig, data: Any) -> torch.Tensor:
+    """Calibration tokens from ``data``: a ``[n, seqlen]`` tensor, a list of texts, or None/a path/name
+    (resolved through ``calib.dataset``)."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype != torch.long:
+            raise SignRoundError("calibration token tensor must be int64 [nsamples, seqlen]")
+        return data[: calib.nsamples, : calib.seqlen]
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        return sample_tokens(list(data), tokenizer, calib)
+    return calibration_tokens(model, tokenizer, calib)
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], batch_size: int) -> torch.Tensor:
+    outs = [block_output(block(inputs[i : i + batch_size], **kwargs)) for i in range(0, inputs.shape[0], batch_size)]
+    return torch.cat(outs).to(inputs.dtype)
+
+
+def _replace_linears(block: nn.Module, result: BlockResult) -> None:
+    for name, layer in result.layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        old = getattr(parent, child)
+        qlayer = QuantLinear.from_codes(layer.codes, layer.scale, layer.zero, layer.scheme, old.bias)
+        qlayer.to(old.weight.device)
+        setattr(parent, child, qlayer)
+
+
+def run(
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: QuantConfig,
+    data: Any = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """Quantize ``model`` in place (its block linears become ``QuantLinear``) and return the report.
+
+    Args:
+        model: an HF causal LM in float precision, in eval mode.
+        tokenizer: its tokenizer (used for calibration text).
+        cfg: scheme, per-layer rules, tuning and calibration settings.
+        data: calibration tokens ``[n, seqlen]``, a list of texts, or None to use ``cfg.calib.dataset``.
+        device: where blocks are tuned (default: CUDA when available, else CPU).
+        progress: show progress bars.
+    """
+    t0 = time.perf_counter()
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_finite(model)
+    prefix, blocks = find_blocks(model)
+    plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
+    if not any(plans):
+        raise SignRoundError("no layer is left to quantize; check --layer-config")
+    tokens = resolve_tokens(model, tokenizer, cfg.calib, data)
+    inputs, kwargs = capture_block_inputs(model, blocks[0], tokens)
+    if not torch.isfinite(inputs).all():
+        raise SignRoundError("the model's activations at the first block are not finite; check the model's weights")
+    inputs = inputs.to(dev)
+    kwargs = to_device(kwargs, dev)
+    fp_inputs, q_inputs = inputs, inputs
+    report = RunReport(nsamples=tokens.shape[0], seqlen=tokens.shape[1])
+    tune = cfg.tune
+    bar = tqdm(total=len(blocks), desc="quantizing", unit="block", disable=not progress, file=sys.stderr)
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(dev)
+        targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
+        if not torch.isfinite(targets).all():
+            raise SignRoundError(f"block {i} produced non-finite outputs on the calibration data; check the model")
+        schemes = plans[i]
+        steps = tqdm(total=tune.iters, desc=f"block {i}", leave=False, disable=not progress or tune.iters == 0,
+                     file=sys.stderr)
+
+        def on_step(step: int, loss: float, steps: tqdm = steps) -> None:
+            steps.update(1)
+            if step % 10 == 0:
+                steps.set_postfix(loss=f"{loss:.4g}")
+
+        result = tune_block(block, q_inputs, targets, kwargs, schemes, tune, seed=tune.seed + i, on_step=on_step)
+        steps.close()
+        _replace_linears(block, result)
+        q_inputs = _run_block(block, q_inputs, kwargs, tune.batch_size)
+        final = torch.nn.functional.mse_loss(q_inputs.float(), targets.float()).item()
+        fp_inputs = targets
+        block.to(home)
+        report.blocks.append(BlockReport(i, f"{prefix}.{i}", result.rtn_loss, result.first_loss, result.best_loss,
+                                         final, result.steps, result.seconds))
+        bar.set_postfix_str(f"loss rtn {result.rtn_loss:.3g} -> {final:.3g}")
+        bar.update(1)
+        log.info("block %d/%d: loss rtn %.4g -> final %.4g (best step %.4g) in %.1f s", i + 1, len(blocks),
+                 result.rtn_loss, final, result.best_loss, result.seconds)
+    bar.close()
+    model.config.quantization_config = quantization_config(model, cfg, prefix, report)
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_gb = peak_rss_gb()
+    return report
+
+
+def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report: RunReport) -> dict[str, Any]:
+    """The ``quantization_config`` recorded in ``config.json`` (see docs/checkpoint.md)."""
+    modules = {
+        name: module.scheme.to_dict() for name, module in model.named_modules() if isinstance(module, QuantLinear)
+    }
+    tune = cfg.tune
+    return {
+        "quant_method": "signround",
+        "format": "signround-native",
+        "version": 1,
+        "signround_version": __version__,
+        **cfg.scheme.to_dict(),
+        "block_name_to_quantize": prefix,
+        "packing": "int32, 32//bits codes per word along the input dimension, least significant bits first",
+        "modules": modules,
+        "tuning": {
+            "method": tune.method.value,
+            "iters": tune.iters,
+            "lr": tune.effective_lr,
+            "minmax_lr": tune.effective_minmax_lr,
+            "batch_size": tune.batch_size,
+            "use_best": tune.use_best,
+            "seed": tune.seed,
+            "nsamples": report.nsamples,
+            "seqlen": report.seqlen,
+            "dataset": cfg.calib.dataset,
+        },
+    }

@@ -1,0 +1,168 @@
+"""SignRound for one decoder block, as a pure function.
+
+``tune_block`` learns, for every quantized linear of a block, a rounding offset per weight and min/max
+clipping factors per group by signed gradient descent on the MSE between the quantized block's output
+(on the quantized model's inputs) and the float block's output (on the float model's inputs, given as
+``targets``). With ``iters == 0`` it is plain round-to-nearest (RTN). It knows nothing about devices,
+files, logging or progress bars: callers pass tensors and a callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from signround.calib.capture import block_output
+from signround.config import QuantScheme, TuneConfig
+from signround.errors import SignRoundError
+from signround.model.blocks import block_linears
+from signround.tune.optim import linear_decay, sign_step
+from signround.tune.wrapper import TunableWeight
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass
+class LayerResult:
+    """One quantized linear: codes ``[out, in]`` uint8, scale/zero ``[out, groups]``, its scheme."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    scheme: QuantScheme
+
+
+@dataclass
+class BlockResult:
+    """What tuning one block produced.
+
+    ``rtn_loss`` is the block-output MSE of round-to-nearest over all calibration samples; ``first_loss``,
+    ``best_loss`` and ``last_loss`` are per-step (one random batch each) losses of the tuning run.
+    """
+
+    layers: dict[str, LayerResult]
+    rtn_loss: float
+    first_loss: float
+    best_loss: float
+    last_loss: float
+    best_step: int
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def block_mse(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    batch_size: int,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> float:
+    """Mean squared error of ``block`` (with ``weights`` substituted, if given) over all samples."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            x = inputs[start : start + batch_size]
+            out = block_output(functional_call(block, weights or {}, (x,), kwargs))
+            total += torch.nn.functional.mse_loss(out.float(), targets[start : start + batch_size].float(),
+                                                  reduction="sum").item()
+    return total / targets.numel()
+
+
+def tune_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    schemes: dict[str, QuantScheme],
+    cfg: TuneConfig,
+    seed: int,
+    on_step: StepCallback | None = None,
+) -> BlockResult:
+    """Learn rounding and clipping for the linears of ``block`` named in ``schemes``.
+
+    Args:
+        block: the float decoder block (left unchanged).
+        inputs: ``[n, seqlen, hidden]`` inputs of the quantized model at this block.
+        targets: ``[n, seqlen, hidden]`` outputs of the float block on the float model's inputs.
+        kwargs: keyword arguments every call of the block needs (masks, positions), broadcastable.
+        schemes: relative layer name -> scheme, for the layers to quantize.
+        cfg: iterations, step sizes, batch size, best-vs-last.
+        seed: seeds batch sampling (the pipeline passes ``cfg.seed + block index``).
+        on_step: called as ``on_step(step, loss)`` after each step.
+
+    Returns:
+        A :class:`BlockResult` with codes, scales and zero points of each layer.
+    """
+    t0 = time.perf_counter()
+    linears = block_linears(block)
+    learn = cfg.iters > 0
+    tunables = {name: TunableWeight.from_linear(linears[name], s, learn) for name, s in schemes.items()}
+    dtype = inputs.dtype
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": t.fake_quant_weight(dtype) for name, t in tunables.items()}
+
+    try:
+        with torch.no_grad():
+            rtn_loss = block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights())
+        losses: list[float] = []
+        best_loss, best_step, best_state = math.inf, -1, None
+        if learn:
+            params = [p for t in tunables.values() for p in t.params()]
+            gen = torch.Generator().manual_seed(seed)
+            n = inputs.shape[0]
+            lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
+            for step in range(cfg.iters):
+                idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(inputs.device)
+                out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
+                loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise SignRoundError(
+                        f"the tuning loss became {value} at step {step}; the inputs or weights are not finite "
+                        "(try float32, or check the model)"
+                    )
+                losses.append(value)
+                if value < best_loss:
+                    best_loss, best_step = value, step
+                    best_state = {name: t.snapshot() for name, t in tunables.items()}
+                loss.backward()
+                sign_step([t.v for t in tunables.values()], linear_decay(lr, step, cfg.iters))
+                sign_step([p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
+                          linear_decay(mm_lr, step, cfg.iters))
+                if on_step is not None:
+                    on_step(step, value)
+            del params
+            if cfg.use_best and best_state is not None:
+                for name, t in tunables.items():
+                    t.restore(best_state[name])
+        layers = {}
+        for name, t in tunables.items():
+            codes, scale, zero = t.finalize()
+            layers[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=t.scheme)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return BlockResult(
+        layers=layers,
+        rtn_loss=rtn_loss,
+        first_loss=losses[0] if losses else rtn_loss,
+        best_loss=best_loss if losses else rtn_loss,
+        last_loss=losses[-1] if losses else rtn_loss,
+        best_step=best_step,
+        steps=len(losses),
+        seconds=time.perf_counter() - t0,
+        losses=losses,
+    )

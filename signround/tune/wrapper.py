@@ -1,0 +1,85 @@
+"""The tunable state of one linear layer: its grouped weight, rounding offsets and clipping factors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from signround.config import QuantScheme
+from signround.formats import get_format
+from signround.primitives import from_groups, to_groups
+
+
+@dataclass
+class TunableWeight:
+    """SignRound's parameters for one ``nn.Linear``.
+
+    Attributes:
+        scheme: target grid.
+        in_features: input width (the grouped tensors are zero-padded past it).
+        wg: ``[out, groups, g]`` float32 weight, fixed.
+        wmin, wmax: ``[out, groups]`` group extremes (widened to 0), fixed.
+        v: ``[out, groups, g]`` rounding offsets, init 0, learned.
+        min_factor, max_factor: ``[out, groups]`` clipping factors, init 1, learned, used clamped to [0, 1].
+    """
+
+    scheme: QuantScheme
+    in_features: int
+    wg: torch.Tensor
+    wmin: torch.Tensor
+    wmax: torch.Tensor
+    v: torch.Tensor
+    min_factor: torch.Tensor
+    max_factor: torch.Tensor
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, scheme: QuantScheme, learn: bool) -> TunableWeight:
+        fmt = get_format(scheme.dtype)
+        wg = to_groups(layer.weight.detach().float(), scheme.group_size)
+        wmin, wmax = fmt.group_minmax(wg)
+        shape = wmin.shape
+        return cls(
+            scheme=scheme,
+            in_features=layer.in_features,
+            wg=wg,
+            wmin=wmin,
+            wmax=wmax,
+            v=torch.zeros_like(wg, requires_grad=learn),
+            min_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
+            max_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
+        )
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.v, self.min_factor, self.max_factor]
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = get_format(self.scheme.dtype)
+        return fmt.compute_qparams(
+            self.wmin, self.wmax, self.scheme.bits, self.scheme.sym, self.min_factor, self.max_factor
+        )
+
+    def fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The quantized-dequantized weight ``[out, in]``, differentiable in ``v`` and the factors."""
+        fmt = get_format(self.scheme.dtype)
+        scale, zero = self.qparams()
+        wq = fmt.fake_quant(self.wg, scale, zero, self.scheme.bits, self.v)
+        return from_groups(wq, self.in_features).to(dtype)
+
+    @torch.no_grad()
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.v.detach().clone(), self.min_factor.detach().clone(), self.max_factor.detach().clone()
+
+    @torch.no_grad()
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        for p, s in zip(self.params(), state):
+            p.copy_(s)
+
+    @torch.no_grad()
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes [out, in] uint8, scale [out, groups] float16, zero [out, groups] uint8)``."""
+        fmt = get_format(self.scheme.dtype)
+        scale, zero = self.qparams()
+        codes = fmt.quantize_codes(self.wg, scale, zero, self.scheme.bits, self.v)
+        return from_groups(codes, self.in_features), scale.half(), zero.to(torch.uint8)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from signround.config import CalibConfig, QuantScheme, TuneConfig, parse_layer_config
+from signround.errors import SignRoundError
+from signround.formats import int_affine
+from signround.pack.packed import QuantLinear
+from signround.primitives import from_groups, to_groups
+from signround.tune.optim import linear_decay, sign_step
+
+
+@pytest.mark.parametrize("kwargs", [{"bits": 1}, {"bits": 9}, {"bits": 4.0}, {"group_size": 0}, {"group_size": -2},
+                                    {"group_size": 4}])
+def test_scheme_validation(kwargs):
+    with pytest.raises(SignRoundError):
+        QuantScheme(**kwargs)
+
+
+def test_scheme_is_frozen_and_round_trips():
+    s = QuantScheme(bits=3, group_size=64, sym=True)
+    with pytest.raises(AttributeError):
+        s.bits = 4
+    assert QuantScheme.from_dict(s.to_dict()) == s
+    assert s.name == "W3G64-sym"
+
+
+def test_tune_and_calib_validation():
+    assert TuneConfig(iters=200).effective_lr == pytest.approx(1 / 200)
+    assert TuneConfig(iters=200, lr=0.01).effective_minmax_lr == 0.01
+    assert TuneConfig(method="rtn").iters == 0
+    for bad in ({"iters": -1}, {"batch_size": 0}, {"lr": 0.0}):
+        with pytest.raises(SignRoundError):
+            TuneConfig(**bad)
+    with pytest.raises(SignRoundError):
+        CalibConfig(nsamples=0)
+
+
+def test_layer_config_parsing(tmp_path):
+    base = QuantScheme(bits=4)
+    rules = parse_layer_config('{"down_proj": {"bits": 8}, "q_proj": null}', base)
+    assert rules[0].scheme == base.replace(bits=8) and rules[1].scheme is None
+    f = tmp_path / "lc.json"
+    f.write_text('{"mlp": {"group_size": 32}}')
+    assert parse_layer_config(str(f), base)[0].scheme.group_size == 32
+    for bad in ("[1]", "{not json", '{"x": 3}', '{"(": {"bits": 4}}', '{"x": {"bitz": 4}}'):
+        with pytest.raises(SignRoundError):
+            parse_layer_config(bad, base)
+
+
+def test_linear_decay_and_sign_step():
+    assert linear_decay(0.1, 0, 10) == pytest.approx(0.1)
+    assert linear_decay(0.1, 5, 10) == pytest.approx(0.05)
+    assert linear_decay(0.1, 10, 10) == 0.0
+    p = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    p.grad = torch.tensor([3.0, -0.001, 0.0])
+    sign_step([p], 0.25)
+    assert p.tolist() == [0.75, 1.25, 1.0]
+    assert p.grad is None
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group_size", [32, 48, -1])
+def test_quant_linear_matches_fake_quant(sym, group_size):
+    torch.manual_seed(0)
+    scheme = QuantScheme(bits=3, group_size=group_size, sym=sym)
+    w = torch.randn(24, 80)
+    wg = to_groups(w, group_size)
+    wmin, wmax = int_affine.group_minmax(wg)
+    scale, zero = int_affine.compute_qparams(wmin, wmax, 3, sym)
+    codes = from_groups(int_affine.quantize_codes(wg, scale, zero, 3), 80)
+    bias = torch.randn(24)
+    layer = QuantLinear.from_codes(codes, scale.half(), zero, scheme, bias)
+    expected = from_groups(int_affine.fake_quant(wg, scale, zero, 3), 80)
+    assert torch.equal(layer.dequantize(), expected)
+    assert torch.equal(layer.codes(), codes)
+    x = torch.randn(5, 80)
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, expected, bias))
+    assert ("qzeros" in dict(layer.named_buffers())) == (not sym)

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from signround.formats import int_affine as F
+from signround.primitives import from_groups, int_range, round_ste, to_groups
+
+
+def _grouped(out=16, inp=200, g=64, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(out, inp)
+    return w, to_groups(w, g)
+
+
+def test_round_ste_rounds_and_passes_gradient():
+    x = torch.tensor([0.4, 0.5, 1.5, -2.6], requires_grad=True)
+    y = round_ste(x)
+    assert y.tolist() == [0.0, 0.0, 2.0, -3.0]  # half to even
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_groups_pad_and_round_trip():
+    w = torch.randn(3, 200)
+    wg = to_groups(w, 64)
+    assert wg.shape == (3, 4, 64)
+    assert torch.all(wg[:, -1, 8:] == 0)  # 200 = 3*64 + 8: last group zero-padded
+    assert torch.equal(from_groups(wg, 200), w)
+    assert to_groups(w, -1).shape == (3, 1, 200)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_codes_in_range_and_dequant_round_trip(bits, sym):
+    _, wg = _grouped()
+    wmin, wmax = F.group_minmax(wg)
+    scale, zero = F.compute_qparams(wmin, wmax, bits, sym)
+    codes = F.quantize_codes(wg, scale, zero, bits)
+    assert codes.dtype == torch.uint8
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 2**bits - 1
+    deq = F.dequantize_codes(codes, scale, zero)
+    # fake_quant is exactly dequantize(quantize(.))
+    assert torch.equal(deq, F.fake_quant(wg, scale, zero, bits))
+    # re-quantizing the dequantized grid points gives the same codes (idempotent)
+    assert torch.equal(F.quantize_codes(deq, scale, zero, bits), codes)
+    # every weight is within one step of its grid point (clamping at one end costs at most one step)
+    assert torch.all((deq - wg).abs() <= scale.abs().unsqueeze(-1) * 1.0001)
+    # scales are float16 values
+    assert torch.equal(scale, scale.half().float())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_sym_full_range_maps_larger_extreme_to_most_negative(bits):
+    half = 2 ** (bits - 1)
+    wg = torch.tensor([[[-1.0, 0.2, 0.5, 0.1], [0.3, 2.0, -0.5, 0.0]]])
+    wmin, wmax = F.group_minmax(wg)
+    scale, zero = F.compute_qparams(wmin, wmax, bits, sym=True)
+    codes = F.quantize_codes(wg, scale, zero, bits)
+    assert torch.all(zero == half)
+    assert int(codes[0, 0, 0]) == 0  # -1.0 is the larger magnitude of group 0 -> signed -2^(b-1)
+    assert int(codes[0, 1, 1]) == 0  # +2.0 is the larger magnitude of group 1 -> signed -2^(b-1) (negative scale)
+    assert float(scale[0, 1]) < 0 < float(scale[0, 0])
+    assert torch.allclose(F.dequantize_codes(codes, scale, zero)[0, :, :2].diagonal(), torch.tensor([-1.0, 2.0]))
+
+
+def test_asym_grid_spans_min_to_max():
+    wg = torch.tensor([[[-0.3, 0.0, 0.9, 0.45]]])
+    wmin, wmax = F.group_minmax(wg)
+    scale, zero = F.compute_qparams(wmin, wmax, 4, sym=False)
+    assert float(scale) == pytest.approx(1.2 / 15, rel=1e-3)
+    codes = F.quantize_codes(wg, scale, zero, 4)
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+
+
+def test_int_range():
+    assert int_range(4, True) == (-8, 7)
+    assert int_range(3, False) == (0, 7)
+
+
+def _sqnr_db(w, deq):
+    return float(10 * torch.log10(w.pow(2).sum() / (w - deq).pow(2).sum()))
+
+
+@pytest.mark.parametrize("bits,floor", [(2, 4.0), (3, 11.0), (4, 17.0), (6, 29.0), (8, 41.0)])
+def test_sqnr_on_gaussian_weights(bits, floor):
+    w, wg = _grouped(64, 512, 128)
+    wmin, wmax = F.group_minmax(wg)
+    for sym in (False, True):
+        scale, zero = F.compute_qparams(wmin, wmax, bits, sym)
+        deq = from_groups(F.fake_quant(wg, scale, zero, bits), 512)
+        assert _sqnr_db(w, deq) > floor
+
+
+def test_ste_gradients_reach_offsets_and_clip_factors():
+    _, wg = _grouped(4, 64, 32)
+    wmin, wmax = F.group_minmax(wg)
+    v = torch.zeros_like(wg, requires_grad=True)
+    a = torch.ones(wmin.shape, requires_grad=True)
+    b = torch.ones(wmin.shape, requires_grad=True)
+    scale, zero = F.compute_qparams(wmin, wmax, 4, False, b, a)
+    deq = F.fake_quant(wg, scale, zero, 4, v)
+    deq.sum().backward()
+    # d deq / d v = scale where the code is not clamped, 0 where it is
+    code = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    inside = (code >= 0) & (code <= 15)
+    expected = torch.where(inside, scale.unsqueeze(-1).expand_as(wg), torch.zeros_like(wg))
+    assert torch.allclose(v.grad, expected)
+    assert a.grad is not None and b.grad is not None
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_clip_factors_are_clamped_to_unit_interval():
+    wmin, wmax = torch.tensor([[-1.0]]), torch.tensor([[1.0]])
+    s1, _ = F.compute_qparams(wmin, wmax, 4, False, torch.tensor([[2.0]]), torch.tensor([[2.0]]))
+    s2, _ = F.compute_qparams(wmin, wmax, 4, False, torch.tensor([[1.0]]), torch.tensor([[1.0]]))
+    assert torch.equal(s1, s2)
+
+
+def test_all_zero_group_stays_finite():
+    wg = torch.zeros(2, 1, 8)
+    wmin, wmax = F.group_minmax(wg)
+    for sym in (False, True):
+        scale, zero = F.compute_qparams(wmin, wmax, 4, sym)
+        deq = F.fake_quant(wg, scale, zero, 4)
+        assert torch.isfinite(scale).all() and torch.equal(deq, wg)
