@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from signround.errors import SignRoundError
@@ -149,7 +150,9 @@ def load_model(
 def _from_pretrained(where: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-    except (ValueError, OSError, KeyError, RuntimeError, EnvironmentError) as exc:
+    except SafetensorError as exc:
+        raise SignRoundError(f"cannot read the weights of {where} ({exc}); the model files are corrupt") from None
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
         if "does not recognize this architecture" in text or "Unrecognized configuration class" in text:

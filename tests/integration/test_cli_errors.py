@@ -1,0 +1,145 @@
+"""Every bad input gets a one-line error, exit code 2, and no output folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from signround.cli import main
+from tests.conftest import make_model
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("signround:")]
+
+
+def quantize_args(model, out, *extra):
+    return ["quantize", "--model", str(model), "--output", str(out), "--nsamples", "4", "--seqlen", "32",
+            "--iters", "2", "--group-size", "32", "--quiet", *extra]
+
+
+def assert_refused(capsys, out, argv, match):
+    code, lines = run_cli(capsys, *argv)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("signround: error:"), lines
+    assert match in lines[0], lines[0]
+    assert not out.exists() or not any(p.name != "keep.txt" for p in out.iterdir())
+
+
+def test_missing_model(capsys, tmp_path, calib_jsonl):
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(tmp_path / "nope", out, "--dataset", str(calib_jsonl)), "not found")
+
+
+def test_corrupt_model(capsys, tmp_path, model_dir, calib_jsonl):
+    (model_dir / "model.safetensors").write_bytes(b"garbage" * 10)
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--dataset", str(calib_jsonl)), "corrupt")
+    (model_dir / "config.json").write_text("{not json")
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--dataset", str(calib_jsonl)), "not valid JSON")
+
+
+def test_folder_without_config(capsys, tmp_path, calib_jsonl):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(tmp_path / "empty", out, "--dataset", str(calib_jsonl)), "config.json")
+
+
+def test_unsupported_architecture(capsys, tmp_path, tokenizer, calib_jsonl):
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(path, out, "--dataset", str(calib_jsonl)), "unsupported architecture")
+
+
+@pytest.mark.parametrize("flags,match", [(["--bits", "9"], "out of range"), (["--bits", "1"], "out of range"),
+                                         (["--group-size", "3"], "group size"), (["--group-size", "256"], "exceeds"),
+                                         (["--iters", "-1"], "iters"), (["--batch-size", "0"], "batch size"),
+                                         (["--nsamples", "0"], "nsamples"), (["--layer-config", "{bad"], "JSON")])
+def test_bad_options(capsys, tmp_path, model_dir, calib_jsonl, flags, match):
+    out = tmp_path / "out"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl))
+    if "--group-size" in flags:
+        i = argv.index("--group-size")
+        del argv[i : i + 2]
+    assert_refused(capsys, out, argv + flags, match)
+
+
+def test_empty_and_short_calibration(capsys, tmp_path, model_dir):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--dataset", str(empty)), "empty")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--dataset", str(short)), "fewer than seqlen")
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--dataset", str(tmp_path / "x.jsonl")), "not found")
+
+
+def test_output_not_empty_is_kept(capsys, tmp_path, model_dir, calib_jsonl):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--dataset", str(calib_jsonl)), "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_non_finite_weights(capsys, tmp_path, tokenizer, calib_jsonl):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tokenizer.save_pretrained(tmp_path / "nan")
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(tmp_path / "nan", out, "--dataset", str(calib_jsonl)), "NaN")
+
+
+def test_non_finite_activations(capsys, tmp_path, tokenizer, calib_jsonl):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.fill_(3e38)
+    model.save_pretrained(tmp_path / "inf")
+    tokenizer.save_pretrained(tmp_path / "inf")
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(tmp_path / "inf", out, "--dataset", str(calib_jsonl)), "non-finite outputs")
+
+
+def test_eval_errors(capsys, tmp_path, model_dir):
+    code, lines = run_cli(capsys, "eval", "--model", str(model_dir), "--ppl", str(tmp_path / "none.txt"))
+    assert code == 2 and "not found" in lines[0]
+    (tmp_path / "tiny.txt").write_text("too short")
+    code, lines = run_cli(capsys, "eval", "--model", str(model_dir), "--ppl", str(tmp_path / "tiny.txt"), "--quiet")
+    assert code == 2 and "fewer than one window" in lines[0]
+
+
+def test_quantize_then_eval_roundtrip(capsys, tmp_path, model_dir, calib_jsonl, ppl_text):
+    out = tmp_path / "q"
+    code, _ = run_cli(capsys, *quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--bits", "3",
+                                             "--eval-ppl", str(ppl_text), "--eval-seqlen", "64",
+                                             "--report", str(tmp_path / "r.json")))
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["blocks"]) == 2 and report["ppl"]["windows"] >= 1
+    code, _ = run_cli(capsys, "eval", "--model", str(out), "--ppl", str(ppl_text), "--seqlen", "64",
+                      "--max-windows", "2", "--json", str(tmp_path / "e.json"), "--quiet")
+    assert code == 0
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data) >= {"ppl", "windows", "seqlen"} and data["windows"] == 2 and data["seqlen"] == 64
+    # --overwrite replaces the folder atomically; no temporary folders are left behind
+    code, _ = run_cli(capsys, *quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--overwrite"))
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "signround.cli", "quantize", "--model", "x", "--bits", "12",
+                           "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["signround: error: bits=12 is out of range; use 2..8"]

@@ -1,0 +1,62 @@
+import torch
+
+from signround.calib.capture import capture_block_inputs
+from signround.config import QuantScheme, TuneConfig
+from signround.model.blocks import find_blocks, resolve_schemes
+from signround.pipeline import _run_block
+from signround.tune.signround import block_mse, tune_block
+from tests.conftest import make_model
+
+
+def _block_setup(bits=2):
+    model = make_model("llama", layers=1)
+    _, blocks = find_blocks(model)
+    tokens = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    x, kw = capture_block_inputs(model, blocks[0], tokens)
+    y = _run_block(blocks[0], x, kw, 8)
+    schemes = resolve_schemes("model.layers.0", blocks[0], QuantScheme(bits=bits, group_size=32))
+    return blocks[0], x, y, kw, schemes
+
+
+def _weights(block, result):
+    from signround.formats import int_affine
+    from signround.primitives import from_groups, to_groups
+
+    out = {}
+    for name, layer in result.layers.items():
+        codes = to_groups(layer.codes, layer.scheme.group_size)
+        w = int_affine.dequantize_codes(codes, layer.scale.float(), layer.zero.float())
+        out[f"{name}.weight"] = from_groups(w, layer.codes.shape[1])
+    return out
+
+
+def test_signround_beats_rtn_on_block_output():
+    block, x, y, kw, schemes = _block_setup()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0)
+    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0)
+    loss_rtn = block_mse(block, x, y, kw, 8, _weights(block, rtn))
+    loss_sr = block_mse(block, x, y, kw, 8, _weights(block, sr))
+    assert abs(loss_rtn - rtn.rtn_loss) < 1e-6 * max(1.0, loss_rtn)
+    assert loss_sr < 0.9 * loss_rtn
+    assert sr.steps == 60 and sr.best_loss <= sr.first_loss
+    # the float block is left untouched and trainable again
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+    assert all(p.requires_grad for p in block.parameters())
+
+
+def test_tuning_is_deterministic_for_a_seed():
+    block, x, y, kw, schemes = _block_setup(bits=3)
+    cfg = TuneConfig(iters=10, batch_size=4)
+    a = tune_block(block, x, y, kw, schemes, cfg, seed=3)
+    b = tune_block(block, x, y, kw, schemes, cfg, seed=3)
+    assert a.losses == b.losses
+    assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)
+
+
+def test_use_last_differs_from_best_only_in_choice():
+    block, x, y, kw, schemes = _block_setup()
+    best = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4), seed=0)
+    last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=False), seed=0)
+    assert best.losses == last.losses
+    assert best.best_loss == min(best.losses)
