@@ -32,11 +32,34 @@ def sh(cmd: list[str]) -> None:
 def float_row(args: argparse.Namespace, work: Path) -> dict:
     out = work / "float.json"
     t0 = time.time()
-    sh([sys.executable, "-m", "signround.cli", "eval", "--model", args.model, "--ppl", "wikitext2", "--seqlen",
-        str(args.eval_seqlen), "--json", str(out), "--quiet", *window_args(args)])
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "signround.cli",
+            "eval",
+            "--model",
+            args.model,
+            "--ppl",
+            "wikitext2",
+            "--seqlen",
+            str(args.eval_seqlen),
+            "--json",
+            str(out),
+            "--quiet",
+            *window_args(args),
+        ]
+    )
     ppl = json.loads(out.read_text())
-    return {"config": "float", "tool": "float", "ppl": ppl["ppl"], "eval_windows": ppl["windows"],
-            "quant_seconds": None, "peak_rss_gb": None, "eval_seconds": time.time() - t0}
+    return {
+        "config": "float",
+        "tool": "float",
+        "ppl": ppl["ppl"],
+        "eval_windows": ppl["windows"],
+        "quant_seconds": None,
+        "peak_rss_gb": None,
+        "eval_seconds": time.time() - t0,
+    }
 
 
 def window_args(args: argparse.Namespace) -> list[str]:
@@ -46,21 +69,57 @@ def window_args(args: argparse.Namespace) -> list[str]:
 def quant_row(args: argparse.Namespace, work: Path, bits: int, group: int, method: str) -> dict:
     name = f"W{bits}G{group}-{'sym' if args.sym else 'asym'}"
     report = work / f"{name}-{method}.json"
-    cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, "--bits", str(bits),
-           "--group-size", str(group), "--method", method, "--iters", str(args.iters if method == "signround" else 0),
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-           "--seed", str(args.seed), "--dataset", args.dataset, "--output", str(work / f"{name}-{method}"),
-           "--overwrite", "--quiet", "--eval-ppl", "wikitext2", "--eval-seqlen", str(args.eval_seqlen),
-           "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "signround.cli",
+        "quantize",
+        "--model",
+        args.model,
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+        "--method",
+        method,
+        "--iters",
+        str(args.iters if method == "signround" else 0),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--dataset",
+        args.dataset,
+        "--output",
+        str(work / f"{name}-{method}"),
+        "--overwrite",
+        "--quiet",
+        "--eval-ppl",
+        "wikitext2",
+        "--eval-seqlen",
+        str(args.eval_seqlen),
+        "--report",
+        str(report),
+    ]
     if args.sym:
         cmd.append("--sym")
     if args.max_windows:
         cmd += ["--eval-max-windows", str(args.max_windows)]
     sh(cmd)
     r = json.loads(report.read_text())
-    return {"config": name, "tool": method, "ppl": r["ppl"]["ppl"], "eval_windows": r["ppl"]["windows"],
-            "quant_seconds": r["seconds"], "peak_rss_gb": r["peak_rss_gb"],
-            "iters": args.iters if method == "signround" else 0}
+    return {
+        "config": name,
+        "tool": method,
+        "ppl": r["ppl"]["ppl"],
+        "eval_windows": r["ppl"]["windows"],
+        "quant_seconds": r["seconds"],
+        "peak_rss_gb": r["peak_rss_gb"],
+        "iters": args.iters if method == "signround" else 0,
+    }
 
 
 def render(rows: list[dict], args: argparse.Namespace, command: str) -> str:

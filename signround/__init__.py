@@ -14,7 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from signround._version import __version__
-from signround.config import CalibConfig, DType, LayerRule, Method, QuantConfig, QuantScheme, TuneConfig, parse_layer_config
+from signround.config import (
+    CalibConfig,
+    DType,
+    LayerRule,
+    Method,
+    QuantConfig,
+    QuantScheme,
+    TuneConfig,
+    parse_layer_config,
+)
 from signround.errors import SignRoundError
 from signround.eval.ppl import PplResult, perplexity
 from signround.export import save
@@ -33,7 +42,7 @@ PRESETS: dict[str, QuantScheme] = {
 def quantize(
     model: Any,
     tokenizer: Any,
-    scheme: QuantScheme | str = QuantScheme(),
+    scheme: QuantScheme | str | None = None,
     dataset: Any = None,
     iters: int = 200,
     nsamples: int = 128,
@@ -51,7 +60,7 @@ def quantize(
 
     Args:
         model, tokenizer: an HF causal LM in float precision and its tokenizer.
-        scheme: a :class:`QuantScheme` or a preset name from ``PRESETS``.
+        scheme: a :class:`QuantScheme`, a preset name from ``PRESETS``, or None for W4G128 asymmetric.
         dataset: calibration data: a file path (.txt/.jsonl/.json/.parquet), an HF dataset name, a list
             of texts, an int64 ``[n, seqlen]`` token tensor, or None for data-free calibration.
         iters: SignRound steps per block (0 = RTN). lr / minmax_lr default to 1/iters.
@@ -64,6 +73,8 @@ def quantize(
         The same model object, with ``QuantLinear`` layers and ``config.quantization_config`` set;
         ``model.save_pretrained(path)`` writes a native signround checkpoint.
     """
+    if scheme is None:
+        scheme = QuantScheme()
     if isinstance(scheme, str):
         if scheme not in PRESETS:
             raise SignRoundError(f"unknown preset {scheme!r}; choose one of {', '.join(PRESETS)}")
@@ -80,7 +91,21 @@ def quantize(
 
 
 __all__ = [
-    "PRESETS", "CalibConfig", "DType", "LayerRule", "Method", "PplResult", "QuantConfig", "QuantScheme",
-    "RunReport", "SignRoundError", "TuneConfig", "__version__", "load_model", "perplexity", "quantize", "run",
+    "PRESETS",
+    "CalibConfig",
+    "DType",
+    "LayerRule",
+    "Method",
+    "PplResult",
+    "QuantConfig",
+    "QuantScheme",
+    "RunReport",
+    "SignRoundError",
+    "TuneConfig",
+    "__version__",
+    "load_model",
+    "perplexity",
+    "quantize",
+    "run",
     "save",
 ]

@@ -24,7 +24,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights and save a checkpoint")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or alias (smollm2-135m)")
     p.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="weights per scale along the input dim; -1 = per channel")
+    p.add_argument(
+        "--group-size", type=int, default=128, help="weights per scale along the input dim; -1 = per channel"
+    )
     p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
     p.add_argument("--method", choices=["signround", "rtn"], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
@@ -34,14 +36,21 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="rounding step size (default 1/iters)")
     p.add_argument("--minmax-lr", type=float, default=None, help="clipping step size (default = lr)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dataset", default=None,
-                   help="calibration .txt/.jsonl/.json/.parquet file or HF dataset name; none = data-free")
-    p.add_argument("--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}')
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="calibration .txt/.jsonl/.json/.parquet file or HF dataset name; none = data-free",
+    )
+    p.add_argument(
+        "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
+    )
     p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file")
+    p.add_argument(
+        "--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file"
+    )
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--report", default=None, metavar="PATH", help="write the run report as JSON")
@@ -79,10 +88,21 @@ def _quantize(args: argparse.Namespace) -> int:
 
     # Validate everything cheap before loading anything.
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
-    tune = TuneConfig(method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr,
-                      batch_size=args.batch_size, use_best=not args.use_last, seed=args.seed)
-    cfg = QuantConfig(scheme=scheme, layer_rules=parse_layer_config(args.layer_config, scheme), tune=tune,
-                      calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed))
+    tune = TuneConfig(
+        method=args.method,
+        iters=args.iters,
+        lr=args.lr,
+        minmax_lr=args.minmax_lr,
+        batch_size=args.batch_size,
+        use_best=not args.use_last,
+        seed=args.seed,
+    )
+    cfg = QuantConfig(
+        scheme=scheme,
+        layer_rules=parse_layer_config(args.layer_config, scheme),
+        tune=tune,
+        calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+    )
     check_output(args.output, args.overwrite)
     if args.dataset is not None and not Path(args.dataset).expanduser().is_file():
         from signround.calib.data import load_texts
@@ -95,11 +115,21 @@ def _quantize(args: argparse.Namespace) -> int:
     out = export.save(model, tokenizer, args.output, overwrite=args.overwrite)
     print(report.summary())
     print(f"saved {out}")
-    result = {"seconds": report.seconds, "peak_rss_gb": report.peak_rss_gb, "scheme": scheme.name,
-              "blocks": [vars(b) for b in report.blocks]}
+    result = {
+        "seconds": report.seconds,
+        "peak_rss_gb": report.peak_rss_gb,
+        "scheme": scheme.name,
+        "blocks": [vars(b) for b in report.blocks],
+    }
     if args.eval_ppl:
-        ppl = perplexity(model, tokenizer, args.eval_ppl, seqlen=args.eval_seqlen,
-                         max_windows=args.eval_max_windows, progress=not args.quiet)
+        ppl = perplexity(
+            model,
+            tokenizer,
+            args.eval_ppl,
+            seqlen=args.eval_seqlen,
+            max_windows=args.eval_max_windows,
+            progress=not args.quiet,
+        )
         print(f"perplexity ({args.eval_ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}")
         result["ppl"] = ppl.to_dict()
     if args.report:
@@ -118,10 +148,19 @@ def _eval(args: argparse.Namespace) -> int:
             raise SignRoundError(f"folder {parent} for --json does not exist")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    ppl = perplexity(model, tokenizer, args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
-                     batch_size=args.batch_size, progress=not args.quiet)
-    print(f"perplexity ({args.ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}  "
-          f"[{time.perf_counter() - t0:.1f} s]")
+    ppl = perplexity(
+        model,
+        tokenizer,
+        args.ppl,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(
+        f"perplexity ({args.ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}  "
+        f"[{time.perf_counter() - t0:.1f} s]"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(ppl.to_dict(), indent=2) + "\n")
     return 0
@@ -129,8 +168,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

@@ -148,8 +148,9 @@ def run(
         if not torch.isfinite(targets).all():
             raise SignRoundError(f"block {i} produced non-finite outputs on the calibration data; check the model")
         schemes = plans[i]
-        steps = tqdm(total=tune.iters, desc=f"block {i}", leave=False, disable=not progress or tune.iters == 0,
-                     file=sys.stderr)
+        steps = tqdm(
+            total=tune.iters, desc=f"block {i}", leave=False, disable=not progress or tune.iters == 0, file=sys.stderr
+        )
 
         def on_step(step: int, loss: float, steps: tqdm = steps) -> None:
             steps.update(1)
@@ -163,12 +164,29 @@ def run(
         final = torch.nn.functional.mse_loss(q_inputs.float(), targets.float()).item()
         fp_inputs = targets
         block.to(home)
-        report.blocks.append(BlockReport(i, f"{prefix}.{i}", result.rtn_loss, result.first_loss, result.best_loss,
-                                         final, result.steps, result.seconds))
+        report.blocks.append(
+            BlockReport(
+                i,
+                f"{prefix}.{i}",
+                result.rtn_loss,
+                result.first_loss,
+                result.best_loss,
+                final,
+                result.steps,
+                result.seconds,
+            )
+        )
         bar.set_postfix_str(f"loss rtn {result.rtn_loss:.3g} -> {final:.3g}")
         bar.update(1)
-        log.info("block %d/%d: loss rtn %.4g -> final %.4g (best step %.4g) in %.1f s", i + 1, len(blocks),
-                 result.rtn_loss, final, result.best_loss, result.seconds)
+        log.info(
+            "block %d/%d: loss rtn %.4g -> final %.4g (best step %.4g) in %.1f s",
+            i + 1,
+            len(blocks),
+            result.rtn_loss,
+            final,
+            result.best_loss,
+            result.seconds,
+        )
     bar.close()
     model.config.quantization_config = quantization_config(model, cfg, prefix, report)
     report.seconds = time.perf_counter() - t0

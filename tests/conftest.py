@@ -46,8 +46,12 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TEXT] * 4 + corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
@@ -55,19 +59,47 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
         model = LlamaForCausalLM(cfg)
     elif family == "qwen2":
-        cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        cfg = Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
         model = Qwen2ForCausalLM(cfg)
     elif family == "opt":
-        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers,
-                        num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
-                        bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        cfg = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
         model = OPTForCausalLM(cfg)
     else:
         raise ValueError(family)

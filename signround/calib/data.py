@@ -82,7 +82,9 @@ def _read_hub(name: str) -> list[str]:
     try:
         ds = datasets.load_dataset(repo, subset or None, split="train")
     except Exception as exc:  # datasets raises many unrelated types for "not reachable"
-        raise SignRoundError(f"cannot load HF dataset {name!r} ({type(exc).__name__}); offline? give a local file") from None
+        raise SignRoundError(
+            f"cannot load HF dataset {name!r} ({type(exc).__name__}); offline? give a local file"
+        ) from None
     if "text" not in ds.column_names:
         raise SignRoundError(f"HF dataset {name!r} has no 'text' column")
     return [t for t in ds["text"] if isinstance(t, str)]
@@ -119,10 +121,13 @@ def sample_tokens(texts: list[str], tokenizer, cfg: CalibConfig) -> torch.Tensor
     if not samples:
         total = sum(len(d) for d in ids)
         raise SignRoundError(
-            f"calibration data has only {total} tokens, fewer than seqlen={seqlen}; give more text or a smaller --seqlen"
+            f"calibration data has only {total} tokens, fewer than seqlen={seqlen}; "
+            "give more text or a smaller --seqlen"
         )
     if len(samples) < cfg.nsamples:
-        log.warning("calibration data gives only %d samples of %d tokens (asked for %d)", len(samples), seqlen, cfg.nsamples)
+        log.warning(
+            "calibration data gives only %d samples of %d tokens (asked for %d)", len(samples), seqlen, cfg.nsamples
+        )
     return torch.tensor(samples, dtype=torch.long)
 
 
@@ -135,7 +140,8 @@ def generate_tokens(model, tokenizer, cfg: CalibConfig, batch_size: int = 16) ->
         raise SignRoundError("data-free calibration needs a tokenizer with a BOS or EOS token; give --dataset")
     log.info(
         "no calibration data given: generating %d x %d tokens from the model itself (data-free calibration)",
-        cfg.nsamples, cfg.seqlen,
+        cfg.nsamples,
+        cfg.seqlen,
     )
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
@@ -144,8 +150,13 @@ def generate_tokens(model, tokenizer, cfg: CalibConfig, batch_size: int = 16) ->
         n = min(batch_size, cfg.nsamples - i)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
         seqs = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=50, max_new_tokens=cfg.seqlen - 1,
-            min_new_tokens=cfg.seqlen - 1, pad_token_id=tokenizer.eos_token_id,
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=50,
+            max_new_tokens=cfg.seqlen - 1,
+            min_new_tokens=cfg.seqlen - 1,
+            pad_token_id=tokenizer.eos_token_id,
         )
         out.append(seqs[:, : cfg.seqlen].cpu())
     return torch.cat(out)

@@ -64,7 +64,9 @@ def tokenize_windows(text: str, tokenizer, seqlen: int, max_windows: int | None 
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = ids.numel() // seqlen
     if n == 0:
-        raise SignRoundError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
+        raise SignRoundError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; use a smaller --seqlen"
+        )
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seqlen].reshape(n, seqlen)
@@ -89,8 +91,13 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 
 
 def perplexity(
-    model, tokenizer, text: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-    batch_size: int = 1, progress: bool = True,
+    model,
+    tokenizer,
+    text: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
 ) -> PplResult:
     """Perplexity of ``model`` on ``text`` (a name such as ``wikitext2`` or a file path)."""
     if seqlen < 2:

@@ -65,14 +65,18 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
             parent = model.get_submodule(parent_name)
             old = getattr(parent, child)
         except AttributeError:
-            raise SignRoundError(f"config lists module {name}, which the model does not have; config and weights mismatch") from None
+            raise SignRoundError(
+                f"config lists module {name}, which the model does not have; config and weights mismatch"
+            ) from None
         scheme = QuantScheme.from_dict(scheme_dict)
         setattr(parent, child, QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None, dtype))
     state = _state_dict(folder)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise SignRoundError(f"weights in {folder} do not fit its config ({str(exc).splitlines()[-1].strip()})") from None
+        raise SignRoundError(
+            f"weights in {folder} do not fit its config ({str(exc).splitlines()[-1].strip()})"
+        ) from None
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
     if missing or result.unexpected_keys:

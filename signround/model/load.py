@@ -119,9 +119,7 @@ def resolve_model(spec: str) -> str:
     )
 
 
-def load_model(
-    spec: str, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode. Quantized signround checkpoints come back with
     ``QuantLinear`` layers; everything else as a float model in ``dtype``.
 

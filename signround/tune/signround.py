@@ -72,8 +72,9 @@ def block_mse(
         for start in range(0, inputs.shape[0], batch_size):
             x = inputs[start : start + batch_size]
             out = block_output(functional_call(block, weights or {}, (x,), kwargs))
-            total += torch.nn.functional.mse_loss(out.float(), targets[start : start + batch_size].float(),
-                                                  reduction="sum").item()
+            total += torch.nn.functional.mse_loss(
+                out.float(), targets[start : start + batch_size].float(), reduction="sum"
+            ).item()
     return total / targets.numel()
 
 
@@ -140,8 +141,10 @@ def tune_block(
                     best_state = {name: t.snapshot() for name, t in tunables.items()}
                 loss.backward()
                 sign_step([t.v for t in tunables.values()], linear_decay(lr, step, cfg.iters))
-                sign_step([p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
-                          linear_decay(mm_lr, step, cfg.iters))
+                sign_step(
+                    [p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
+                    linear_decay(mm_lr, step, cfg.iters),
+                )
                 if on_step is not None:
                     on_step(step, value)
             del params

@@ -73,7 +73,7 @@ class TunableWeight:
 
     @torch.no_grad()
     def restore(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        for p, s in zip(self.params(), state):
+        for p, s in zip(self.params(), state, strict=True):
             p.copy_(s)
 
     @torch.no_grad()

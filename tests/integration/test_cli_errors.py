@@ -19,8 +19,23 @@ def run_cli(capsys, *argv):
 
 
 def quantize_args(model, out, *extra):
-    return ["quantize", "--model", str(model), "--output", str(out), "--nsamples", "4", "--seqlen", "32",
-            "--iters", "2", "--group-size", "32", "--quiet", *extra]
+    return [
+        "quantize",
+        "--model",
+        str(model),
+        "--output",
+        str(out),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--iters",
+        "2",
+        "--group-size",
+        "32",
+        "--quiet",
+        *extra,
+    ]
 
 
 def assert_refused(capsys, out, argv, match):
@@ -58,10 +73,19 @@ def test_unsupported_architecture(capsys, tmp_path, tokenizer, calib_jsonl):
     assert_refused(capsys, out, quantize_args(path, out, "--dataset", str(calib_jsonl)), "unsupported architecture")
 
 
-@pytest.mark.parametrize("flags,match", [(["--bits", "9"], "out of range"), (["--bits", "1"], "out of range"),
-                                         (["--group-size", "3"], "group size"), (["--group-size", "256"], "exceeds"),
-                                         (["--iters", "-1"], "iters"), (["--batch-size", "0"], "batch size"),
-                                         (["--nsamples", "0"], "nsamples"), (["--layer-config", "{bad"], "JSON")])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--bits", "9"], "out of range"),
+        (["--bits", "1"], "out of range"),
+        (["--group-size", "3"], "group size"),
+        (["--group-size", "256"], "exceeds"),
+        (["--iters", "-1"], "iters"),
+        (["--batch-size", "0"], "batch size"),
+        (["--nsamples", "0"], "nsamples"),
+        (["--layer-config", "{bad"], "JSON"),
+    ],
+)
 def test_bad_options(capsys, tmp_path, model_dir, calib_jsonl, flags, match):
     out = tmp_path / "out"
     argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl))
@@ -107,7 +131,9 @@ def test_non_finite_activations(capsys, tmp_path, tokenizer, calib_jsonl):
     model.save_pretrained(tmp_path / "inf")
     tokenizer.save_pretrained(tmp_path / "inf")
     out = tmp_path / "out"
-    assert_refused(capsys, out, quantize_args(tmp_path / "inf", out, "--dataset", str(calib_jsonl)), "non-finite outputs")
+    assert_refused(
+        capsys, out, quantize_args(tmp_path / "inf", out, "--dataset", str(calib_jsonl)), "non-finite outputs"
+    )
 
 
 def test_eval_errors(capsys, tmp_path, model_dir):
@@ -120,14 +146,41 @@ def test_eval_errors(capsys, tmp_path, model_dir):
 
 def test_quantize_then_eval_roundtrip(capsys, tmp_path, model_dir, calib_jsonl, ppl_text):
     out = tmp_path / "q"
-    code, _ = run_cli(capsys, *quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--bits", "3",
-                                             "--eval-ppl", str(ppl_text), "--eval-seqlen", "64",
-                                             "--report", str(tmp_path / "r.json")))
+    code, _ = run_cli(
+        capsys,
+        *quantize_args(
+            model_dir,
+            out,
+            "--dataset",
+            str(calib_jsonl),
+            "--bits",
+            "3",
+            "--eval-ppl",
+            str(ppl_text),
+            "--eval-seqlen",
+            "64",
+            "--report",
+            str(tmp_path / "r.json"),
+        ),
+    )
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["blocks"]) == 2 and report["ppl"]["windows"] >= 1
-    code, _ = run_cli(capsys, "eval", "--model", str(out), "--ppl", str(ppl_text), "--seqlen", "64",
-                      "--max-windows", "2", "--json", str(tmp_path / "e.json"), "--quiet")
+    code, _ = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        str(out),
+        "--ppl",
+        str(ppl_text),
+        "--seqlen",
+        "64",
+        "--max-windows",
+        "2",
+        "--json",
+        str(tmp_path / "e.json"),
+        "--quiet",
+    )
     assert code == 0
     data = json.loads((tmp_path / "e.json").read_text())
     assert set(data) >= {"ppl", "windows", "seqlen"} and data["windows"] == 2 and data["seqlen"] == 64
@@ -138,8 +191,22 @@ def test_quantize_then_eval_roundtrip(capsys, tmp_path, model_dir, calib_jsonl, 
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "signround.cli", "quantize", "--model", "x", "--bits", "12",
-                           "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "signround.cli",
+            "quantize",
+            "--model",
+            "x",
+            "--bits",
+            "12",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["signround: error: bits=12 is out of range; use 2..8"]

@@ -16,9 +16,17 @@ from tests.conftest import corpus, make_model
 def test_quantize_save_reload_same_logits(family, sym, tokenizer, tmp_path):
     model = make_model(family)
     float_logits_input = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
-    qmodel = signround.quantize(model, tokenizer, scheme=signround.QuantScheme(bits=3, group_size=48, sym=sym),
-                                dataset=corpus(40, seed=1), iters=8, nsamples=8, seqlen=32, batch_size=4,
-                                progress=False)
+    qmodel = signround.quantize(
+        model,
+        tokenizer,
+        scheme=signround.QuantScheme(bits=3, group_size=48, sym=sym),
+        dataset=corpus(40, seed=1),
+        iters=8,
+        nsamples=8,
+        seqlen=32,
+        batch_size=4,
+        progress=False,
+    )
     layers = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == (12 if family == "opt" else 14)
     with torch.no_grad():
@@ -37,8 +45,16 @@ def test_quantize_save_reload_same_logits(family, sym, tokenizer, tmp_path):
 
 
 def test_save_pretrained_of_the_returned_model_is_a_checkpoint(tokenizer, tmp_path):
-    qmodel = signround.quantize(make_model("llama"), tokenizer, scheme=signround.QuantScheme(bits=4, group_size=32),
-                                dataset=corpus(40, seed=1), iters=2, nsamples=4, seqlen=32, progress=False)
+    qmodel = signround.quantize(
+        make_model("llama"),
+        tokenizer,
+        scheme=signround.QuantScheme(bits=4, group_size=32),
+        dataset=corpus(40, seed=1),
+        iters=2,
+        nsamples=4,
+        seqlen=32,
+        progress=False,
+    )
     qmodel.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     reloaded, _ = load_quantized(tmp_path / "hf")
@@ -48,9 +64,17 @@ def test_save_pretrained_of_the_returned_model_is_a_checkpoint(tokenizer, tmp_pa
 
 
 def test_layer_config_and_rtn(tokenizer):
-    qmodel = signround.quantize(make_model("llama"), tokenizer, scheme=signround.QuantScheme(bits=4, group_size=32),
-                                dataset=corpus(40, seed=1), method="rtn", nsamples=4, seqlen=32, progress=False,
-                                layer_config={r"mlp\.down_proj": {"bits": 8}, r"self_attn\.o_proj": None})
+    qmodel = signround.quantize(
+        make_model("llama"),
+        tokenizer,
+        scheme=signround.QuantScheme(bits=4, group_size=32),
+        dataset=corpus(40, seed=1),
+        method="rtn",
+        nsamples=4,
+        seqlen=32,
+        progress=False,
+        layer_config={r"mlp\.down_proj": {"bits": 8}, r"self_attn\.o_proj": None},
+    )
     qc = qmodel.config.quantization_config
     assert qc["tuning"]["iters"] == 0
     assert qc["modules"]["model.layers.0.mlp.down_proj"]["bits"] == 8
@@ -60,14 +84,30 @@ def test_layer_config_and_rtn(tokenizer):
 
 def test_data_free_calibration_generates_text(tokenizer, caplog):
     caplog.set_level("INFO", logger="signround")
-    signround.quantize(make_model("llama"), tokenizer, scheme=signround.QuantScheme(bits=4, group_size=32),
-                       dataset=None, iters=2, nsamples=4, seqlen=16, progress=False)
+    signround.quantize(
+        make_model("llama"),
+        tokenizer,
+        scheme=signround.QuantScheme(bits=4, group_size=32),
+        dataset=None,
+        iters=2,
+        nsamples=4,
+        seqlen=16,
+        progress=False,
+    )
     assert "data-free calibration" in caplog.text
 
 
 def test_perplexity_in_memory_equals_reloaded(tokenizer, tmp_path, ppl_text):
-    qmodel = signround.quantize(make_model("llama"), tokenizer, scheme=signround.QuantScheme(bits=4, group_size=32),
-                                dataset=corpus(40, seed=1), iters=4, nsamples=8, seqlen=32, progress=False)
+    qmodel = signround.quantize(
+        make_model("llama"),
+        tokenizer,
+        scheme=signround.QuantScheme(bits=4, group_size=32),
+        dataset=corpus(40, seed=1),
+        iters=4,
+        nsamples=8,
+        seqlen=32,
+        progress=False,
+    )
     a = signround.perplexity(qmodel, tokenizer, str(ppl_text), seqlen=64, progress=False)
     signround.save(qmodel, tokenizer, tmp_path / "q")
     model, tok = signround.load_model(str(tmp_path / "q"))

@@ -13,8 +13,10 @@ from signround.model.blocks import block_linears, find_blocks, resolve_schemes
 from tests.conftest import corpus, make_model
 
 
-@pytest.mark.parametrize("family,prefix,n_linear", [("llama", "model.layers", 7), ("qwen2", "model.layers", 7),
-                                                     ("opt", "model.decoder.layers", 6)])
+@pytest.mark.parametrize(
+    "family,prefix,n_linear",
+    [("llama", "model.layers", 7), ("qwen2", "model.layers", 7), ("opt", "model.decoder.layers", 6)],
+)
 def test_find_blocks_on_three_families(family, prefix, n_linear):
     model = make_model(family, layers=3)
     name, blocks = find_blocks(model)

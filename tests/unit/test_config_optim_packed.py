@@ -9,8 +9,9 @@ from signround.primitives import from_groups, to_groups
 from signround.tune.optim import linear_decay, sign_step
 
 
-@pytest.mark.parametrize("kwargs", [{"bits": 1}, {"bits": 9}, {"bits": 4.0}, {"group_size": 0}, {"group_size": -2},
-                                    {"group_size": 4}])
+@pytest.mark.parametrize(
+    "kwargs", [{"bits": 1}, {"bits": 9}, {"bits": 4.0}, {"group_size": 0}, {"group_size": -2}, {"group_size": 4}]
+)
 def test_scheme_validation(kwargs):
     with pytest.raises(SignRoundError):
         QuantScheme(**kwargs)
