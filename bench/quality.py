@@ -17,7 +17,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,25 +30,12 @@ def sh(cmd: list[str]) -> None:
 
 def float_row(args: argparse.Namespace, work: Path) -> dict:
     out = work / "float.json"
-    t0 = time.time()
-    sh(
-        [
-            sys.executable,
-            "-m",
-            "signround.cli",
-            "eval",
-            "--model",
-            args.model,
-            "--ppl",
-            "wikitext2",
-            "--seqlen",
-            str(args.eval_seqlen),
-            "--json",
-            str(out),
-            "--quiet",
-            *window_args(args),
-        ]
-    )
+    # Rows already finished in --work are reused, so a stopped benchmark resumes where it was.
+    if not out.is_file():
+        # fmt: off
+        sh([sys.executable, "-m", "signround.cli", "eval", "--model", args.model, "--ppl", "wikitext2",
+            "--seqlen", str(args.eval_seqlen), "--json", str(out), "--quiet", *window_args(args)])
+        # fmt: on
     ppl = json.loads(out.read_text())
     return {
         "config": "float",
@@ -58,7 +44,7 @@ def float_row(args: argparse.Namespace, work: Path) -> dict:
         "eval_windows": ppl["windows"],
         "quant_seconds": None,
         "peak_rss_gb": None,
-        "eval_seconds": time.time() - t0,
+        "iters": 0,
     }
 
 
@@ -69,47 +55,21 @@ def window_args(args: argparse.Namespace) -> list[str]:
 def quant_row(args: argparse.Namespace, work: Path, bits: int, group: int, method: str) -> dict:
     name = f"W{bits}G{group}-{'sym' if args.sym else 'asym'}"
     report = work / f"{name}-{method}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "signround.cli",
-        "quantize",
-        "--model",
-        args.model,
-        "--bits",
-        str(bits),
-        "--group-size",
-        str(group),
-        "--method",
-        method,
-        "--iters",
-        str(args.iters if method == "signround" else 0),
-        "--nsamples",
-        str(args.nsamples),
-        "--seqlen",
-        str(args.seqlen),
-        "--batch-size",
-        str(args.batch_size),
-        "--seed",
-        str(args.seed),
-        "--dataset",
-        args.dataset,
-        "--output",
-        str(work / f"{name}-{method}"),
-        "--overwrite",
-        "--quiet",
-        "--eval-ppl",
-        "wikitext2",
-        "--eval-seqlen",
-        str(args.eval_seqlen),
-        "--report",
-        str(report),
-    ]
+    iters = args.iters if method == "signround" else 0
+    # fmt: off
+    cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, "--bits", str(bits),
+           "--group-size", str(group), "--method", method, "--iters", str(iters),
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+           "--seed", str(args.seed), "--dataset", args.dataset, "--output", str(work / f"{name}-{method}"),
+           "--overwrite", "--quiet", "--eval-ppl", "wikitext2", "--eval-seqlen", str(args.eval_seqlen),
+           "--report", str(report)]
+    # fmt: on
     if args.sym:
         cmd.append("--sym")
     if args.max_windows:
         cmd += ["--eval-max-windows", str(args.max_windows)]
-    sh(cmd)
+    if not report.is_file():
+        sh(cmd)
     r = json.loads(report.read_text())
     return {
         "config": name,
@@ -118,7 +78,7 @@ def quant_row(args: argparse.Namespace, work: Path, bits: int, group: int, metho
         "eval_windows": r["ppl"]["windows"],
         "quant_seconds": r["seconds"],
         "peak_rss_gb": r["peak_rss_gb"],
-        "iters": args.iters if method == "signround" else 0,
+        "iters": iters,
     }
 
 

@@ -25,6 +25,7 @@ from signround.config import (
     parse_layer_config,
 )
 from signround.errors import SignRoundError
+from signround.eval.harness import TaskScore, evaluate_tasks, format_scores
 from signround.eval.ppl import PplResult, perplexity
 from signround.export import save
 from signround.model.load import load_model
@@ -101,8 +102,11 @@ __all__ = [
     "QuantScheme",
     "RunReport",
     "SignRoundError",
+    "TaskScore",
     "TuneConfig",
     "__version__",
+    "evaluate_tasks",
+    "format_scores",
     "load_model",
     "perplexity",
     "quantize",

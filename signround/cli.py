@@ -58,13 +58,20 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity of a float model or a quantized checkpoint")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a float model or a quantized checkpoint")
     p.add_argument("--model", required=True, help="HF folder, signround checkpoint, .gguf file, hub id or alias")
-    p.add_argument("--ppl", default="wikitext2", help="wikitext2 or a path to a text file")
+    p.add_argument("--ppl", default=None, help="wikitext2 or a path to a text file (default wikitext2 without --tasks)")
+    p.add_argument(
+        "--tasks", default=None, help="zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande"
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
+    p.add_argument("--data-dir", default=None, help="folder of local task files (default ../shared/data/tasks)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--json", default=None, metavar="PATH", help='write {"ppl": ..., "windows": ..., "seqlen": ...}')
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (tasks use at least 8)")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help='write {"ppl": ..., "windows": ..., "seqlen": ..., "tasks": [...]}'
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -138,31 +145,47 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from signround.eval.harness import evaluate_tasks, format_scores, parse_tasks
     from signround.eval.ppl import perplexity, resolve_text
     from signround.model.load import load_model
 
-    resolve_text(args.ppl)  # fail fast before loading the model
+    # Fail fast on bad options before loading the model.
+    ppl_text = args.ppl if args.ppl or args.tasks else "wikitext2"
+    if ppl_text:
+        resolve_text(ppl_text)
+    tasks = parse_tasks(args.tasks) if args.tasks else []
     if args.json:
         parent = Path(args.json).expanduser().parent
         if not parent.is_dir():
             raise SignRoundError(f"folder {parent} for --json does not exist")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    ppl = perplexity(
-        model,
-        tokenizer,
-        args.ppl,
-        seqlen=args.seqlen,
-        max_windows=args.max_windows,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-    print(
-        f"perplexity ({args.ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}  "
-        f"[{time.perf_counter() - t0:.1f} s]"
-    )
+    result: dict = {}
+    if ppl_text:
+        ppl = perplexity(
+            model,
+            tokenizer,
+            ppl_text,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        print(
+            f"perplexity ({ppl_text}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}  "
+            f"[{time.perf_counter() - t0:.1f} s]"
+        )
+        result.update(ppl.to_dict())
+    if tasks:
+        scores = evaluate_tasks(
+            model, tokenizer, tasks, limit=args.limit, data=args.data_dir, batch_size=max(args.batch_size, 8)
+        )
+        print(format_scores(scores))
+        result["tasks"] = [vars(s) for s in scores]
+        result["average_acc"] = sum(s.acc for s in scores) / len(scores)
+        result["limit"] = args.limit
     if args.json:
-        Path(args.json).write_text(json.dumps(ppl.to_dict(), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("transformers", "accelerate"):
+    for noisy in ("transformers", "accelerate", "lm_eval", "lm-eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return _quantize(args) if args.command == "quantize" else _eval(args)

@@ -41,8 +41,8 @@ def corpus(n_docs: int = 40, seed: int = 0) -> list[str]:
     return docs
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with VOCAB tokens, trained in memory on TEXT."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -54,6 +54,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator([TEXT] * 4 + corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
 
 
 def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
