@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from signround.errors import SignRoundError
+
 
 class _Stop(Exception):
     """Raised by the hook once block 0's inputs are recorded; nothing after it needs to run."""
@@ -39,7 +41,10 @@ def capture_block_inputs(
             captured.update({k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
             extra = args[1:]
             if extra:
-                raise RuntimeError("blocks taking extra positional arguments are not supported")
+                raise SignRoundError(
+                    f"unsupported architecture: {type(block).__name__} takes {len(extra)} extra positional "
+                    "arguments; only blocks called as block(hidden_states, **kwargs) are supported"
+                )
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

@@ -77,8 +77,9 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         raise SignRoundError(
             f"weights in {folder} do not fit its config ({str(exc).splitlines()[-1].strip()})"
         ) from None
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
+    # A tied output head is saved once, as the input embedding; everything else must be present.
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise SignRoundError(f"weights in {folder} do not fit its config: {what}")

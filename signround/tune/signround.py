@@ -121,7 +121,6 @@ def tune_block(
         losses: list[float] = []
         best_loss, best_step, best_state = math.inf, -1, None
         if learn:
-            params = [p for t in tunables.values() for p in t.params()]
             gen = torch.Generator().manual_seed(seed)
             n = inputs.shape[0]
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
@@ -147,7 +146,6 @@ def tune_block(
                 )
                 if on_step is not None:
                     on_step(step, value)
-            del params
             if cfg.use_best and best_state is not None:
                 for name, t in tunables.items():
                     t.restore(best_state[name])
