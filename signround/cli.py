@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run (its state is kept in OUTPUT.signround-run)"
+    )
     p.add_argument(
         "--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file"
     )
@@ -92,6 +96,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from signround.export.atomic import check_output
     from signround.model.load import load_model
     from signround.pipeline import run
+    from signround.runstate import run_dir_for
 
     # Validate everything cheap before loading anything.
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
@@ -111,6 +116,12 @@ def _quantize(args: argparse.Namespace) -> int:
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
     )
     check_output(args.output, args.overwrite)
+    state_dir = run_dir_for(args.output)
+    if (state_dir / "run.json").is_file() and not args.resume:
+        raise SignRoundError(
+            f"an interrupted run of this output is saved in {state_dir}; pass --resume to continue it, "
+            "or delete that folder to start over"
+        )
     if args.dataset is not None and not Path(args.dataset).expanduser().is_file():
         from signround.calib.data import load_texts
 
@@ -118,8 +129,11 @@ def _quantize(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     log.info("quantizing %s to %s with %s (%d iters)", args.model, scheme.name, tune.method.value, tune.iters)
-    report = run(model, tokenizer, cfg, device=args.device, progress=not args.quiet)
+    report = run(
+        model, tokenizer, cfg, device=args.device, progress=not args.quiet, state_dir=state_dir, resume=args.resume
+    )
     out = export.save(model, tokenizer, args.output, overwrite=args.overwrite)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete; the run state is no longer needed
     print(report.summary())
     print(f"saved {out}")
     result = {

@@ -9,12 +9,14 @@ summary live here, nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from signround.errors import SignRoundError
 from signround.model.blocks import find_blocks, resolve_schemes
 from signround.model.load import check_finite
 from signround.pack.packed import QuantLinear
+from signround.runstate import RunState, fingerprint
 from signround.tune.signround import BlockResult, tune_block
 
 log = logging.getLogger("signround")
@@ -106,6 +109,11 @@ def _replace_linears(block: nn.Module, result: BlockResult) -> None:
         setattr(parent, child, qlayer)
 
 
+def _settings(model: nn.Module, cfg: QuantConfig) -> dict[str, Any]:
+    """What decides a run's result besides the calibration tokens (for resume fingerprints)."""
+    return {"model": model.config.to_dict(), "cfg": dataclasses.asdict(cfg)}
+
+
 def run(
     model: nn.Module,
     tokenizer: Any,
@@ -113,6 +121,8 @@ def run(
     data: Any = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> RunReport:
     """Quantize ``model`` in place (its block linears become ``QuantLinear``) and return the report.
 
@@ -123,6 +133,9 @@ def run(
         data: calibration tokens ``[n, seqlen]``, a list of texts, or None to use ``cfg.calib.dataset``.
         device: where blocks are tuned (default: CUDA when available, else CPU).
         progress: show progress bars.
+        state_dir: a run folder where every finished block is persisted (see :mod:`signround.runstate`);
+            the caller deletes it once the output is saved.
+        resume: continue the interrupted run saved in ``state_dir``.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,23 +144,36 @@ def run(
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
-    tokens = resolve_tokens(model, tokenizer, cfg.calib, data)
+    state_path = Path(state_dir) if state_dir is not None else None
+    tokens = RunState.saved_tokens(state_path) if state_path is not None and resume else None
+    if tokens is None:
+        tokens = resolve_tokens(model, tokenizer, cfg.calib, data)
+    state = RunState(state_path, fingerprint(_settings(model, cfg), tokens), resume) if state_path else None
     inputs, kwargs = capture_block_inputs(model, blocks[0], tokens)
     if not torch.isfinite(inputs).all():
         raise SignRoundError("the model's activations at the first block are not finite; check the model's weights")
-    inputs = inputs.to(dev)
-    kwargs = to_device(kwargs, dev)
-    fp_inputs, q_inputs = inputs, inputs
     report = RunReport(nsamples=tokens.shape[0], seqlen=tokens.shape[1])
+    fp_inputs = q_inputs = inputs
+    if state is not None and state.done:
+        log.info("resuming: %d of %d blocks were finished in %s", state.done, len(blocks), state.folder)
+        for i in range(state.done):
+            state.restore_block(i, blocks[i])
+        report.blocks = [BlockReport(**r) for r in state.reports]
+        fp_inputs, q_inputs = state.load_inputs()
+    elif state is not None:
+        state.save_tokens(tokens)
+    kwargs = to_device(kwargs, dev)
+    fp_inputs, q_inputs = fp_inputs.to(dev), q_inputs.to(dev)
+    start = len(report.blocks)
     tune = cfg.tune
-    bar = tqdm(total=len(blocks), desc="quantizing", unit="block", disable=not progress, file=sys.stderr)
-    for i, block in enumerate(blocks):
+    bar = tqdm(total=len(blocks), initial=start, desc="quantizing", unit="block", disable=not progress, file=sys.stderr)
+    for i in range(start, len(blocks)):
+        block = blocks[i]
         home = next(block.parameters()).device
         block.to(dev)
         targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
         if not torch.isfinite(targets).all():
             raise SignRoundError(f"block {i} produced non-finite outputs on the calibration data; check the model")
-        schemes = plans[i]
         steps = tqdm(
             total=tune.iters, desc=f"block {i}", leave=False, disable=not progress or tune.iters == 0, file=sys.stderr
         )
@@ -157,25 +183,26 @@ def run(
             if step % 10 == 0:
                 steps.set_postfix(loss=f"{loss:.4g}")
 
-        result = tune_block(block, q_inputs, targets, kwargs, schemes, tune, seed=tune.seed + i, on_step=on_step)
+        result = tune_block(block, q_inputs, targets, kwargs, plans[i], tune, seed=tune.seed + i, on_step=on_step)
         steps.close()
         _replace_linears(block, result)
         q_inputs = _run_block(block, q_inputs, kwargs, tune.batch_size)
         final = torch.nn.functional.mse_loss(q_inputs.float(), targets.float()).item()
         fp_inputs = targets
         block.to(home)
-        report.blocks.append(
-            BlockReport(
-                i,
-                f"{prefix}.{i}",
-                result.rtn_loss,
-                result.first_loss,
-                result.best_loss,
-                final,
-                result.steps,
-                result.seconds,
-            )
+        entry = BlockReport(
+            i,
+            f"{prefix}.{i}",
+            result.rtn_loss,
+            result.first_loss,
+            result.best_loss,
+            final,
+            result.steps,
+            result.seconds,
         )
+        report.blocks.append(entry)
+        if state is not None:
+            state.save_block(i, block, dataclasses.asdict(entry), fp_inputs, q_inputs)
         bar.set_postfix_str(f"loss rtn {result.rtn_loss:.3g} -> {final:.3g}")
         bar.update(1)
         log.info(

@@ -41,6 +41,9 @@ def atomic_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]
     out = check_output(output, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a writer that was killed (two writers of one output path are not supported).
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise SignRoundError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None

@@ -1,0 +1,141 @@
+"""Crash-safe run state: what a run needs to continue after it was killed.
+
+After every block the pipeline persists, in a run folder beside the output (``<output>.signround-run``):
+
+* ``run.json``: a fingerprint of everything that decides the result (model, scheme, rules, tuning and
+  calibration settings, calibration tokens), the number of finished blocks and their reports;
+* ``block_NNNN.safetensors``: the packed layers of each finished block (metadata: each layer's scheme);
+* ``inputs.safetensors``: the float and the quantized inputs of the next block;
+* ``tokens.safetensors``: the calibration tokens.
+
+Every file is written to a temporary name and renamed, and ``run.json`` is renamed last, so a kill at any
+moment leaves either the previous consistent state or the new one. Block tuning is seeded per block, so a
+resumed run produces the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from signround.config import QuantScheme
+from signround.errors import SignRoundError
+from signround.pack.packed import QuantLinear
+
+RUN_SUFFIX = ".signround-run"
+
+
+def run_dir_for(output: str | Path) -> Path:
+    out = Path(output).expanduser()
+    return out.with_name(out.name + RUN_SUFFIX)
+
+
+def fingerprint(settings: dict[str, Any], tokens: torch.Tensor) -> str:
+    """A hash of the run's settings and calibration tokens; a resumed run must match it exactly."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(tokens.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """Reads and writes one run folder. ``done`` is the number of finished blocks."""
+
+    def __init__(self, folder: Path, print_: str, resume: bool) -> None:
+        self.folder = folder
+        self.fingerprint = print_
+        self.done = 0
+        self.reports: list[dict[str, Any]] = []
+        meta = folder / "run.json"
+        if meta.is_file():
+            if not resume:
+                raise SignRoundError(
+                    f"an interrupted run of this output is saved in {folder}; pass --resume to continue it, "
+                    "or delete that folder to start over"
+                )
+            state = json.loads(meta.read_text())
+            if state.get("fingerprint") != print_:
+                raise SignRoundError(
+                    f"the interrupted run in {folder} used other settings or data; rerun with the same options, "
+                    "or delete that folder to start over"
+                )
+            self.done = int(state["done"])
+            self.reports = list(state["reports"])
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)  # a folder without run.json never finished its first block
+            folder.mkdir(parents=True)
+
+    @staticmethod
+    def saved_tokens(folder: Path) -> torch.Tensor | None:
+        path = folder / "tokens.safetensors"
+        return load_file(str(path))["tokens"] if (folder / "run.json").is_file() and path.is_file() else None
+
+    def save_tokens(self, tokens: torch.Tensor) -> None:
+        _atomic_save({"tokens": tokens}, self.folder / "tokens.safetensors")
+
+    def save_block(
+        self, index: int, block: nn.Module, report: dict[str, Any], fp_inputs: torch.Tensor, q_inputs: torch.Tensor
+    ) -> None:
+        """Persist block ``index`` (already packed) and the next block's inputs, then mark it done."""
+        tensors, schemes = {}, {}
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                schemes[name] = json.dumps(module.scheme.to_dict())
+                for key, value in module.state_dict().items():
+                    tensors[f"{name}.{key}"] = value.cpu()
+        _atomic_save(tensors, self.folder / f"block_{index:04d}.safetensors", metadata=schemes)
+        inputs = {"q_inputs": q_inputs.cpu()}
+        if fp_inputs is not q_inputs:
+            inputs["fp_inputs"] = fp_inputs.cpu()
+        _atomic_save(inputs, self.folder / "inputs.safetensors")
+        self.done = index + 1
+        self.reports.append(report)
+        tmp = self.folder / "run.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "reports": self.reports}))
+        os.replace(tmp, self.folder / "run.json")
+
+    def restore_block(self, index: int, block: nn.Module) -> None:
+        """Put block ``index``'s saved packed layers into ``block`` (replacing its float linears)."""
+        path = self.folder / f"block_{index:04d}.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            schemes = f.metadata() or {}
+        tensors = load_file(str(path))
+        device = next(block.parameters()).device
+        for name, scheme_json in schemes.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            old = getattr(parent, child)
+            layer = QuantLinear(
+                old.in_features,
+                old.out_features,
+                QuantScheme.from_dict(json.loads(scheme_json)),
+                old.bias is not None,
+                old.weight.dtype,
+            )
+            layer.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            setattr(parent, child, layer.to(device))
+
+    def load_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fp_inputs, q_inputs)`` of block ``done``."""
+        tensors = load_file(str(self.folder / "inputs.safetensors"))
+        q = tensors["q_inputs"]
+        return tensors.get("fp_inputs", q), q
+
+    def finish(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

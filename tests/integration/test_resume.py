@@ -1,0 +1,127 @@
+"""Runs survive a crash: SIGKILL at a random block, or while the output is being written, then --resume
+gives the same bytes as an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from signround.cli import main
+from signround.runstate import run_dir_for
+from tests.conftest import build_tokenizer, corpus, make_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 6-block model, its calibration file, and an uninterrupted reference run (shared by the tests)."""
+    root = tmp_path_factory.mktemp("resume")
+    model = root / "deep"
+    make_model("llama", layers=6).save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(60, seed=1)))
+    ref = root / "ref"
+    assert main(args(model, ref, calib)) == 0
+    return model, calib, ref
+
+
+def args(model, out, calib):
+    return [
+        "quantize",
+        "--model",
+        str(model),
+        "--output",
+        str(out),
+        "--dataset",
+        str(calib),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "4",
+        "--iters",
+        "20",
+        "--group-size",
+        "32",
+        "--bits",
+        "3",
+        "--quiet",
+    ]
+
+
+def spawn(argv, driver=None):
+    code = driver or "import sys; from signround.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def done_blocks(out):
+    meta = run_dir_for(out) / "run.json"
+    try:
+        return json.loads(meta.read_text())["done"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_at_a_random_block_then_resume_is_byte_identical(capsys, tmp_path, setup):
+    deep_model, calib_jsonl, ref = setup
+    out = tmp_path / "out"
+    kill_after = random.Random().randint(1, 4)
+    proc = spawn(args(deep_model, out, calib_jsonl))
+    deadline = time.time() + 300
+    while done_blocks(out) < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = done_blocks(out)
+    assert 1 <= finished < 6, f"the run was not killed in the middle (finished {finished} blocks)"
+    assert not out.exists()
+    # without --resume the saved state is never silently discarded
+    assert main(args(deep_model, out, calib_jsonl)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args(deep_model, out, calib_jsonl) + ["--resume"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+    assert not run_dir_for(out).exists()
+
+
+def test_kill_while_writing_the_output(tmp_path, setup):
+    deep_model, calib_jsonl, ref = setup
+    out = tmp_path / "out"
+    driver = (
+        "import os, signal, sys\n"
+        "import signround.export as ex\n"
+        "def crash(model, tok, folder):\n"
+        "    (folder / 'model.safetensors').write_bytes(b'half a file')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ex._EXPORTERS['native'] = crash\n"
+        "from signround.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = spawn(args(deep_model, out, calib_jsonl), driver)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    assert not out.exists()  # never a half-written checkpoint at the output path
+    assert done_blocks(out) == 6
+    assert main(args(deep_model, out, calib_jsonl) + ["--resume"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, setup):
+    deep_model, calib_jsonl, ref = setup
+    a, c = tmp_path / "a", tmp_path / "c"
+    assert main(args(deep_model, a, calib_jsonl)) == 0
+    assert main(args(deep_model, c, calib_jsonl) + ["--seed", "7"]) == 0
+    assert (a / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
