@@ -27,7 +27,7 @@ def capture_block_inputs(
         tokens: ``[n, seqlen]`` int64.
 
     Returns:
-        ``(hidden [n, seqlen, hidden] float32, kwargs)``. The keyword arguments are those of the first
+        ``(hidden [n, seqlen, hidden] in the model's dtype, kwargs)``. The keyword arguments are those of the first
         sample (batch dimension 1); with equal-length unpadded samples they are the same for all samples
         and broadcast over any batch size.
     """
@@ -36,7 +36,7 @@ def capture_block_inputs(
 
     def hook(_module, args, kwargs):
         x = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(x.detach().float().cpu())
+        hidden.append(x.detach().cpu())
         if not captured:
             captured.update({k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
             extra = args[1:]

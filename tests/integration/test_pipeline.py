@@ -126,3 +126,37 @@ def test_perplexity_matches_hf_loss(tokenizer, ppl_text):
     with torch.no_grad():
         ref = [model(input_ids=w[None], labels=w[None]).loss.double() * 63 for w in windows]
     assert torch.allclose(ours, torch.stack(ref), rtol=1e-5)
+
+
+def test_bfloat16_model_quantizes_and_reloads(tokenizer, tmp_path):
+    # Built the way a user's model is (from_pretrained in bfloat16), so its rotary buffers match a reload.
+    make_model("llama").save_pretrained(tmp_path / "float")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.bfloat16).eval()
+    qmodel = signround.quantize(
+        model,
+        tokenizer,
+        scheme=signround.QuantScheme(bits=4, group_size=32),
+        dataset=corpus(40, seed=1),
+        iters=4,
+        nsamples=8,
+        seqlen=32,
+        progress=False,
+    )
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        expected = qmodel(x).logits
+    assert expected.dtype == torch.bfloat16
+    signround.save(qmodel, tokenizer, tmp_path / "bf16")
+    reloaded, _ = load_quantized(tmp_path / "bf16", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, expected)
+
+
+def test_compute_dtype_policy():
+    from signround.cli import compute_dtype
+
+    assert compute_dtype("auto", "cpu") == torch.float32
+    assert compute_dtype("auto", "cuda:0") == torch.bfloat16
+    assert compute_dtype("float16", None) == torch.float16
