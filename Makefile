@@ -21,14 +21,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The main job on the built-in model and data, light enough for a 2-core CPU (about 10 minutes):
-# float perplexity, then SignRound W4G128 asym with a light recipe, then its perplexity, on the first
-# 10 wikitext-2 windows. Full-recipe numbers are in bench/results/.
+# float perplexity, then SignRound W4G128 asym with a light recipe, then the saved checkpoint's
+# perplexity, on the first 10 wikitext-2 windows. Full-recipe numbers are in bench/results/.
 demo: setup
 	@echo "== demo: light recipe (32 x 256 calibration tokens, 50 iters), perplexity on the first 10 windows =="
+	mkdir -p $(OUT)
 	$(SR) eval --model smollm2-135m --ppl wikitext2 --max-windows 10 --json $(OUT)/demo-float.json --quiet
 	$(SR) quantize --model smollm2-135m --bits 4 --group-size 128 --iters 50 --nsamples 32 --seqlen 256 \
 		--batch-size 4 --dataset $(DATA)/calib-c4.jsonl --output $(OUT)/smollm2-w4g128 --overwrite \
-		--eval-ppl wikitext2 --eval-max-windows 10 --report $(OUT)/demo-report.json
+		--report $(OUT)/demo-report.json
 	$(SR) eval --model $(OUT)/smollm2-w4g128 --ppl wikitext2 --max-windows 10 --json $(OUT)/demo-w4g128.json --quiet
 	@$(PY) -c "import json; f=json.load(open('$(OUT)/demo-float.json')); q=json.load(open('$(OUT)/demo-w4g128.json')); \
 		print(f\"demo result (first {f['windows']} windows, seqlen {f['seqlen']}): float ppl {f['ppl']:.3f}, \
