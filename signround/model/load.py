@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -60,9 +61,10 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
         with _quiet():
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+    except (ValueError, OSError, KeyError, RuntimeError, IndexError, struct.error) as exc:
+        # struct.error / IndexError: the gguf reader ran past the end of a truncated file.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SignRoundError(f"cannot read GGUF file {path}: {first}") from None
+        raise SignRoundError(f"cannot read GGUF file {path} (truncated or corrupt?): {first}") from None
     # The weights are now plain float tensors; drop the GGUF marker so the model saves as a float model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

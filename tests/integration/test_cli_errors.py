@@ -210,3 +210,57 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["signround: error: bits=12 is out of range; use 2..8"]
+
+
+def test_truncated_gguf(capsys, tmp_path, calib_jsonl):
+    from signround.model.load import _alias_gguf
+
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(_alias_gguf("smollm2-135m").read_bytes()[:200_000])
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(bad, out, "--dataset", str(calib_jsonl)), "truncated or corrupt")
+
+
+def test_missing_tokenizer(capsys, tmp_path, calib_jsonl):
+    make_model("llama").save_pretrained(tmp_path / "notok")
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(tmp_path / "notok", out, "--dataset", str(calib_jsonl)), "tokenizer")
+
+
+def test_checkpoint_config_weights_mismatch(capsys, tmp_path, model_dir, calib_jsonl, ppl_text):
+    out = tmp_path / "q"
+    assert main(quantize_args(model_dir, out, "--dataset", str(calib_jsonl))) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (out / "config.json").write_text(json.dumps(cfg))
+    code, lines = run_cli(capsys, "eval", "--model", str(out), "--ppl", str(ppl_text), "--seqlen", "64")
+    assert code == 2 and len(lines) == 1 and "do not fit its config" in lines[0]
+
+
+def test_unwritable_output(capsys, tmp_path, model_dir, calib_jsonl):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "sub" / "out"
+    code, lines = run_cli(capsys, *quantize_args(model_dir, out, "--dataset", str(calib_jsonl)))
+    assert code == 2 and len(lines) == 1 and "cannot" in lines[0]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_disk_full_keeps_the_previous_output(capsys, tmp_path, model_dir, calib_jsonl, monkeypatch):
+    import errno
+
+    import signround.export as ex
+
+    out = tmp_path / "out"
+    assert main(quantize_args(model_dir, out, "--dataset", str(calib_jsonl))) == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    def full(model, tokenizer, folder):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(ex._EXPORTERS, "native", full)
+    code, lines = run_cli(capsys, *quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--overwrite"))
+    assert code == 2 and len(lines) == 1 and "disk full" in lines[0]
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
