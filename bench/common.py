@@ -1,0 +1,90 @@
+"""Shared plumbing of the benchmarks: run signround and auto-round as separate processes, reuse finished
+rows from a work folder (so a stopped benchmark resumes), and score every model with signround's code."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+BENCH_PY = ROOT / "bench" / ".venv-bench" / "bin" / "python"
+
+
+def sh(cmd: list[str]) -> None:
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Calibration and tuning settings shared by every tool in a comparison."""
+
+    model: str
+    dataset: str
+    nsamples: int
+    seqlen: int
+    batch_size: int
+    seed: int
+
+    def flags(self) -> list[str]:
+        return [
+            "--nsamples",
+            str(self.nsamples),
+            "--seqlen",
+            str(self.seqlen),
+            "--batch-size",
+            str(self.batch_size),
+            "--seed",
+            str(self.seed),
+            "--dataset",
+            self.dataset,
+        ]
+
+
+def config_name(bits: int, group: int, sym: bool) -> str:
+    return f"W{bits}G{group}-{'sym' if sym else 'asym'}"
+
+
+def signround_quantize(
+    recipe: Recipe, bits: int, group: int, sym: bool, method: str, iters: int, out: Path, eval_flags: list[str]
+) -> dict:
+    """Quantize with the signround CLI (once; reused from ``out``); returns its JSON report."""
+    report = out.with_name(out.name + ".json")
+    if not report.is_file():
+        # fmt: off
+        cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", recipe.model, "--bits", str(bits),
+               "--group-size", str(group), "--method", method, "--iters", str(iters), *recipe.flags(),
+               "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *eval_flags]
+        # fmt: on
+        sh(cmd + (["--sym"] if sym else []))
+    return json.loads(report.read_text())
+
+
+def autoround_quantize(recipe: Recipe, bits: int, group: int, sym: bool, iters: int, out: Path) -> dict:
+    """Quantize with auto-round in the bench-only environment (once; reused); returns its JSON report.
+    ``out`` receives auto-round's fake-quantized model as a float HF folder."""
+    report = out.with_name(out.name + ".json")
+    if not report.is_file():
+        if not BENCH_PY.is_file():
+            raise SystemExit(f"auto-round needs the bench environment {BENCH_PY}; see bench/requirements-bench.txt")
+        from signround.model.load import resolve_model
+
+        # fmt: off
+        cmd = [str(BENCH_PY), str(ROOT / "bench" / "autoround_run.py"), "--model", resolve_model(recipe.model),
+               "--bits", str(bits), "--group-size", str(group), "--iters", str(iters), *recipe.flags(),
+               "--output", str(out), "--report", str(report)]
+        # fmt: on
+        sh(cmd + (["--sym"] if sym else []))
+    return json.loads(report.read_text())
+
+
+def signround_eval(model: str, out: Path, flags: list[str]) -> dict:
+    """``signround eval`` of ``model`` (once; reused from ``out``); returns its JSON."""
+    if not out.is_file():
+        sh([sys.executable, "-m", "signround.cli", "eval", "--model", model, "--json", str(out), "--quiet", *flags])
+    return json.loads(out.read_text())

@@ -1,0 +1,171 @@
+"""signround vs intel auto-round 0.16.1, side by side in one run (not a test).
+
+Same machine, model, calibration texts, nsamples / seqlen / batch / iterations / seed, one tool after the
+other; both tools' models are scored by signround's perplexity code (auto-round's as its fake-quantized
+weights). auto-round runs in the bench-only environment bench/.venv-bench (bench/requirements-bench.txt).
+Writes bench/results/compare-autoround.{md,json,png}; finished rows in --work are reused.
+
+    python bench/compare_autoround.py --budgets light,default --max-windows 40 --work /tmp/cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, Recipe, autoround_quantize, config_name, signround_eval, signround_quantize  # noqa: E402
+
+BUDGETS = {"light": 50, "default": 200}
+
+
+def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]:
+    windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
+    ppl_flags = ["--ppl", args.ppl, "--seqlen", str(args.eval_seqlen), *windows]
+    eval_flags = ["--eval-ppl", args.ppl, "--eval-seqlen", str(args.eval_seqlen)]
+    eval_flags += ["--eval-max-windows", str(args.max_windows)] if args.max_windows else []
+    base = {"nsamples": recipe.nsamples, "seqlen": recipe.seqlen, "eval_seqlen": args.eval_seqlen}
+    float_ppl = signround_eval(recipe.model, work / "float-ppl.json", ppl_flags)
+    rows = []
+    for budget in args.budgets.split(","):
+        iters = BUDGETS[budget]
+        rows.append(
+            {
+                **base,
+                "config": "float",
+                "budget": budget,
+                "tool": "float",
+                "ppl": float_ppl["ppl"],
+                "quant_seconds": None,
+                "peak_rss_gb": None,
+                "iters": 0,
+                "eval_windows": float_ppl["windows"],
+            }
+        )
+        for pair in args.configs.split(","):
+            bits, group = (int(x) for x in pair.split(":"))
+            for sym in [m == "sym" for m in args.modes.split(",")]:
+                name = config_name(bits, group, sym)
+                for tool, method, it in (("rtn", "rtn", 0), ("signround", "signround", iters)):
+                    tag = f"{name}-{tool}" + ("" if tool == "rtn" else f"-{iters}")
+                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, eval_flags)
+                    rows.append(
+                        {
+                            **base,
+                            "config": name,
+                            "budget": budget,
+                            "tool": tool,
+                            "ppl": rep["ppl"]["ppl"],
+                            "quant_seconds": rep["seconds"],
+                            "peak_rss_gb": rep["peak_rss_gb"],
+                            "iters": it,
+                            "eval_windows": rep["ppl"]["windows"],
+                        }
+                    )
+                tag = f"{name}-autoround-{iters}"
+                rep = autoround_quantize(recipe, bits, group, sym, iters, work / tag)
+                ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
+                rows.append(
+                    {
+                        **base,
+                        "config": name,
+                        "budget": budget,
+                        "tool": "auto-round",
+                        "ppl": ppl["ppl"],
+                        "quant_seconds": rep["seconds"],
+                        "peak_rss_gb": rep["peak_rss_gb"],
+                        "iters": iters,
+                        "eval_windows": ppl["windows"],
+                    }
+                )
+                yield_rows(args, rows)
+    return rows
+
+
+def yield_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Write the tables after every configuration, so a stopped run keeps what it finished."""
+    results = ROOT / "bench" / "results"
+    (results / "compare-autoround.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / "compare-autoround.md").write_text(render(rows, args))
+
+
+def _find(rows: list[dict], config: str, budget: str, tool: str) -> dict | None:
+    return next((r for r in rows if r["config"] == config and r["budget"] == budget and r["tool"] == tool), None)
+
+
+def render(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        "# signround vs auto-round 0.16.1 (same machine, data, settings; same perplexity code)",
+        "",
+        f"Command: `{args.command}`",
+        "",
+        f"Model `{args.model}`; calibration `{Path(args.dataset).name}`, {args.nsamples} x {args.seqlen} tokens, "
+        f"batch {args.batch_size}, seed {args.seed}; budgets: "
+        + ", ".join(f"{b} = {BUDGETS[b]} iters" for b in args.budgets.split(","))
+        + f". Perplexity: {args.ppl}, seqlen {args.eval_seqlen}, "
+        f"{'all' if not args.max_windows else f'first {args.max_windows}'}"
+        " windows. Ratios are signround / auto-round (below 1 is better for signround).",
+        "",
+        "| config | budget | tool | ppl | excess over float | quant s | peak RSS GB "
+        "| excess ratio | time ratio | RSS ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fp = _find(rows, "float", r["budget"], "float")
+        excess = r["ppl"] - fp["ppl"] if fp and r["tool"] != "float" else None
+        ratios = ["", "", ""]
+        if r["tool"] == "signround":
+            ar = _find(rows, r["config"], r["budget"], "auto-round")
+            if ar is not None and fp is not None:
+                ratios = [
+                    f"{excess / (ar['ppl'] - fp['ppl']):.2f}",
+                    f"{r['quant_seconds'] / ar['quant_seconds']:.2f}",
+                    f"{r['peak_rss_gb'] / ar['peak_rss_gb']:.2f}",
+                ]
+        cells = [
+            r["config"],
+            r["budget"],
+            r["tool"],
+            f"{r['ppl']:.3f}",
+            "" if excess is None else f"{excess:.3f}",
+            "" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}",
+            "" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}",
+            *ratios,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default=str(DATA / "calib-c4.jsonl"))
+    p.add_argument("--configs", default="4:128,3:128,2:128")
+    p.add_argument("--modes", default="asym,sym")
+    p.add_argument("--budgets", default="light,default")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--ppl", default="wikitext2", help="perplexity text: wikitext2 or a file")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--work", default=None)
+    args = p.parse_args()
+    args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
+    unknown = set(args.budgets.split(",")) - set(BUDGETS)
+    if unknown:
+        raise SystemExit(f"unknown budget(s) {sorted(unknown)}; choose from {sorted(BUDGETS)}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="signround-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = Recipe(args.model, args.dataset, args.nsamples, args.seqlen, args.batch_size, args.seed)
+    rows = rows_for(args, recipe, work)
+    print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()
