@@ -43,7 +43,8 @@ class LayerResult:
 class BlockResult:
     """What tuning one block produced.
 
-    ``rtn_loss`` is the block-output MSE of round-to-nearest over all calibration samples; ``first_loss``,
+    ``rtn_loss`` is the block-output MSE of round-to-nearest over all calibration samples (NaN when
+    ``iters == 0``: the result *is* RTN, and the caller measures its loss once anyway); ``first_loss``,
     ``best_loss`` and ``last_loss`` are per-step (one random batch each) losses of the tuning run.
     """
 
@@ -117,7 +118,7 @@ def tune_block(
 
     try:
         with torch.no_grad():
-            rtn_loss = block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights())
+            rtn_loss = block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights()) if learn else math.nan
         losses: list[float] = []
         best_loss, best_step, best_state = math.inf, -1, None
         if learn:
