@@ -88,3 +88,23 @@ def signround_eval(model: str, out: Path, flags: list[str]) -> dict:
     if not out.is_file():
         sh([sys.executable, "-m", "signround.cli", "eval", "--model", model, "--json", str(out), "--quiet", *flags])
     return json.loads(out.read_text())
+
+
+def add_recipe_args(p, iters: int = 200) -> None:
+    """The options every comparison shares (auto-round's defaults but seqlen 256 for this CPU)."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default=str(DATA / "calib-c4.jsonl"))
+    p.add_argument("--configs", default="4:128,3:128,2:128", help="bits:group pairs")
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+
+
+def recipe_from(args) -> Recipe:
+    return Recipe(args.model, args.dataset, args.nsamples, args.seqlen, args.batch_size, args.seed)
+
+
+def parse_configs(spec: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",") if pair]

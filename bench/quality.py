@@ -14,29 +14,22 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_recipe_args, config_name, parse_configs, recipe_from, signround_eval, signround_quantize  # noqa: E402,I001
 
 
-def sh(cmd: list[str]) -> None:
-    print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL)
+def window_args(args: argparse.Namespace) -> list[str]:
+    return ["--max-windows", str(args.max_windows)] if args.max_windows else []
 
 
 def float_row(args: argparse.Namespace, work: Path) -> dict:
-    out = work / "float.json"
-    # Rows already finished in --work are reused, so a stopped benchmark resumes where it was.
-    if not out.is_file():
-        # fmt: off
-        sh([sys.executable, "-m", "signround.cli", "eval", "--model", args.model, "--ppl", "wikitext2",
-            "--seqlen", str(args.eval_seqlen), "--json", str(out), "--quiet", *window_args(args)])
-        # fmt: on
-    ppl = json.loads(out.read_text())
+    ppl = signround_eval(
+        args.model, work / "float.json", ["--ppl", "wikitext2", "--seqlen", str(args.eval_seqlen), *window_args(args)]
+    )
     return {
         "config": "float",
         "tool": "float",
@@ -48,29 +41,12 @@ def float_row(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def window_args(args: argparse.Namespace) -> list[str]:
-    return ["--max-windows", str(args.max_windows)] if args.max_windows else []
-
-
 def quant_row(args: argparse.Namespace, work: Path, bits: int, group: int, method: str) -> dict:
-    name = f"W{bits}G{group}-{'sym' if args.sym else 'asym'}"
-    report = work / f"{name}-{method}.json"
+    name = config_name(bits, group, args.sym)
     iters = args.iters if method == "signround" else 0
-    # fmt: off
-    cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, "--bits", str(bits),
-           "--group-size", str(group), "--method", method, "--iters", str(iters),
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-           "--seed", str(args.seed), "--dataset", args.dataset, "--output", str(work / f"{name}-{method}"),
-           "--overwrite", "--quiet", "--eval-ppl", "wikitext2", "--eval-seqlen", str(args.eval_seqlen),
-           "--report", str(report)]
-    # fmt: on
-    if args.sym:
-        cmd.append("--sym")
-    if args.max_windows:
-        cmd += ["--eval-max-windows", str(args.max_windows)]
-    if not report.is_file():
-        sh(cmd)
-    r = json.loads(report.read_text())
+    flags = ["--eval-ppl", "wikitext2", "--eval-seqlen", str(args.eval_seqlen)]
+    flags += ["--eval-max-windows", str(args.max_windows)] if args.max_windows else []
+    r = signround_quantize(recipe_from(args), bits, group, args.sym, method, iters, work / f"{name}-{method}", flags)
     return {
         "config": name,
         "tool": method,
@@ -113,15 +89,8 @@ def render(rows: list[dict], args: argparse.Namespace, command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default=str(DATA / "calib-c4.jsonl"))
-    p.add_argument("--configs", default="4:128,3:128,2:128", help="bits:group pairs")
+    add_recipe_args(p)
     p.add_argument("--sym", action="store_true")
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--name", default="smollm2")
@@ -139,8 +108,7 @@ def main() -> None:
         (results / f"{args.name}.md").write_text(render(rows, args, command))
 
     flush()
-    for pair in args.configs.split(","):
-        bits, group = (int(x) for x in pair.split(":"))
+    for bits, group in parse_configs(args.configs):
         for method in ("rtn", "signround"):
             rows.append(quant_row(args, work, bits, group, method))
             flush()

@@ -14,77 +14,29 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-BENCH_PY = ROOT / "bench" / ".venv-bench" / "bin" / "python"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    ROOT,
+    add_recipe_args,
+    autoround_quantize,
+    config_name,
+    parse_configs,
+    recipe_from,
+    signround_eval,
+    signround_quantize,
+)
+
 TASKS = "lambada_openai,piqa,winogrande,hellaswag,arc_easy,arc_challenge,boolq"
 DERIVED = {"hellaswag", "arc_easy", "arc_challenge", "boolq"}
 
 
-def sh(cmd: list[str]) -> None:
-    print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL)
-
-
-def signround_ckpt(args: argparse.Namespace, bits: int, group: int, method: str) -> Path:
-    name = f"W{bits}G{group}-{'sym' if args.sym else 'asym'}-{method}"
-    out = Path(args.work) / name
-    if not (out / "config.json").is_file():
-        iters = args.iters if method == "signround" else 0
-        # fmt: off
-        cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, "--bits", str(bits),
-               "--group-size", str(group), "--method", method, "--iters", str(iters), "--nsamples",
-               str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed), "--dataset", args.dataset, "--output", str(out), "--overwrite", "--quiet"]
-        # fmt: on
-        sh(cmd + (["--sym"] if args.sym else []))
-    return out
-
-
-def autoround_ckpt(args: argparse.Namespace, bits: int, group: int) -> Path:
-    name = f"W{bits}G{group}-{'sym' if args.sym else 'asym'}-autoround"
-    out = Path(args.work) / name
-    if not (out / "config.json").is_file():
-        if not BENCH_PY.is_file():
-            raise SystemExit(f"auto-round rows need the bench environment {BENCH_PY}; see bench/requirements-bench.txt")
-        from signround.model.load import resolve_model
-
-        # fmt: off
-        cmd = [str(BENCH_PY), str(ROOT / "bench" / "autoround_run.py"), "--model", resolve_model(args.model),
-               "--bits", str(bits), "--group-size", str(group), "--iters", str(args.iters), "--nsamples",
-               str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--seed",
-               str(args.seed), "--dataset", args.dataset, "--output", str(out), "--report", str(out) + ".json"]
-        # fmt: on
-        sh(cmd + (["--sym"] if args.sym else []))
-    return out
-
-
 def score(args: argparse.Namespace, model: str, label: str) -> dict:
-    out = Path(args.work) / f"zeroshot-{label}.json"
-    if not out.is_file():
-        sh(
-            [
-                sys.executable,
-                "-m",
-                "signround.cli",
-                "eval",
-                "--model",
-                model,
-                "--tasks",
-                args.tasks,
-                "--limit",
-                str(args.limit),
-                "--json",
-                str(out),
-                "--quiet",
-            ]
-        )
-    return json.loads(out.read_text())
+    flags = ["--tasks", args.tasks, "--limit", str(args.limit)]
+    return signround_eval(model, Path(args.work) / f"zeroshot-{label}.json", flags)
 
 
 def render(rows: list[tuple[str, str, dict]], args: argparse.Namespace, command: str) -> str:
@@ -113,16 +65,9 @@ def render(rows: list[tuple[str, str, dict]], args: argparse.Namespace, command:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default=str(DATA / "calib-c4.jsonl"))
-    p.add_argument("--configs", default="4:128,3:128,2:128")
+    add_recipe_args(p)
     p.add_argument("--autoround-configs", default="4:128", help="bits:group pairs also run with auto-round")
     p.add_argument("--sym", action="store_true")
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--work", default=None)
@@ -142,17 +87,19 @@ def main() -> None:
 
     rows.append(("float", "float", score(args, args.model, "float")))
     flush()
-    ar_pairs = {tuple(int(x) for x in pair.split(":")) for pair in args.autoround_configs.split(",") if pair}
-    for pair in args.configs.split(","):
-        bits, group = (int(x) for x in pair.split(":"))
-        config = f"W{bits}G{group}-{'sym' if args.sym else 'asym'}"
+    recipe = recipe_from(args)
+    work = Path(args.work)
+    ar_pairs = set(parse_configs(args.autoround_configs))
+    for bits, group in parse_configs(args.configs):
+        name = config_name(bits, group, args.sym)
         for method in ("rtn", "signround"):
-            ckpt = signround_ckpt(args, bits, group, method)
-            rows.append((config, method, score(args, str(ckpt), f"{config}-{method}")))
+            iters = args.iters if method == "signround" else 0
+            signround_quantize(recipe, bits, group, args.sym, method, iters, work / f"{name}-{method}", [])
+            rows.append((name, method, score(args, str(work / f"{name}-{method}"), f"{name}-{method}")))
             flush()
         if (bits, group) in ar_pairs:
-            ckpt = autoround_ckpt(args, bits, group)
-            rows.append((config, "auto-round", score(args, str(ckpt), f"{config}-autoround")))
+            autoround_quantize(recipe, bits, group, args.sym, args.iters, work / f"{name}-autoround")
+            rows.append((name, "auto-round", score(args, str(work / f"{name}-autoround"), f"{name}-autoround")))
             flush()
     print(render(rows, args, command))
 

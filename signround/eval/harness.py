@@ -241,10 +241,19 @@ def evaluate_tasks(
             cfg = task_config(name, _prepared(TASKS[name], root, prepared))
             (Path(tmp) / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         manager = TaskManager(include_path=tmp, include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = simple_evaluate(
-            model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000
-        )
+        # lm-eval hands config.quantization_config to transformers, which does not know signround's
+        # (the model is already quantized in memory and needs no loader), so hide it while lm-eval runs.
+        qc = getattr(model.config, "quantization_config", None)
+        if qc is not None:
+            del model.config.quantization_config
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            out = simple_evaluate(
+                model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000
+            )
+        finally:
+            if qc is not None:
+                model.config.quantization_config = qc
     scores = []
     for name in names:
         r = out["results"][name]

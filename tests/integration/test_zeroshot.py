@@ -29,6 +29,28 @@ def test_two_tasks_offline(no_network, tokenizer):
     assert "derived data" in table and "average" in table
 
 
+def test_quantized_model_in_memory_and_saved(no_network, tokenizer, tmp_path):
+    import signround
+    from tests.conftest import corpus
+
+    qmodel = signround.quantize(
+        make_model("llama"),
+        tokenizer,
+        scheme=signround.QuantScheme(bits=4, group_size=32),
+        dataset=corpus(40, seed=1),
+        iters=2,
+        nsamples=4,
+        seqlen=32,
+        progress=False,
+    )
+    a = evaluate_tasks(qmodel, tokenizer, "winogrande", limit=2)
+    assert qmodel.config.quantization_config["quant_method"] == "signround"  # restored after lm-eval ran
+    signround.save(qmodel, tokenizer, tmp_path / "q")
+    model, tok = signround.load_model(str(tmp_path / "q"))
+    b = evaluate_tasks(model, tok, "winogrande", limit=2)
+    assert a[0].acc == b[0].acc and a[0].samples == 2
+
+
 def test_prompts_follow_lm_eval(tmp_path):
     """Rendered prompts: stock lm-eval ones on original data, rebuilt ones on derived data."""
     import yaml
