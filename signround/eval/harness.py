@@ -28,6 +28,7 @@ from typing import Any
 from signround.errors import SignRoundError
 from signround.eval.ppl import data_dir
 from signround.model.load import cache_dir
+from signround.pack.packed import dequantized_weights
 
 log = logging.getLogger("signround")
 
@@ -247,10 +248,11 @@ def evaluate_tasks(
         if qc is not None:
             del model.config.quantization_config
         try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            out = simple_evaluate(
-                model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000
-            )
+            with dequantized_weights(model):
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+                out = simple_evaluate(
+                    model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=1000
+                )
         finally:
             if qc is not None:
                 model.config.quantization_config = qc

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from signround.errors import SignRoundError
+from signround.pack.packed import dequantized_weights
 
 SHARED_DATA_ENV = "SIGNROUND_DATA"
 
@@ -108,7 +109,8 @@ def perplexity(
     windows = tokenize_windows(path.read_text(encoding="utf-8"), tokenizer, seqlen, max_windows)
     was_training = model.training
     model.eval()
-    nll = window_nll(model, windows, batch_size, progress)
+    with dequantized_weights(model):
+        nll = window_nll(model, windows, batch_size, progress)
     model.train(was_training)
     tokens = windows.shape[0] * (seqlen - 1)
     mean = float(nll.sum() / tokens)

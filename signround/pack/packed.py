@@ -15,6 +15,9 @@ Dequantized weight: ``W[o, i] = (code[o, i] - zero[o, i // g]) * scale[o, i // g
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -32,6 +35,9 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
+        # Dequantized weight kept between forwards while a `dequantized_weights` context is active.
+        self.keep_dequantized = False
+        self.dequantized: torch.Tensor | None = None
         groups = num_groups(in_features, scheme.group_size)
         words = -(-in_features // values_per_word(scheme.bits))
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
@@ -78,7 +84,38 @@ class QuantLinear(nn.Module):
         return from_groups(w, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        w = self.dequantized
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self.dequantize(x.dtype)
+            self.dequantized = w if self.keep_dequantized else None
+        return nn.functional.linear(x, w, self.bias)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .cuda() / .half(): the cached weight is stale
+        self.dequantized = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # new codes: the cached weight is stale
+        self.dequantized = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+@contextlib.contextmanager
+def dequantized_weights(model: nn.Module) -> Iterator[None]:
+    """Keep every ``QuantLinear``'s dequantized weight between forwards inside the block.
+
+    Evaluation runs many short forwards (lm-eval requests are tens of tokens), where unpacking 210 layers
+    per call costs more than the matrix products; this trades memory (one float weight per layer, the size
+    of the float model) for speed, only while the context lasts.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.keep_dequantized = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.keep_dequantized = False
+            layer.dequantized = None

@@ -77,3 +77,26 @@ def test_quant_linear_matches_fake_quant(sym, group_size):
     x = torch.randn(5, 80)
     assert torch.allclose(layer(x), torch.nn.functional.linear(x, expected, bias))
     assert ("qzeros" in dict(layer.named_buffers())) == (not sym)
+
+
+def test_dequantized_weight_cache_is_scoped_and_invalidated():
+    from signround.pack.packed import dequantized_weights
+
+    torch.manual_seed(0)
+    scheme = QuantScheme(bits=4, group_size=32)
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    layer = QuantLinear.from_codes(codes, torch.rand(8, 2).half(), torch.randint(0, 16, (8, 2)), scheme, None)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(3, 64)
+    plain = model(x)
+    assert layer.dequantized is None  # nothing kept outside the context
+    with dequantized_weights(model):
+        assert torch.equal(model(x), plain)
+        kept = layer.dequantized
+        model(x)
+        assert layer.dequantized is kept  # reused, not recomputed
+        other = QuantLinear.from_codes(15 - codes, layer.scales, layer.qzeros, scheme, None)
+        layer.load_state_dict(other.state_dict())
+        assert layer.dequantized is None  # new codes invalidate it
+        assert torch.equal(model(x), other(x))
+    assert layer.dequantized is None and not layer.keep_dequantized
