@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "accelerate", "lm_eval", "lm-eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     try:
         return _quantize(args) if args.command == "quantize" else _eval(args)
     except SignRoundError as exc:
