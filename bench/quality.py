@@ -95,8 +95,10 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--name", default="smollm2")
     p.add_argument("--work", default=None, help="folder for checkpoints (default: a temporary folder)")
+    p.add_argument("--tabulate-only", action="store_true", help="only tabulate rows already finished in --work")
     args = p.parse_args()
-    command = "python bench/quality.py " + shlex.join(sys.argv[1:])
+    # --tabulate-only only re-renders rows the same command produced; it is not part of that command.
+    command = "python bench/quality.py " + shlex.join(a for a in sys.argv[1:] if a != "--tabulate-only")
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="signround-bench-"))
@@ -110,6 +112,10 @@ def main() -> None:
     flush()
     for bits, group in parse_configs(args.configs):
         for method in ("rtn", "signround"):
+            report = work / f"{config_name(bits, group, args.sym)}-{method}.json"
+            if args.tabulate_only and not report.is_file():
+                print(f"not run yet (left out of the table): {report.name}")
+                continue
             rows.append(quant_row(args, work, bits, group, method))
             flush()
     print(render(rows, args, command))
