@@ -113,7 +113,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from signround.export.atomic import check_output
     from signround.model.load import load_model
     from signround.pipeline import run
-    from signround.runstate import run_dir_for
+    from signround.runstate import refuse_unresumed, run_dir_for
 
     # Validate everything cheap before loading anything.
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
@@ -134,11 +134,7 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     check_output(args.output, args.overwrite)
     state_dir = run_dir_for(args.output)
-    if (state_dir / "run.json").is_file() and not args.resume:
-        raise SignRoundError(
-            f"an interrupted run of this output is saved in {state_dir}; pass --resume to continue it, "
-            "or delete that folder to start over"
-        )
+    refuse_unresumed(state_dir, args.resume)  # fail before loading anything
     if args.dataset is not None and not Path(args.dataset).expanduser().is_file():
         from signround.calib.data import load_texts
 

@@ -51,6 +51,15 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
+def refuse_unresumed(folder: Path, resume: bool) -> None:
+    """Never discard saved work silently: a run folder with progress needs ``--resume`` (or deleting)."""
+    if (folder / "run.json").is_file() and not resume:
+        raise SignRoundError(
+            f"an interrupted run of this output is saved in {folder}; pass --resume to continue it, "
+            "or delete that folder to start over"
+        )
+
+
 class RunState:
     """Reads and writes one run folder. ``done`` is the number of finished blocks."""
 
@@ -60,12 +69,8 @@ class RunState:
         self.done = 0
         self.reports: list[dict[str, Any]] = []
         meta = folder / "run.json"
+        refuse_unresumed(folder, resume)
         if meta.is_file():
-            if not resume:
-                raise SignRoundError(
-                    f"an interrupted run of this output is saved in {folder}; pass --resume to continue it, "
-                    "or delete that folder to start over"
-                )
             state = json.loads(meta.read_text())
             if state.get("fingerprint") != print_:
                 raise SignRoundError(

@@ -111,6 +111,22 @@ def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def quantize_tiny(tokenizer, model: torch.nn.Module | None = None, **overrides):
+    """SignRound W4G32 on a tiny LLaMA (or ``model``) with a few steps on the test corpus."""
+    import signround
+
+    kwargs = {
+        "scheme": signround.QuantScheme(bits=4, group_size=32),
+        "dataset": corpus(40, seed=1),
+        "iters": 2,
+        "nsamples": 4,
+        "seqlen": 32,
+        "progress": False,
+        **overrides,
+    }
+    return signround.quantize(model if model is not None else make_model("llama"), tokenizer, **kwargs)
+
+
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     return make_model("llama")

@@ -9,7 +9,6 @@ See docs/checkpoint.md.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,3 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     except (ValueError, OSError, KeyError, TypeError):
         raise SignRoundError(f"{folder} has no tokenizer; save one beside the checkpoint") from None
     return model, tokenizer
-
-
-def read_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())

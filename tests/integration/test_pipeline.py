@@ -8,7 +8,7 @@ import torch
 import signround
 from signround.export.native import load_quantized
 from signround.pack.packed import QuantLinear
-from tests.conftest import corpus, make_model
+from tests.conftest import corpus, make_model, quantize_tiny
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
@@ -45,16 +45,7 @@ def test_quantize_save_reload_same_logits(family, sym, tokenizer, tmp_path):
 
 
 def test_save_pretrained_of_the_returned_model_is_a_checkpoint(tokenizer, tmp_path):
-    qmodel = signround.quantize(
-        make_model("llama"),
-        tokenizer,
-        scheme=signround.QuantScheme(bits=4, group_size=32),
-        dataset=corpus(40, seed=1),
-        iters=2,
-        nsamples=4,
-        seqlen=32,
-        progress=False,
-    )
+    qmodel = quantize_tiny(tokenizer)
     qmodel.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     reloaded, _ = load_quantized(tmp_path / "hf")
@@ -98,16 +89,7 @@ def test_data_free_calibration_generates_text(tokenizer, caplog):
 
 
 def test_perplexity_in_memory_equals_reloaded(tokenizer, tmp_path, ppl_text):
-    qmodel = signround.quantize(
-        make_model("llama"),
-        tokenizer,
-        scheme=signround.QuantScheme(bits=4, group_size=32),
-        dataset=corpus(40, seed=1),
-        iters=4,
-        nsamples=8,
-        seqlen=32,
-        progress=False,
-    )
+    qmodel = quantize_tiny(tokenizer, iters=4, nsamples=8)
     a = signround.perplexity(qmodel, tokenizer, str(ppl_text), seqlen=64, progress=False)
     signround.save(qmodel, tokenizer, tmp_path / "q")
     model, tok = signround.load_model(str(tmp_path / "q"))

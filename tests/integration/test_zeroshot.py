@@ -7,7 +7,7 @@ import pytest
 
 from signround.cli import main
 from signround.eval.harness import TASKS, evaluate_tasks, format_scores, task_config, tasks_dir
-from tests.conftest import make_model
+from tests.conftest import make_model, quantize_tiny
 
 
 @pytest.fixture
@@ -31,18 +31,8 @@ def test_two_tasks_offline(no_network, tokenizer):
 
 def test_quantized_model_in_memory_and_saved(no_network, tokenizer, tmp_path):
     import signround
-    from tests.conftest import corpus
 
-    qmodel = signround.quantize(
-        make_model("llama"),
-        tokenizer,
-        scheme=signround.QuantScheme(bits=4, group_size=32),
-        dataset=corpus(40, seed=1),
-        iters=2,
-        nsamples=4,
-        seqlen=32,
-        progress=False,
-    )
+    qmodel = quantize_tiny(tokenizer)
     a = evaluate_tasks(qmodel, tokenizer, "winogrande", limit=2)
     assert qmodel.config.quantization_config["quant_method"] == "signround"  # restored after lm-eval ran
     signround.save(qmodel, tokenizer, tmp_path / "q")
