@@ -54,6 +54,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="compute dtype of the model (auto: bfloat16 on CUDA, float32 on CPU, where it is faster)",
     )
     p.add_argument("--output", required=True, help="output folder (written atomically)")
+    _add_format_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run (its state is kept in OUTPUT.signround-run)"
@@ -65,6 +66,29 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--report", default=None, metavar="PATH", help="write the run report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        default="native",
+        help="checkpoint format(s), comma-separated: native, auto_round, gptq, compressed-tensors, gguf:<type>; "
+        "several formats give one subfolder each (see docs/formats.md)",
+    )
+    p.add_argument(
+        "--allow-partial-groups",
+        action="store_true",
+        help="compressed-tensors: write groups that do not divide a layer's width (stock readers cannot run them)",
+    )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="convert a signround checkpoint to other formats without re-tuning")
+    p.add_argument("--model", required=True, help="a signround checkpoint (or, for gguf:f16, a float model)")
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    _add_format_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_export(sub)
     _add_eval(sub)
     return parser
 
@@ -112,7 +137,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from signround.eval.ppl import perplexity
     from signround.export.atomic import check_output
     from signround.model.load import load_model
-    from signround.pipeline import run
+    from signround.pipeline import plan, run
     from signround.runstate import refuse_unresumed, run_dir_for
 
     # Validate everything cheap before loading anything.
@@ -132,6 +157,7 @@ def _quantize(args: argparse.Namespace) -> int:
         tune=tune,
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
     )
+    formats = export.parse_formats(args.format)
     check_output(args.output, args.overwrite)
     state_dir = run_dir_for(args.output)
     refuse_unresumed(state_dir, args.resume)  # fail before loading anything
@@ -141,11 +167,14 @@ def _quantize(args: argparse.Namespace) -> int:
         load_texts(args.dataset)  # fails fast on a missing file
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=compute_dtype(args.dtype, args.device))
+    export.check_formats(model, plan(model, cfg), formats, allow_partial_groups=args.allow_partial_groups)
     log.info("quantizing %s to %s with %s (%d iters)", args.model, scheme.name, tune.method.value, tune.iters)
     report = run(
         model, tokenizer, cfg, device=args.device, progress=not args.quiet, state_dir=state_dir, resume=args.resume
     )
-    out = export.save(model, tokenizer, args.output, overwrite=args.overwrite)
+    out = export.save(
+        model, tokenizer, args.output, formats, overwrite=args.overwrite, allow_partial_groups=args.allow_partial_groups
+    )
     shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete; the run state is no longer needed
     print(report.summary())
     print(f"saved {out}")
@@ -168,6 +197,21 @@ def _quantize(args: argparse.Namespace) -> int:
         result["ppl"] = ppl.to_dict()
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from signround import export
+    from signround.export.atomic import check_output
+    from signround.model.load import load_model
+
+    formats = export.parse_formats(args.format)
+    check_output(args.output, args.overwrite)
+    model, tokenizer = load_model(args.model)
+    out = export.save(
+        model, tokenizer, args.output, formats, overwrite=args.overwrite, allow_partial_groups=args.allow_partial_groups
+    )
+    print(f"saved {out} ({', '.join(formats)})")
     return 0
 
 
@@ -230,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     try:
-        return _quantize(args) if args.command == "quantize" else _eval(args)
+        return {"quantize": _quantize, "export": _export, "eval": _eval}[args.command](args)
     except SignRoundError as exc:
         print(f"signround: error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from signround.calib.capture import block_output, capture_block_inputs, to_devic
 from signround.calib.data import calibration_tokens, sample_tokens
 from signround.config import CalibConfig, QuantConfig
 from signround.errors import SignRoundError
+from signround.export.common import Planned
 from signround.model.blocks import find_blocks, resolve_schemes
 from signround.model.load import check_finite
 from signround.pack.packed import QuantLinear
@@ -112,6 +113,17 @@ def _replace_linears(block: nn.Module, result: BlockResult) -> None:
 def _settings(model: nn.Module, cfg: QuantConfig) -> dict[str, Any]:
     """What decides a run's result besides the calibration tokens (for resume fingerprints)."""
     return {"model": model.config.to_dict(), "cfg": dataclasses.asdict(cfg)}
+
+
+def plan(model: nn.Module, cfg: QuantConfig) -> list[Planned]:
+    """Every linear that :func:`run` will quantize, with its scheme and shape (for exporters' checks)."""
+    prefix, blocks = find_blocks(model)
+    planned = []
+    for i, block in enumerate(blocks):
+        layers = dict(block.named_modules())
+        for name, scheme in resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules).items():
+            planned.append(Planned(f"{prefix}.{i}.{name}", scheme, layers[name].in_features, layers[name].out_features))
+    return planned
 
 
 def run(

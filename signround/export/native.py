@@ -25,7 +25,7 @@ from signround.pack.packed import QuantLinear
 log = logging.getLogger("signround")
 
 
-def write_native(model: Any, tokenizer: Any, folder: Path) -> None:
+def write_native(model: Any, tokenizer: Any, folder: Path, **_: Any) -> None:
     """Write ``model`` (with ``QuantLinear`` layers and ``config.quantization_config``) into ``folder``."""
     qc = getattr(model.config, "quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "signround":

@@ -1,0 +1,366 @@
+"""GGUF export (llama.cpp's file format) of LLaMA-architecture models, written with the ``gguf`` package.
+
+One file ``model-<qtype>.gguf`` per export. Supported ``qtype``s (:data:`GGUF_TYPES`):
+
+* ``f16``: every matrix F16, 1-D tensors (norms, biases) F32, as llama.cpp's converter writes them. A
+  ``QuantLinear`` is written as its dequantized weight rounded to f16; a float model is plainly converted.
+* ``q8_0`` / ``q4_0`` / ``q4_1``: the quantized linears are *re-encoded, not re-quantized*: each of our
+  groups of 32 becomes one ggml block holding the same integer codes and the same fp16 scale.
+
+  ==========  ==============  ======================================  =====================================
+  qtype       our scheme      block (bytes, little-endian)            decoded value
+  ==========  ==============  ======================================  =====================================
+  ``q8_0``    W8G32-sym       34: fp16 ``d``, 32 x int8 ``q``         ``d * q``;  ``q = code - 128``
+  ``q4_0``    W4G32-sym       18: fp16 ``d``, 16 bytes of nibbles     ``d * (nibble - 8)``; nibble = code
+  ``q4_1``    W4G32-asym      20: fp16 ``d``, fp16 ``m``, 16 bytes    ``d * nibble + m``;   nibble = code
+  ==========  ==============  ======================================  =====================================
+
+  Nibble order (q4_0 and q4_1): byte ``j`` (0..15) of a block holds element ``j`` of the group in its
+  low nibble (bits 0-3) and element ``j + 16`` in its high nibble (bits 4-7). ``d`` is our scale.
+  q8_0 and q4_0 decode to exactly ``QuantLinear.dequantize()`` (both are one float32 product of the same
+  fp16 scale and the same small integer). q4_1 needs ``m = -scale * zero`` (the value of code 0, i.e. the
+  group's minimum grid value), which is computed exactly in float32 and then **rounded to fp16: the one
+  inexact step** of the export. Its error is at most ``2^-11 * |m|`` (half an fp16 ulp; at most
+  ``2^-25`` absolute where ``|m| < 2^-14`` is subnormal), added to every weight of that group.
+
+  Only ``QuantLinear`` layers are blocks. Everything else in the file stays float: embeddings, the output
+  head (written only when not tied to the embeddings, as llama.cpp does), decoder linears a layer config
+  kept in full precision (all F16), and norms and biases (F32).
+
+Layout notes. GGUF lists a tensor's shape innermost first (``ne0`` = input features), the reverse of
+torch; the ``gguf`` writer reverses ``[out, in]`` arrays itself, and a block tensor is handed over as its
+raw bytes ``uint8 [out, in / 32 * block_bytes]`` with ``raw_dtype`` set. The rows of ``attn_q`` and
+``attn_k`` (weights and biases) are permuted as llama.cpp's converter does: HF orders each head's rotary
+dimensions as two halves ``[x0..x(h/2-1), y0..y(h/2-1)]``, GGUF interleaves them ``[x0, y0, x1, y1, ...]``.
+Rows only, so the same permutation applies exactly to a ``QuantLinear``'s codes, scales and zero points;
+readers (llama.cpp, transformers' GGUF loader) expect it and transformers undoes it on load.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from torch import nn
+
+from signround.config import QuantScheme
+from signround.errors import SignRoundError
+from signround.export.gguf_tokenizer import add_tokenizer
+from signround.pack.packed import QuantLinear
+
+log = logging.getLogger("signround")
+
+GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q4_1")
+BLOCK = 32  # elements per ggml block, and the group size every block type here requires
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The one scheme a block type stores exactly."""
+
+    bits: int
+    sym: bool
+    words: str
+    ggml_type: GGMLQuantizationType
+
+
+_GRIDS = {
+    "q8_0": _Grid(8, True, "symmetric 8-bit", GGMLQuantizationType.Q8_0),
+    "q4_0": _Grid(4, True, "symmetric 4-bit", GGMLQuantizationType.Q4_0),
+    "q4_1": _Grid(4, False, "asymmetric 4-bit", GGMLQuantizationType.Q4_1),
+}
+_FILE_TYPES = {
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q4_1": LlamaFileType.MOSTLY_Q4_1,
+}
+
+
+def _check_qtype(qtype: str) -> None:
+    if qtype not in GGUF_TYPES:
+        raise SignRoundError(f"unknown gguf type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+
+
+def _run_hint(qtype: str) -> str:
+    grid = _GRIDS[qtype]
+    sym = " --sym" if grid.sym else ""
+    return f"run `signround quantize --bits {grid.bits} --group-size {BLOCK}{sym} --format gguf:{qtype}`"
+
+
+def _fits(scheme: QuantScheme, qtype: str) -> bool:
+    grid = _GRIDS[qtype]
+    return scheme.bits == grid.bits and scheme.sym == grid.sym and scheme.group_size == BLOCK
+
+
+def _mismatch(qtype: str, what: str, scheme: QuantScheme) -> SignRoundError:
+    grid = _GRIDS[qtype]
+    return SignRoundError(
+        f"gguf:{qtype} stores {grid.words} groups of {BLOCK}; {what} is {scheme.name}; {_run_hint(qtype)}"
+    )
+
+
+def check_gguf_compatible(schemes: Iterable[QuantScheme | None], qtype: str) -> None:
+    """Fail fast (before tuning) when a scheme cannot be written exactly as ``qtype``.
+
+    ``f16`` takes any scheme (the weights are dequantized); the block types need exactly their grid
+    (module docstring). ``None`` entries (layers kept in full precision) are always fine.
+
+    Raises:
+        SignRoundError: unknown ``qtype``, or a scheme that does not match it.
+    """
+    _check_qtype(qtype)
+    if qtype == "f16":
+        return
+    for scheme in schemes:
+        if scheme is not None and not _fits(scheme, qtype):
+            raise _mismatch(qtype, "the requested scheme", scheme)
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+def _blocks(codes: np.ndarray) -> np.ndarray:
+    """``uint8 [out, in]`` -> ``[out, in / 32, 32]``, one row per block (``in`` must divide by 32)."""
+    out_features, in_features = codes.shape
+    return codes.reshape(out_features, in_features // BLOCK, BLOCK)
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    """``float16 [out, groups]`` -> its little-endian bytes ``uint8 [out, groups, 2]``."""
+    return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(*x.shape, 2)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes ``[out, in]`` -> ``uint8 [out, in / 32, 16]``: byte ``j`` = element ``j`` (low nibble)
+    | element ``j + 16`` (high nibble) of each block."""
+    b = _blocks(codes)
+    return b[..., : BLOCK // 2] | (b[..., BLOCK // 2 :] << np.uint8(4))
+
+
+def _flat(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate per-block fields ``[out, groups, *]`` -> raw rows ``uint8 [out, groups * block_bytes]``."""
+    blocks = np.concatenate(parts, axis=-1)
+    return np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1))
+
+
+def encode_q8_0(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Symmetric 8-bit codes ``uint8 [out, in]`` (zero 128) and ``float16 [out, in/32]`` scales -> Q8_0
+    rows ``uint8 [out, in/32 * 34]``; each block is fp16 ``d`` then 32 int8 ``q = code - 128``."""
+    q = (_blocks(codes).astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    return _flat([_fp16_bytes(scales), q])
+
+
+def encode_q4_0(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Symmetric 4-bit codes ``uint8 [out, in]`` (zero 8, so code = ggml's nibble) and ``float16
+    [out, in/32]`` scales -> Q4_0 rows ``uint8 [out, in/32 * 18]``: fp16 ``d``, 16 nibble bytes."""
+    return _flat([_fp16_bytes(scales), _nibbles(codes)])
+
+
+def q4_1_offsets(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """``m = -scale * zero`` per group, ``float16 [out, groups]``: exact in float32 (an 11-bit mantissa
+    times a 4-bit integer), then rounded once to fp16, the export's only inexact step."""
+    return (-scales.astype(np.float32) * zeros.astype(np.float32)).astype(np.float16)
+
+
+def encode_q4_1(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """Asymmetric 4-bit codes ``uint8 [out, in]``, ``float16 [out, in/32]`` scales and ``uint8
+    [out, in/32]`` zero points -> Q4_1 rows ``uint8 [out, in/32 * 20]``: fp16 ``d``, fp16 ``m``, 16 nibble
+    bytes; decodes to ``d * code + m`` = ``scale * (code - zero)`` up to the fp16 rounding of ``m``."""
+    return _flat([_fp16_bytes(scales), _fp16_bytes(q4_1_offsets(scales, zeros)), _nibbles(codes)])
+
+
+def rope_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order turning HF's q/k layout into GGUF's: ``new = old[perm]``.
+
+    Row ``h*d + 2*j + t`` of the GGUF tensor (head ``h`` of size ``d``, pair ``j``, ``t`` in {0, 1}) is
+    row ``h*d + t*d/2 + j`` of the HF one: each head's two rotary halves are interleaved.
+    """
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def _f16(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy().astype(np.float16)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _linear_tensor(
+    layer: nn.Module, hf_name: str, qtype: str, perm: np.ndarray | None
+) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """``(array, raw_dtype)`` for one linear's weight: blocks for a ``QuantLinear`` under a block qtype
+    (its scheme already checked by :func:`_check_model`), else F16 (``raw_dtype`` None). Rows reordered
+    by ``perm`` when given."""
+    if isinstance(layer, QuantLinear) and qtype != "f16":
+        codes = layer.codes().cpu().numpy()
+        scales = layer.scales.detach().cpu().numpy()
+        zeros = layer.zeros().cpu().numpy()
+        if perm is not None:
+            codes, scales, zeros = codes[perm], scales[perm], zeros[perm]
+        if qtype == "q8_0":
+            data = encode_q8_0(codes, scales)
+        elif qtype == "q4_0":
+            data = encode_q4_0(codes, scales)
+        else:
+            data = encode_q4_1(codes, scales, zeros)
+        return data, _GRIDS[qtype].ggml_type
+    if isinstance(layer, QuantLinear):
+        weight = _f16(layer.dequantize(torch.float32))
+    elif isinstance(layer, nn.Linear):
+        weight = _f16(layer.weight)
+    else:
+        raise SignRoundError(f"{hf_name} is a {type(layer).__name__}; gguf export expects a linear layer there")
+    return (weight[perm] if perm is not None else weight), None
+
+
+def _rope(config: Any) -> float:
+    """``rope_theta``, refusing rope scalings this exporter does not write."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        params = {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise SignRoundError(f"gguf export supports plain RoPE; this model uses rope_type {kind!r}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _add_metadata(writer: GGUFWriter, model: Any, qtype: str) -> None:
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    name = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "model"
+    writer.add_name(Path(str(name)).name or "model")
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or heads))
+    writer.add_rope_freq_base(_rope(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(int(_FILE_TYPES[qtype]))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+_ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+_MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def _tensors(model: Any, qtype: str) -> Iterable[tuple[str, np.ndarray, GGMLQuantizationType | None]]:
+    """Every ``(gguf name, array, raw_dtype)`` of a LLaMA model, in llama.cpp's order."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    get = model.get_submodule
+    yield "token_embd.weight", _f16(get("model.embed_tokens").weight), None
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        yield f"blk.{i}.attn_norm.weight", _f32(get(f"{p}.input_layernorm").weight), None
+        for hf, gg in [*_ATTN.items(), *_MLP.items()]:
+            hf_name = f"{p}.{'self_attn' if hf in _ATTN else 'mlp'}.{hf}"
+            layer = get(hf_name)
+            perm = None
+            if hf in ("q_proj", "k_proj"):
+                perm = rope_permutation(layer.out_features, heads if hf == "q_proj" else kv_heads)
+            data, raw = _linear_tensor(layer, hf_name, qtype, perm)
+            yield f"blk.{i}.{gg}.weight", data, raw
+            if getattr(layer, "bias", None) is not None:
+                bias = _f32(layer.bias)
+                yield f"blk.{i}.{gg}.bias", (bias[perm] if perm is not None else bias), None
+        yield f"blk.{i}.ffn_norm.weight", _f32(get(f"{p}.post_attention_layernorm").weight), None
+    yield "output_norm.weight", _f32(get("model.norm").weight), None
+    head = model.get_output_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False) or head.weight is get("model.embed_tokens").weight
+    if not tied:
+        data, raw = _linear_tensor(head, "lm_head", qtype, None)
+        yield "output.weight", data, raw
+
+
+def _check_model(model: Any, qtype: str) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        raise SignRoundError(f"gguf export supports LLaMA-architecture models; {model_type} is not supported yet")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise SignRoundError(f"gguf export supports SiLU LLaMA models; this one uses {config.hidden_act}")
+    if qtype == "f16":
+        return
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not quantized:
+        raise SignRoundError(
+            f"gguf:{qtype} needs a model quantized by signround ({_run_hint(qtype)}); "
+            f"use gguf:f16 to export a float model"
+        )
+    for name, layer in quantized:  # all checked before any block is built
+        if not _fits(layer.scheme, qtype):
+            raise _mismatch(qtype, name, layer.scheme)
+        if layer.in_features % BLOCK:
+            raise SignRoundError(
+                f"{name} has {layer.in_features} input features, not a multiple of {BLOCK}; "
+                f"gguf:{qtype} blocks cannot hold its partial last group"
+            )
+
+
+def check_gguf_plan(model: Any, planned: Iterable[Any], qtype: str) -> None:
+    """Before tuning: the architecture is supported and every planned layer (``name``, ``scheme``,
+    ``in_features``) fits ``qtype`` exactly."""
+    _check_qtype(qtype)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        raise SignRoundError(f"gguf export supports LLaMA-architecture models; {model_type} is not supported yet")
+    if qtype == "f16":
+        return
+    for p in planned:
+        if not _fits(p.scheme, qtype):
+            raise _mismatch(qtype, p.name, p.scheme)
+        if p.in_features % BLOCK:
+            raise SignRoundError(
+                f"{p.name} has {p.in_features} input features, not a multiple of {BLOCK}; "
+                f"gguf:{qtype} blocks cannot hold its partial last group"
+            )
+
+
+def write_gguf(model: Any, tokenizer: Any, folder: Path, qtype: str) -> Path:
+    """Write ``model`` (a LLaMA, float or with ``QuantLinear`` layers) and ``tokenizer`` as
+    ``folder / "model-<qtype>.gguf"`` (module docstring) and return that path.
+
+    Raises:
+        SignRoundError: unknown ``qtype``, not a LLaMA model, an unsupported tokenizer, or a quantized
+            layer whose scheme ``qtype`` cannot store exactly (the message names the layer and the
+            ``signround quantize`` options that produce a fitting model).
+    """
+    _check_qtype(qtype)
+    _check_model(model, qtype)
+    path = Path(folder) / f"model-{qtype}.gguf"
+    writer = GGUFWriter(path, "llama")
+    _add_metadata(writer, model, qtype)
+    add_tokenizer(writer, tokenizer, int(model.config.vocab_size))
+    with torch.no_grad():
+        for name, data, raw in _tensors(model, qtype):
+            writer.add_tensor(name, data, raw_dtype=raw)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    log.info("wrote %s", path)
+    return path

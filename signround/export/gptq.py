@@ -1,0 +1,159 @@
+"""GPTQ-layout exporters: ``auto_round`` (auto-round's own format) and ``gptq`` (GPTQ v1, as AutoGPTQ,
+GPTQModel and transformers read it). Both are lossless re-layouts of the native codes; see docs/formats.md.
+
+For a quantized linear ``P`` with weight ``[out, in]``, ``b`` bits, ``G = ceil(in / g)`` groups:
+
+* ``P.qweight`` int32 ``[in * b / 32, out]``: column ``o`` holds row ``o``'s codes as one little-endian bit
+  stream along the input dimension (:func:`signround.pack.bitpack.pack_bitstream`; 3-bit codes straddle
+  words, 32 codes per 3 words).
+* ``P.qzeros`` int32 ``[G, out * b / 32]``: zero points, bit stream along the output dimension. ``auto_round``
+  stores the zero point itself (packing format ``"auto_round"``); ``gptq`` v1 stores ``zero - 1`` (the v1
+  convention every GPTQ reader undoes by adding 1), so a group whose zero point is 0 cannot be written.
+  Symmetric schemes store the constant ``2^(b-1)`` (``gptq``: ``2^(b-1) - 1``).
+* ``P.scales`` float16 ``[G, out]`` (the transpose of the native scales; may be negative for symmetric).
+* ``P.g_idx`` int32 ``[in]`` = ``i // g`` (``gptq`` only).
+* ``P.bias``: unchanged.
+
+Dequantized weight (both): ``W[o, i] = (code - zero) * scale`` with the group ``i // g``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from signround._version import __version__
+from signround.config import QuantScheme
+from signround.errors import SignRoundError
+from signround.export.common import (
+    Planned,
+    default_scheme,
+    float_linears_in_blocks,
+    native_config,
+    planned_from_model,
+    quantized_layers,
+    write_hf_folder,
+)
+from signround.pack.bitpack import pack_bitstream
+from signround.pack.packed import QuantLinear
+
+
+def gptq_tensors(layer: QuantLinear, zero_offset: int, with_g_idx: bool) -> dict[str, torch.Tensor]:
+    """The GPTQ-layout tensors of one layer; ``zero_offset`` is added to the stored zero points (v1: -1)."""
+    bits, out, inp = layer.scheme.bits, layer.out_features, layer.in_features
+    codes = layer.codes()  # [out, in]
+    zeros = layer.zeros().to(torch.int64) + zero_offset  # [out, G]
+    tensors = {
+        "qweight": pack_bitstream(codes, bits).t().contiguous(),
+        "qzeros": pack_bitstream(zeros.t().contiguous(), bits),
+        "scales": layer.scales.t().contiguous(),
+    }
+    if with_g_idx:
+        g = inp if layer.scheme.group_size == -1 else layer.scheme.group_size
+        tensors["g_idx"] = torch.arange(inp, dtype=torch.int32) // g
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.detach()
+    assert tensors["qweight"].shape == (inp * bits // 32, out)
+    return tensors
+
+
+def check_gptq_layout(model: nn.Module, planned: list[Planned], fmt: str = "gptq", **_: Any) -> None:
+    """Refuse layers the GPTQ layout cannot hold (checked before tuning by the CLI)."""
+    for p in planned:
+        if p.in_features % 32 or p.out_features % 32:
+            raise SignRoundError(
+                f"{fmt} packs 32 codes at a time; {p.name} is {p.out_features}x{p.in_features}, "
+                "not a multiple of 32 in both dimensions; save it with --format native"
+            )
+        if p.scheme.dtype.value != "int":
+            raise SignRoundError(f"{fmt} stores integer grids only; {p.name} uses {p.scheme.dtype.value}")
+
+
+def _scheme_fields(s: QuantScheme) -> dict[str, Any]:
+    return {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
+
+
+def _layer_regex(name: str) -> str:
+    return "^" + name.replace(".", r"\.") + "$"
+
+
+def auto_round_config(model: nn.Module) -> dict[str, Any]:
+    """``quantization_config`` as auto-round 0.16 writes it for packing format ``auto_round``; layers whose
+    scheme differs from the default (and float linears inside the blocks, as ``bits: 16``) go to
+    ``extra_config``."""
+    qc, base = native_config(model), default_scheme(model)
+    prefix = qc.get("block_name_to_quantize", "model.layers")
+    extra: dict[str, dict[str, Any]] = {}
+    for name, layer in quantized_layers(model).items():
+        if layer.scheme != base:
+            extra[name] = {**_scheme_fields(layer.scheme), "data_type": "int"}
+    for name in float_linears_in_blocks(model, prefix):
+        extra[name] = {"bits": 16, "data_type": "float"}
+    config = {
+        "quant_method": "auto-round",
+        "packing_format": "auto_round",
+        **_scheme_fields(base),
+        "data_type": "int",
+        "block_name_to_quantize": prefix,
+        "provider": f"signround {__version__}",
+    }
+    tuning = qc.get("tuning", {})
+    for key in ("iters", "nsamples", "seqlen", "batch_size", "lr", "minmax_lr"):
+        if key in tuning:
+            config[key] = tuning[key]
+    if extra:
+        config["extra_config"] = extra
+    return config
+
+
+def gptq_config(model: nn.Module) -> dict[str, Any]:
+    """``quantization_config`` of a GPTQ v1 checkpoint; per-layer overrides in GPTQModel's ``dynamic``
+    (``"+:regex"`` overrides a layer's scheme, ``"-:regex"`` leaves it unquantized)."""
+    qc, base = native_config(model), default_scheme(model)
+    prefix = qc.get("block_name_to_quantize", "model.layers")
+    dynamic: dict[str, dict[str, Any]] = {}
+    for name, layer in quantized_layers(model).items():
+        if layer.scheme != base:
+            dynamic["+:" + _layer_regex(name)] = _scheme_fields(layer.scheme)
+    for name in float_linears_in_blocks(model, prefix):
+        dynamic["-:" + _layer_regex(name)] = {}
+    config = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        **_scheme_fields(base),
+        "desc_act": False,
+        "static_groups": False,
+        "true_sequential": False,
+        "lm_head": False,
+        "damp_percent": 0.01,
+        # no GPTQModel "meta" block: readers such as auto-round take its presence to mean a v2 checkpoint
+        "provider": f"signround {__version__}",
+    }
+    if dynamic:
+        config["dynamic"] = dynamic
+    return config
+
+
+def write_auto_round(model: nn.Module, tokenizer: Any, folder: Path, **_: Any) -> None:
+    """auto-round's ``auto_round`` packing: GPTQ layout, zero points stored as they are, no ``g_idx``."""
+    check_gptq_layout(model, planned_from_model(model), "auto_round")
+    tensors = {name: gptq_tensors(layer, 0, False) for name, layer in quantized_layers(model).items()}
+    write_hf_folder(model, tokenizer, folder, tensors, auto_round_config(model))
+
+
+def write_gptq(model: nn.Module, tokenizer: Any, folder: Path, **_: Any) -> None:
+    """GPTQ v1: zero points stored minus one, ``g_idx`` present, ``desc_act`` false."""
+    check_gptq_layout(model, planned_from_model(model), "gptq")
+    tensors = {}
+    for name, layer in quantized_layers(model).items():
+        if not layer.scheme.sym and bool((layer.qzeros == 0).any()):
+            n = int((layer.qzeros == 0).sum())
+            raise SignRoundError(
+                f"gptq (v1) stores zero points minus one and cannot hold a zero point of 0 ({n} groups of {name}); "
+                "use --format auto_round, which GPTQ-layout readers such as auto-round load"
+            )
+        tensors[name] = gptq_tensors(layer, zero_offset=-1, with_g_idx=True)
+    write_hf_folder(model, tokenizer, folder, tensors, gptq_config(model))
