@@ -26,14 +26,15 @@ from tqdm.auto import tqdm
 from signround._version import __version__
 from signround.calib.capture import block_output, capture_block_inputs, to_device
 from signround.calib.data import calibration_tokens, sample_tokens
-from signround.config import CalibConfig, QuantConfig
+from signround.config import CalibConfig, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.export.common import Planned
-from signround.model.blocks import find_blocks, resolve_schemes
+from signround.model.blocks import block_linears, find_blocks, resolve_schemes
 from signround.model.load import check_finite
 from signround.pack.packed import QuantLinear
 from signround.runstate import RunState, fingerprint
-from signround.tune.signround import BlockResult, tune_block
+from signround.tune.signround import BlockResult, LayerResult, tune_block
+from signround.tune.wrapper import TunableWeight
 
 log = logging.getLogger("signround")
 
@@ -61,6 +62,11 @@ class RunReport:
     seqlen: int = 0
 
     def summary(self) -> str:
+        if self.blocks and self.nsamples == 0:
+            return (
+                f"rounded {len(self.blocks)} blocks to nearest (no calibration data) in {self.seconds:.1f} s, "
+                f"peak memory {self.peak_rss_gb:.2f} GB"
+            )
         lines = [
             f"{'block':>5}  {'rtn loss':>10}  {'first':>10}  {'best':>10}  {'final':>10}  {'steps':>5}  {'sec':>6}"
         ]
@@ -110,6 +116,34 @@ def _replace_linears(block: nn.Module, result: BlockResult) -> None:
         setattr(parent, child, qlayer)
 
 
+def rtn_block(block: nn.Module, schemes: dict[str, QuantScheme]) -> None:
+    """Round-to-nearest of the linears named in ``schemes``, in place (no data: RTN needs only weights)."""
+    linears = block_linears(block)
+    layers = {}
+    for name, scheme in schemes.items():
+        codes, scale, zero = TunableWeight.from_linear(linears[name], scheme, learn=False).finalize()
+        layers[name] = LayerResult(codes, scale, zero, scheme)
+    nan = float("nan")
+    _replace_linears(block, BlockResult(layers, nan, nan, nan, nan, 0, 0, 0.0))
+
+
+def _rtn_without_data(
+    prefix: str, blocks: list[nn.Module], plans: list[dict[str, QuantScheme]], dev: torch.device, progress: bool
+) -> RunReport:
+    """``--method rtn``: every block rounded to nearest from its weights alone (as auto-round's ``iters=0``);
+    no calibration pass, so the report has no block losses."""
+    log.info("RTN: rounding weights to nearest; no calibration data is used")
+    report = RunReport()
+    for i, block in enumerate(tqdm(blocks, desc="rounding", unit="block", disable=not progress, file=sys.stderr)):
+        t = time.perf_counter()
+        home = next(block.parameters()).device
+        rtn_block(block.to(dev), plans[i])
+        block.to(home)
+        nan = float("nan")
+        report.blocks.append(BlockReport(i, f"{prefix}.{i}", nan, nan, nan, nan, 0, time.perf_counter() - t))
+    return report
+
+
 def _settings(model: nn.Module, cfg: QuantConfig) -> dict[str, Any]:
     """What decides a run's result besides the calibration tokens (for resume fingerprints)."""
     return {"model": model.config.to_dict(), "cfg": dataclasses.asdict(cfg)}
@@ -156,6 +190,12 @@ def run(
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
+    if cfg.tune.iters == 0:
+        report = _rtn_without_data(prefix, blocks, plans, dev, progress)
+        model.config.quantization_config = quantization_config(model, cfg, prefix, report)
+        report.seconds = time.perf_counter() - t0
+        report.peak_rss_gb = peak_rss_gb()
+        return report
     state_path = Path(state_dir) if state_dir is not None else None
     tokens = RunState.saved_tokens(state_path) if state_path is not None and resume else None
     if tokens is None:
@@ -250,7 +290,9 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
         "block_name_to_quantize": prefix,
         "packing": "int32, 32//bits codes per word along the input dimension, least significant bits first",
         "modules": modules,
-        "tuning": {
+        "tuning": {"method": "rtn", "iters": 0}
+        if tune.iters == 0
+        else {
             "method": tune.method.value,
             "iters": tune.iters,
             "lr": tune.effective_lr,

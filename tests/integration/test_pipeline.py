@@ -142,3 +142,22 @@ def test_compute_dtype_policy():
     assert compute_dtype("auto", "cpu") == torch.float32
     assert compute_dtype("auto", "cuda:0") == torch.bfloat16
     assert compute_dtype("float16", None) == torch.float16
+
+
+def test_rtn_needs_no_calibration_data(tokenizer, caplog):
+    """RTN rounds weights alone (auto-round's iters=0): no data-free generation, same codes as tune_block."""
+    from signround.model.blocks import find_blocks, resolve_schemes
+    from signround.tune.signround import tune_block
+
+    caplog.set_level("INFO", logger="signround")
+    scheme = signround.QuantScheme(bits=3, group_size=32)
+    float_model = make_model("llama")
+    _, blocks = find_blocks(float_model)
+    schemes = resolve_schemes("model.layers.0", blocks[0], scheme)
+    x = torch.randn(2, 8, 64)
+    ref = tune_block(blocks[0], x, x, {}, schemes, signround.TuneConfig(iters=0), seed=0)
+    qmodel = signround.quantize(make_model("llama"), tokenizer, scheme=scheme, method="rtn", progress=False)
+    assert "data-free calibration" not in caplog.text and "no calibration data" in caplog.text
+    for name, layer in ref.layers.items():
+        q = qmodel.model.layers[0].get_submodule(name)
+        assert torch.equal(q.codes(), layer.codes) and torch.equal(q.scales, layer.scale.half())
