@@ -1,0 +1,67 @@
+"""``quantize --format`` (one folder per format) and ``signround export``, through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from signround.cli import main
+from signround.model.load import load_model
+from tests.integration.test_cli_errors import assert_refused, quantize_args
+
+IDS = torch.tensor([[5, 17, 33, 90, 200, 7, 9, 11]])
+
+
+def test_quantize_writes_one_subfolder_per_format_then_exports(tmp_path, model_dir, calib_jsonl, capsys):
+    out = tmp_path / "out"
+    fmts = "native,auto_round,gptq,compressed-tensors,gguf:q4_0"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--sym", "--format", fmts)
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["native", "auto_round", "gptq", "compressed-tensors", "gguf-q4_0"]
+    )
+    native, _ = load_model(str(out / "native"))
+    with torch.no_grad():
+        ref = native(IDS).logits
+    gguf = AutoModelForCausalLM.from_pretrained(out / "gguf-q4_0", gguf_file="model-q4_0.gguf")
+    ct = AutoModelForCausalLM.from_pretrained(out / "compressed-tensors")
+    with torch.no_grad():
+        # GGUF keeps embeddings in f16; the linears are the same codes and scales
+        assert torch.allclose(gguf(IDS).logits, ref, atol=2e-3 * ref.abs().max().item())
+        assert torch.allclose(ct(IDS).logits, ref, atol=1e-5)
+    # export converts the saved native checkpoint without re-tuning: same files as the quantize run wrote
+    assert main(["export", "--model", str(out / "native"), "--format", "gptq", "--output", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g/model.safetensors").read_bytes() == (out / "gptq/model.safetensors").read_bytes()
+
+
+def test_format_mismatch_fails_before_tuning(tmp_path, model_dir, calib_jsonl, capsys):
+    out = tmp_path / "out"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--format", "gguf:q4_0")
+    assert_refused(capsys, out, argv, "stores symmetric 4-bit groups of 32")
+    captured = capsys.readouterr()
+    assert "block 0" not in captured.err  # nothing was tuned
+
+
+@pytest.mark.parametrize(
+    ("fmt", "match"), [("awq", "unknown format 'awq'"), ("gguf:q4_1,gguf:q4_1", "twice"), (",", "empty")]
+)
+def test_bad_format_names(tmp_path, model_dir, calib_jsonl, capsys, fmt, match):
+    out = tmp_path / "out"
+    assert_refused(capsys, out, quantize_args(model_dir, out, "--format", fmt), match)
+
+
+def test_export_of_a_float_model_to_gguf_f16(tmp_path, model_dir, capsys):
+    out = tmp_path / "f16"
+    assert main(["export", "--model", str(model_dir), "--format", "gguf:f16", "--output", str(out), "--quiet"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf")
+    with torch.no_grad():
+        r = ref(IDS).logits
+        assert torch.allclose(got(IDS).logits, r, atol=5e-3 * r.abs().max().item())
+    assert_refused(
+        capsys,
+        tmp_path / "x",
+        ["export", "--model", str(model_dir), "--format", "gptq", "--output", str(tmp_path / "x")],
+        "no quantized layers",
+    )
