@@ -1,0 +1,95 @@
+"""Export benchmark (not a test): each exported file of SmolLM2-135M read back by the third-party reader
+its users run, scored with the same perplexity code next to signround's own number; writes
+bench/results/exports.md.
+
+    python bench/exports.py --work /tmp/bench/work --max-windows 20
+
+Checkpoints: W4G128 asym SignRound (the quality benchmark's, reused from --work when there, else tuned with
+--iters) for auto_round; round-to-nearest checkpoints (data-free, seconds) for the formats whose readers
+need another grid: W4G128 sym for gptq (auto-round reads symmetric GPTQ on CPU), W4G64 sym/asym for
+compressed-tensors (its readers need dividing groups), W4G32 sym/asym and W8G32 sym for GGUF. The point
+is reader agreement, not tuning quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_PY, ROOT, add_recipe_args, recipe_from, sh, signround_quantize  # noqa: E402
+
+# (label, source checkpoint, method, bits, group, sym, format, reader, python)
+CHECKS = [
+    ("W4G128-asym", "signround", 4, 128, False, "auto_round", "auto-round", "bench"),
+    ("W4G128-sym", "rtn", 4, 128, True, "gptq", "auto-round", "bench"),
+    ("W4G64-sym", "rtn", 4, 64, True, "compressed-tensors", "transformers", "main"),
+    ("W4G64-asym", "rtn", 4, 64, False, "compressed-tensors", "transformers-ct-dequantize", "main"),
+    ("W4G32-sym", "rtn", 4, 32, True, "gguf:q4_0", "gguf", "main"),
+    ("W4G32-asym", "rtn", 4, 32, False, "gguf:q4_1", "gguf", "main"),
+    ("W8G32-sym", "rtn", 8, 32, True, "gguf:q8_0", "gguf", "main"),
+]
+
+
+def read(folder: Path, reader: str, python: str, out: Path, windows: int) -> tuple[dict, torch.Tensor]:
+    js, lg = out.with_suffix(".json"), out.with_suffix(".pt")
+    if not js.is_file():
+        exe = str(BENCH_PY) if python == "bench" else sys.executable
+        sh([exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
+            "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)])  # fmt: skip
+    return json.loads(js.read_text()), torch.load(lg)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_recipe_args(p, iters=50)
+    p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--work", required=True, help="folder for checkpoints and reader results (reused)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "exports.md"))
+    args = p.parse_args()
+    recipe, work = recipe_from(args), Path(args.work)
+    rows = []
+    for label, method, bits, group, sym, fmt, reader, python in CHECKS:
+        src = work / f"{label}-{method}"
+        signround_quantize(recipe, bits, group, sym, method, args.iters if method == "signround" else 0, src, [])
+        exported = work / "exports" / f"{label}-{method}-{fmt.replace(':', '-')}"
+        if not exported.exists():
+            sh([sys.executable, "-m", "signround.cli", "export", "--model", str(src), "--format", fmt,
+                "--output", str(exported), "--quiet"])  # fmt: skip
+        mine = work / "exports" / f"{label}-{method}-ours"
+        ours, ours_logits = read(src, "signround", "main", mine, args.max_windows)
+        theirs, their_logits = read(exported, reader, python, exported.with_name(exported.name + "-read"),
+                                    args.max_windows)  # fmt: skip
+        diff = (their_logits - ours_logits).abs().max().item() / ours_logits.abs().max().item()
+        rows.append((label, method, fmt, reader, theirs["layer_class"], ours["ppl"], theirs["ppl"], diff))
+        print(rows[-1], flush=True)
+    lines = [
+        "# Exports read back by third-party readers (SmolLM2-135M)",
+        "",
+        f"Command: `python bench/exports.py --work {args.work} --max-windows {args.max_windows}`",
+        "",
+        f"Perplexity: wikitext-2 test, seqlen 2048, the first {args.max_windows} windows, scored by signround's "
+        "perplexity code on the model each reader built. Logit difference: max |theirs − ours| over the first 128 "
+        "tokens, relative to max |ours|. SignRound rows: "
+        f"{recipe.nsamples} x {recipe.seqlen} calibration tokens from {Path(recipe.dataset).name}, "
+        f"{args.iters} iterations; RTN rows are data-free round-to-nearest. CPU, float32.",
+        "",
+        "| scheme | method | format | reader | reader's layer class | ppl (signround) | ppl (reader) | Δ ppl | "
+        "logit diff |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for label, method, fmt, reader, cls, ours, theirs, diff in rows:
+        lines.append(
+            f"| {label} | {method} | {fmt} | {reader} | `{cls.rsplit('.', 1)[-1]}` | {ours:.4f} | {theirs:.4f} | "
+            f"{100 * (theirs - ours) / ours:+.3f}% | {diff:.1e} |"
+        )
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
