@@ -49,13 +49,19 @@ def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a native checkpoint as ``(model, tokenizer)`` with ``QuantLinear`` layers, in eval mode."""
+    """Load a quantized checkpoint as ``(model, tokenizer)`` with ``QuantLinear`` layers, in eval mode: a
+    native one, or one that auto-round, GPTQ or compressed-tensors wrote (decoded by
+    :mod:`signround.export.readers`)."""
+    from signround.export.readers import replace_foreign_layers
+
     folder = Path(folder)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, OSError, KeyError) as exc:
         raise SignRoundError(f"cannot read {folder}/config.json: {str(exc).splitlines()[0]}") from None
     qc = config.quantization_config
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, scheme_dict in qc.get("modules", {}).items():
@@ -70,6 +76,9 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         scheme = QuantScheme.from_dict(scheme_dict)
         setattr(parent, child, QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None, dtype))
     state = _state_dict(folder)
+    if qc.get("quant_method") != "signround":
+        replace_foreign_layers(model, qc, state)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

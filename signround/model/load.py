@@ -95,7 +95,8 @@ def _materialize_alias(alias: str) -> Path:
 
 
 def read_quantization_config(folder: Path) -> dict | None:
-    """The signround ``quantization_config`` of a checkpoint folder, or None for a float model."""
+    """The ``quantization_config`` of a checkpoint folder that signround reads (its own, auto-round, GPTQ,
+    compressed-tensors), or None for a float model."""
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
@@ -104,7 +105,8 @@ def read_quantization_config(folder: Path) -> dict | None:
     except json.JSONDecodeError as exc:
         raise SignRoundError(f"{cfg} is not valid JSON ({exc.msg}); the checkpoint is corrupt") from None
     q = data.get("quantization_config")
-    return q if isinstance(q, dict) and q.get("quant_method") == "signround" else None
+    readable = ("signround", "auto-round", "gptq", "compressed-tensors")
+    return q if isinstance(q, dict) and q.get("quant_method") in readable else None
 
 
 def resolve_model(spec: str) -> str:
@@ -130,6 +132,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     """
     where = resolve_model(spec)
     path = Path(where)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else []
+    if len(ggufs) == 1:  # a folder that `signround export --format gguf:<type>` wrote
+        path = ggufs[0]
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, dtype)
     elif path.is_dir() and read_quantization_config(path) is not None:

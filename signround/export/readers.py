@@ -1,0 +1,140 @@
+"""signround's own readers of the formats other tools write (auto-round, GPTQ v1/v2, compressed-tensors
+``pack-quantized``), so ``signround eval`` / ``generate`` take any of them without those tools installed.
+
+Each reader decodes a layer's tensors back to codes ``[out, in]``, scales and zero points ``[out, G]`` and
+builds a :class:`~signround.pack.packed.QuantLinear`; the layouts are in docs/formats.md. Verification of
+our *writers* never uses these readers (it uses the third-party ones); these exist for convenience.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from signround.config import QuantScheme
+from signround.errors import SignRoundError
+from signround.pack.bitpack import unpack_bitstream
+from signround.pack.packed import QuantLinear
+
+AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j of an 8-group is stored in slot AWQ_ORDER[j]
+FOREIGN_METHODS = ("auto-round", "gptq", "compressed-tensors")
+
+
+def _layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int, sym: bool, bias):
+    """QuantLinear from codes ``[out, in]``, scales/zeros ``[out, G]``; symmetric only when every zero point
+    is the constant ``2^(bits-1)`` our symmetric layers assume."""
+    if int(codes.max()) >= 2**bits or int(zeros.min()) < 0 or int(zeros.max()) >= 2**bits:
+        raise SignRoundError(f"codes or zero points out of the {bits}-bit range; the checkpoint is corrupt")
+    sym = sym and bool((zeros == 2 ** (bits - 1)).all())
+    scheme = QuantScheme(bits=bits, group_size=group, sym=sym)
+    return QuantLinear.from_codes(codes.to(torch.uint8), scales.float(), zeros, scheme, bias)
+
+
+def _gptq_layer(t: dict[str, torch.Tensor], out: int, inp: int, bits: int, group: int, sym: bool, offset: int, awq):
+    scales = t["scales"].t()  # [out, G]
+    groups = scales.shape[1]
+    if awq:  # [in, out*b/32] along the output dimension, AWQ's interleave inside each 8 columns
+        if bits != 4:
+            raise SignRoundError(f"AWQ packing holds 4-bit codes only, this checkpoint says {bits}")
+        order = torch.tensor(AWQ_ORDER)
+
+        def unshuffle(x: torch.Tensor) -> torch.Tensor:
+            rows, n = x.shape
+            return x.reshape(rows, n // 8, 8)[:, :, order].reshape(rows, n)
+
+        codes = unshuffle(unpack_bitstream(t["qweight"], bits, out)).t()
+        zeros = unshuffle(unpack_bitstream(t["qzeros"], bits, out)).t()
+    else:  # GPTQ: [in*b/32, out] along the input dimension
+        codes = unpack_bitstream(t["qweight"].t().contiguous(), bits, inp)
+        zeros = unpack_bitstream(t["qzeros"], bits, out).t()
+    zeros = (zeros.to(torch.int64) + offset) & (2**bits - 1) if offset else zeros.to(torch.int64)
+    g_idx = t.get("g_idx")
+    g = inp if group == -1 else group
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(inp) // g):
+        raise SignRoundError("this GPTQ checkpoint reorders its groups (desc_act); signround cannot read it")
+    if groups != -(-inp // g):
+        raise SignRoundError(f"scales have {groups} groups where group size {group} gives {-(-inp // g)}")
+    return _layer(codes, scales, zeros, bits, group, sym, t.get("bias"))
+
+
+def _ct_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str, Any]):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    bits, sym = int(args["num_bits"]), bool(args.get("symmetric", True))
+    group = -1 if args.get("strategy") == "channel" else int(args["group_size"])
+    off = 2 ** (bits - 1)
+    codes = unpack_from_int32(t["weight_packed"], bits, torch.Size([out, inp])).to(torch.int64) + off
+    scales = t["weight_scale"]
+    if "weight_zero_point" in t:
+        zp = unpack_from_int32(t["weight_zero_point"], bits, torch.Size([out, scales.shape[1]]), packed_dim=0)
+        zeros = zp.to(torch.int64) + off
+    else:
+        zeros = torch.full(scales.shape, off, dtype=torch.int64)
+    return _layer(codes, scales, zeros, bits, group, sym, t.get("bias"))
+
+
+def _override(name: str, qc: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None:
+    """A layer's scheme after auto-round ``extra_config`` / GPTQModel ``dynamic`` overrides (None: float)."""
+    scheme = dict(base)
+    extra = qc.get("extra_config") or {}
+    for key, value in extra.items():
+        if key == name or re.search(key, name):
+            scheme.update({k: value[k] for k in ("bits", "group_size", "sym") if k in value})
+    for key, value in (qc.get("dynamic") or {}).items():
+        sign, _, pattern = key.partition(":") if key[:2] in ("+:", "-:") else ("+", "", key)
+        if re.match(pattern, name):
+            if sign == "-":
+                return None
+            scheme.update({k: value[k] for k in ("bits", "group_size", "sym") if k in value})
+    return None if scheme.get("bits", 16) >= 16 else scheme
+
+
+def _ct_args(name: str, qc: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    for group in qc.get("config_groups", {}).values():
+        for target in group.get("targets", []):
+            hit = (
+                target == name
+                or target == type(module).__name__
+                or (target.startswith("re:") and re.match(target[3:], name))
+            )
+            if hit:
+                return group["weights"]
+    raise SignRoundError(f"{name} has packed weights but no config group targets it; the config is corrupt")
+
+
+def replace_foreign_layers(model: nn.Module, qc: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Swap every linear whose packed tensors are in ``state`` for a QuantLinear, popping those tensors."""
+    method = qc.get("quant_method")
+    packing = qc.get("packing_format", "")
+    awq = "awq" in packing or method == "awq"
+    if method == "gptq":
+        offset = 0 if qc.get("checkpoint_format", "gptq") == "gptq_v2" else 1
+    else:
+        offset = 1 if "gptq" in packing else 0
+    base = {k: qc[k] for k in ("bits", "group_size", "sym") if k in qc}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        key = "weight_packed" if method == "compressed-tensors" else "qweight"
+        if f"{name}.{key}" not in state:
+            continue
+        t = {k[len(name) + 1 :]: state.pop(k) for k in [k for k in state if k.startswith(name + ".")]}
+        out, inp = module.out_features, module.in_features
+        try:
+            if method == "compressed-tensors":
+                layer = _ct_layer(t, out, inp, _ct_args(name, qc, module))
+            else:
+                s = _override(name, qc, base)
+                if s is None:
+                    raise SignRoundError(f"{name} has packed weights but its config keeps it in float")
+                layer = _gptq_layer(t, out, inp, int(s["bits"]), int(s["group_size"]), bool(s.get("sym")), offset, awq)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise SignRoundError(f"cannot decode {name} ({type(exc).__name__}: {exc}); the checkpoint is corrupt") from None
+        parent_name, _, child = name.rpartition(".")
+        if layer.bias is not None:
+            layer.bias.data = layer.bias.data.to(module.weight.dtype)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})  # loaded with the rest
