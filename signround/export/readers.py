@@ -130,9 +130,11 @@ def replace_foreign_layers(model: nn.Module, qc: dict[str, Any], state: dict[str
                 s = _override(name, qc, base)
                 if s is None:
                     raise SignRoundError(f"{name} has packed weights but its config keeps it in float")
-                layer = _gptq_layer(t, out, inp, int(s["bits"]), int(s["group_size"]), bool(s.get("sym")), offset, awq)
+                bits, group, sym = int(s["bits"]), int(s["group_size"]), bool(s.get("sym"))
+                layer = _gptq_layer(t, out, inp, bits, group, sym, offset, awq)
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise SignRoundError(f"cannot decode {name} ({type(exc).__name__}: {exc}); the checkpoint is corrupt") from None
+            why = f"{type(exc).__name__}: {exc}"
+            raise SignRoundError(f"cannot decode {name} ({why}); the checkpoint is corrupt") from None
         parent_name, _, child = name.rpartition(".")
         if layer.bias is not None:
             layer.bias.data = layer.bias.data.to(module.weight.dtype)

@@ -59,6 +59,7 @@ def test_bitstream_3bit_straddles_words_like_gptq():
 
 def test_bitstream_matches_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized import helpers as ct
+
     g = torch.Generator().manual_seed(0)
     for bits in (3, 4, 6, 8):
         codes = torch.randint(0, 2**bits, (4, 96), generator=g).to(torch.uint8)
