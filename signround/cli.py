@@ -109,12 +109,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="greedy text generation from a float or quantized model (any format)")
+    p.add_argument("--model", required=True, help="HF folder, signround/auto-round/GPTQ/compressed-tensors/GGUF")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -215,6 +225,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from signround.model.load import load_model
+    from signround.pack.packed import dequantized_weights
+
+    if args.max_new_tokens < 1:
+        raise SignRoundError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tokenizer = load_model(args.model)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SignRoundError("this tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).input_ids
+    with torch.no_grad(), dequantized_weights(model):
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    print(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from signround.eval.harness import evaluate_tasks, format_scores, parse_tasks
     from signround.eval.ppl import perplexity, resolve_text
@@ -274,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     try:
-        return {"quantize": _quantize, "export": _export, "eval": _eval}[args.command](args)
+        commands = {"quantize": _quantize, "export": _export, "eval": _eval, "generate": _generate}
+        return commands[args.command](args)
     except SignRoundError as exc:
         print(f"signround: error: {exc}", file=sys.stderr)
         return 2

@@ -65,3 +65,18 @@ def test_export_of_a_float_model_to_gguf_f16(tmp_path, model_dir, capsys):
         ["export", "--model", str(model_dir), "--format", "gptq", "--output", str(tmp_path / "x")],
         "no quantized layers",
     )
+
+
+def test_generate_reads_every_written_format(tmp_path, model_dir, calib_jsonl, capsys):
+    out = tmp_path / "out"
+    fmts = "native,auto_round,gptq,compressed-tensors,gguf:q8_0"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--sym", "--bits", "8", "--format", fmts)
+    assert main(argv) == 0
+    capsys.readouterr()
+    texts = {}
+    for sub in sorted(out.iterdir()):
+        assert main(["generate", "--model", str(sub), "--prompt", "The quick brown", "--max-new-tokens", "8"]) == 0
+        texts[sub.name] = capsys.readouterr().out.strip()
+    assert set(texts) == {"native", "auto_round", "gptq", "compressed-tensors", "gguf-q8_0"}
+    # same codes and scales in every format; GGUF's f16 embeddings may flip a near-tie, the others may not
+    assert texts["native"] and len({t for name, t in texts.items() if not name.startswith("gguf")}) == 1
