@@ -36,7 +36,7 @@ DERIVED = {"hellaswag", "arc_easy", "arc_challenge", "boolq"}
 
 def score(args: argparse.Namespace, model: str, label: str) -> dict:
     flags = ["--tasks", args.tasks, "--limit", str(args.limit)]
-    return signround_eval(model, Path(args.work) / f"zeroshot-{label}.json", flags)
+    return signround_eval(model, Path(args.work) / f"zeroshot-{label}-limit{args.limit}.json", flags)
 
 
 def render(rows: list[tuple[str, str, dict]], args: argparse.Namespace, command: str) -> str:
@@ -60,6 +60,15 @@ def render(rows: list[tuple[str, str, dict]], args: argparse.Namespace, command:
         accs = {t["task"]: t["acc"] for t in result["tasks"]}
         cells = " | ".join(f"{accs[t]:.3f}" for t in tasks)
         lines.append(f"| {config} | {method} | {cells} | {result['average_acc']:.3f} |")
+    errs = [t["acc_stderr"] for _, _, r in rows for t in r["tasks"] if t.get("acc_stderr")]
+    if errs:
+        n = len(tasks)
+        lines += [
+            "",
+            f"Standard errors (lm-eval's): per task {min(errs):.3f} to {max(errs):.3f}; of a {n}-task average "
+            f"about {(sum(e * e for e in errs) / len(errs) / n) ** 0.5:.3f}. Differences smaller than about twice "
+            "that are noise.",
+        ]
     return "\n".join(lines) + "\n"
 
 
