@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def compute_dtype(name: str, device: str | None):
-    """The model dtype for ``--dtype``: ``auto`` is bfloat16 on CUDA and float32 on CPU (this project's CPUs
-    have no fast bfloat16 matrix units, so float32 is the fast path there)."""
+    """The model dtype for ``--dtype``: ``auto`` is bfloat16 on CUDA and float32 on CPU (bfloat16 matmuls are
+    faster on CPUs with avx512_bf16/AMX, but tuning quality in bfloat16 on CPU is not measured yet)."""
     import torch
 
     if name == "auto":
