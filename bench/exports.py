@@ -6,15 +6,18 @@ bench/results/exports.md.
 
 Checkpoints: W4G128 asym SignRound (the quality benchmark's, reused from --work when there, else tuned with
 --iters) for auto_round; round-to-nearest checkpoints (data-free, seconds) for the formats whose readers
-need another grid: W4G128 sym for gptq (auto-round reads symmetric GPTQ on CPU), W4G64 sym/asym for
-compressed-tensors (its readers need dividing groups), W4G32 sym/asym and W8G32 sym for GGUF. The point
-is reader agreement, not tuning quality.
+need another grid: W4G64 for auto_round and gptq (auto-round's CPU kernels need groups that divide the
+width, and read GPTQ on CPU only when symmetric), W4G64 sym/asym for compressed-tensors (same), W4G32
+sym/asym and W8G32 sym for GGUF. The point is reader agreement, not tuning quality. A reader that fails is
+recorded with its error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from common import BENCH_PY, ROOT, add_recipe_args, recipe_from, sh, signround_q
 # (label, source checkpoint, method, bits, group, sym, format, reader, python)
 CHECKS = [
     ("W4G128-asym", "signround", 4, 128, False, "auto_round", "auto-round", "bench"),
-    ("W4G128-sym", "rtn", 4, 128, True, "gptq", "auto-round", "bench"),
+    ("W4G64-asym", "rtn", 4, 64, False, "auto_round", "auto-round", "bench"),
+    ("W4G64-sym", "rtn", 4, 64, True, "gptq", "auto-round", "bench"),
     ("W4G64-sym", "rtn", 4, 64, True, "compressed-tensors", "transformers", "main"),
     ("W4G64-asym", "rtn", 4, 64, False, "compressed-tensors", "transformers-ct-dequantize", "main"),
     ("W4G32-sym", "rtn", 4, 32, True, "gguf:q4_0", "gguf", "main"),
@@ -42,6 +46,16 @@ def read(folder: Path, reader: str, python: str, out: Path, windows: int) -> tup
         sh([exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
             "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)])  # fmt: skip
     return json.loads(js.read_text()), torch.load(lg)
+
+
+def reader_error(folder: Path, reader: str, python: str) -> str:
+    """The last line of a failing reader's traceback (re-run with one window to capture it)."""
+    exe = str(BENCH_PY) if python == "bench" else sys.executable
+    cmd = [exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
+           "--max-windows", "1", "--json", os.devnull, "--logits", os.devnull]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else f"exit {proc.returncode}").replace("|", "/")[:160]
 
 
 def main() -> None:
@@ -62,8 +76,13 @@ def main() -> None:
                 "--output", str(exported), "--quiet"])  # fmt: skip
         mine = work / "exports" / f"{label}-{method}-ours"
         ours, ours_logits = read(src, "signround", "main", mine, args.max_windows)
-        theirs, their_logits = read(exported, reader, python, exported.with_name(exported.name + "-read"),
-                                    args.max_windows)  # fmt: skip
+        try:
+            theirs, their_logits = read(exported, reader, python, exported.with_name(exported.name + "-read"),
+                                        args.max_windows)  # fmt: skip
+        except subprocess.CalledProcessError:
+            err = reader_error(exported, reader, python)
+            rows.append((label, method, fmt, reader, f"fails: {err}", ours["ppl"], None, None))
+            continue
         diff = (their_logits - ours_logits).abs().max().item() / ours_logits.abs().max().item()
         rows.append((label, method, fmt, reader, theirs["layer_class"], ours["ppl"], theirs["ppl"], diff))
         print(rows[-1], flush=True)
@@ -83,6 +102,9 @@ def main() -> None:
         "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for label, method, fmt, reader, cls, ours, theirs, diff in rows:
+        if theirs is None:
+            lines.append(f"| {label} | {method} | {fmt} | {reader} | {cls} | {ours:.4f} | — | — | — |")
+            continue
         lines.append(
             f"| {label} | {method} | {fmt} | {reader} | `{cls.rsplit('.', 1)[-1]}` | {ours:.4f} | {theirs:.4f} | "
             f"{100 * (theirs - ours) / ours:+.3f}% | {diff:.1e} |"

@@ -66,7 +66,8 @@ def render(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Model `{args.model}`; calibration `{Path(args.dataset).name}` ({args.nsamples} samples x {args.seqlen} tokens, batch "
+        f"Model `{args.model}`; calibration `{Path(args.dataset).name}` "
+        f"({args.nsamples} samples x {args.seqlen} tokens, batch "
         f"{args.batch_size}, seed {args.seed}); SignRound {args.iters} iterations per block, lr 1/iters. "
         f"Perplexity: wikitext-2 test, seqlen {args.eval_seqlen}, "
         f"{'all' if not args.max_windows else 'the first'} {windows} windows. CPU: {os.cpu_count()} cores, float32.",
