@@ -11,6 +11,7 @@ Public API::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from signround._version import __version__
@@ -28,6 +29,7 @@ from signround.errors import SignRoundError
 from signround.eval.harness import TaskScore, evaluate_tasks, format_scores
 from signround.eval.ppl import PplResult, perplexity
 from signround.export import save
+from signround.mixed import Allocation, MixedSpec, allocate_bits
 from signround.model.load import load_model
 from signround.pipeline import RunReport, run
 
@@ -54,6 +56,7 @@ def quantize(
     seed: int = 42,
     method: str = "signround",
     layer_config: dict | str | None = None,
+    mixed: MixedSpec | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> Any:
@@ -68,6 +71,9 @@ def quantize(
         nsamples, seqlen, batch_size, seed: calibration and sampling settings (auto-round's defaults).
         method: ``"signround"`` or ``"rtn"``.
         layer_config: per-layer overrides ``{regex: {"bits": 8}}`` (``None`` value keeps a layer float).
+        mixed: a :class:`MixedSpec` (e.g. ``MixedSpec(avg_bits=3.0, bit_options=(2, 3, 4, 8))``) to choose
+            each layer's bits for a size budget; ``scheme`` then gives the group size and symmetry, and the
+            allocation is recorded in ``config.quantization_config["mixed_precision"]``.
         device: where blocks are tuned (default CUDA if available).
 
     Returns:
@@ -87,7 +93,17 @@ def quantize(
         tune=TuneConfig(method=method, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size, seed=seed),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
     )
-    run(model, tokenizer, cfg, data=None if text_dataset is not None else dataset, device=device, progress=progress)
+    data = None if text_dataset is not None else dataset
+    alloc = None
+    if mixed is not None:
+        from signround.pipeline import resolve_tokens
+
+        data = resolve_tokens(model, tokenizer, cfg.calib, data)
+        alloc = allocate_bits(model, data, cfg, mixed, progress=progress)
+        cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + alloc.rules())
+    run(model, tokenizer, cfg, data=data, device=device, progress=progress)
+    if alloc is not None:
+        model.config.quantization_config["mixed_precision"] = alloc.to_config()
     return model
 
 
@@ -97,6 +113,8 @@ __all__ = [
     "DType",
     "LayerRule",
     "Method",
+    "MixedSpec",
+    "Allocation",
     "PplResult",
     "QuantConfig",
     "QuantScheme",
@@ -105,6 +123,7 @@ __all__ = [
     "TaskScore",
     "TuneConfig",
     "__version__",
+    "allocate_bits",
     "evaluate_tasks",
     "format_scores",
     "load_model",

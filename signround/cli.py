@@ -9,6 +9,7 @@ User errors print ``signround: error: <one line>`` and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -46,6 +47,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
     )
     p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
+    _add_mixed_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -66,6 +68,42 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--report", default=None, metavar="PATH", help="write the run report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_mixed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed precision (per-layer bits chosen for a size budget; see docs/mixed.md)")
+    g.add_argument("--avg-bits", type=float, default=None, help="average bits per weight, scales and zeros included")
+    g.add_argument(
+        "--target-size", default=None, help="size of the whole checkpoint, e.g. 60MB (float parts at 16 bits)"
+    )
+    g.add_argument("--bit-options", default="2,3,4,8", help="widths a layer may take (default 2,3,4,8)")
+    g.add_argument("--alloc-solver", choices=["ilp", "greedy"], default="ilp", help="integer program or greedy")
+    g.add_argument(
+        "--sensitivity", choices=["block", "fisher"], default="block", help="measured block error or Fisher proxy"
+    )
+    g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
+
+
+def _mixed_spec(args: argparse.Namespace):
+    """The :class:`MixedSpec` of ``--avg-bits``/``--target-size``, or None when neither is given."""
+    if args.avg_bits is None and args.target_size is None:
+        return None
+    from signround.mixed import MixedSpec, parse_size
+
+    try:
+        options = tuple(int(b) for b in args.bit_options.split(",") if b.strip())
+    except ValueError:
+        raise SignRoundError(
+            f"--bit-options {args.bit_options!r} must be comma-separated integers like 2,3,4,8"
+        ) from None
+    return MixedSpec(
+        bit_options=options,
+        avg_bits=args.avg_bits,
+        target_bytes=parse_size(args.target_size) if args.target_size is not None else None,
+        solver=args.alloc_solver,
+        sensitivity=args.sensitivity,
+        nsamples=args.sensitivity_nsamples,
+    )
 
 
 def _add_format_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +205,13 @@ def _quantize(args: argparse.Namespace) -> int:
         tune=tune,
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
     )
+    mixed = _mixed_spec(args)
     formats = export.parse_formats(args.format)
+    if mixed is not None and any(f.startswith("gguf") for f in formats):
+        raise SignRoundError(
+            "gguf formats store one width for every layer; drop gguf from --format for a mixed-precision run "
+            "(auto_round, gptq, compressed-tensors and native keep per-layer bits)"
+        )
     check_output(args.output, args.overwrite)
     state_dir = run_dir_for(args.output)
     refuse_unresumed(state_dir, args.resume)  # fail before loading anything
@@ -177,11 +221,32 @@ def _quantize(args: argparse.Namespace) -> int:
         load_texts(args.dataset)  # fails fast on a missing file
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=compute_dtype(args.dtype, args.device))
+    tokens = alloc = None
+    if mixed is not None:
+        from signround.mixed import allocate_bits
+        from signround.pipeline import resolve_tokens
+        from signround.runstate import RunState
+
+        tokens = RunState.saved_tokens(state_dir) if args.resume else None
+        if tokens is None:
+            tokens = resolve_tokens(model, tokenizer, cfg.calib, None)
+        alloc = allocate_bits(model, tokens, cfg, mixed, progress=not args.quiet)
+        print(alloc.table())
+        cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + alloc.rules())
     export.check_formats(model, plan(model, cfg), formats, allow_partial_groups=args.allow_partial_groups)
     log.info("quantizing %s to %s with %s (%d iters)", args.model, scheme.name, tune.method.value, tune.iters)
     report = run(
-        model, tokenizer, cfg, device=args.device, progress=not args.quiet, state_dir=state_dir, resume=args.resume
+        model,
+        tokenizer,
+        cfg,
+        data=tokens,
+        device=args.device,
+        progress=not args.quiet,
+        state_dir=state_dir,
+        resume=args.resume,
     )
+    if alloc is not None:
+        model.config.quantization_config["mixed_precision"] = alloc.to_config()
     out = export.save(
         model, tokenizer, args.output, formats, overwrite=args.overwrite, allow_partial_groups=args.allow_partial_groups
     )
@@ -194,6 +259,8 @@ def _quantize(args: argparse.Namespace) -> int:
         "scheme": scheme.name,
         "blocks": [vars(b) for b in report.blocks],
     }
+    if alloc is not None:
+        result["mixed_precision"] = {**alloc.to_config(), "sensitivity_seconds": alloc.seconds}
     if args.eval_ppl:
         ppl = perplexity(
             model,
