@@ -57,6 +57,7 @@ def quantize(
     method: str = "signround",
     layer_config: dict | str | None = None,
     mixed: MixedSpec | None = None,
+    amp: bool = False,
     device: str | None = None,
     progress: bool = True,
 ) -> Any:
@@ -74,6 +75,7 @@ def quantize(
         mixed: a :class:`MixedSpec` (e.g. ``MixedSpec(avg_bits=3.0, bit_options=(2, 3, 4, 8))``) to choose
             each layer's bits for a size budget; ``scheme`` then gives the group size and symmetry, and the
             allocation is recorded in ``config.quantization_config["mixed_precision"]``.
+        amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
         device: where blocks are tuned (default CUDA if available).
 
     Returns:
@@ -90,7 +92,9 @@ def quantize(
     cfg = QuantConfig(
         scheme=scheme,
         layer_rules=parse_layer_config(layer_config, scheme),
-        tune=TuneConfig(method=method, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size, seed=seed),
+        tune=TuneConfig(
+            method=method, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size, seed=seed, amp=amp
+        ),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
     )
     data = None if text_dataset is not None else dataset

@@ -47,6 +47,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
     )
     p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="tuning steps under bfloat16 autocast (faster on CPUs with avx512_bf16/AMX and on GPUs; see docs)",
+    )
     _add_mixed_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
@@ -198,6 +203,7 @@ def _quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         use_best=not args.use_last,
         seed=args.seed,
+        amp=args.amp,
     )
     cfg = QuantConfig(
         scheme=scheme,

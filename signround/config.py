@@ -141,6 +141,8 @@ class TuneConfig:
         batch_size: calibration samples per step.
         use_best: keep the parameters of the lowest-loss step (else the last).
         seed: seeds batch sampling.
+        amp: run each tuning step's forward and backward under bfloat16 autocast (matmuls in bfloat16;
+            weights, rounding parameters, targets and the loss stay float32), as auto-round's ``amp``.
     """
 
     method: Method = Method.SIGNROUND
@@ -150,6 +152,7 @@ class TuneConfig:
     batch_size: int = 8
     use_best: bool = True
     seed: int = 42
+    amp: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))

@@ -300,6 +300,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "batch_size": tune.batch_size,
             "use_best": tune.use_best,
             "seed": tune.seed,
+            "amp": tune.amp,
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,

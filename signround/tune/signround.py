@@ -127,7 +127,8 @@ def tune_block(
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
             for step in range(cfg.iters):
                 idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(inputs.device)
-                out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
+                with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
                 loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
                 value = loss.item()
                 if not math.isfinite(value):

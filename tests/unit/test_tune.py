@@ -64,3 +64,19 @@ def test_use_last_differs_from_best_only_in_choice():
     last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=False), seed=0)
     assert best.losses == last.losses
     assert best.best_loss == min(best.losses)
+
+
+def test_amp_tuning_runs_in_bfloat16_and_still_beats_rtn():
+    block, x, y, kw, schemes = _block_setup()
+    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0)
+    seen = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    try:
+        amp = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4, amp=True), seed=0)
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in seen  # the steps' matmuls ran in bfloat16
+    loss_rtn = block_mse(block, x, y, kw, 8, _weights(block, rtn))
+    loss_amp = block_mse(block, x, y, kw, 8, _weights(block, amp))  # scored in float32
+    assert loss_amp < 0.9 * loss_rtn
+    assert all(layer.scale.dtype == torch.float16 for layer in amp.layers.values())
