@@ -65,7 +65,9 @@ def signround_quantize(
     return json.loads(report.read_text())
 
 
-def autoround_quantize(recipe: Recipe, bits: int, group: int, sym: bool, iters: int, out: Path) -> dict:
+def autoround_quantize(
+    recipe: Recipe, bits: int, group: int, sym: bool, iters: int, out: Path, amp: bool = False
+) -> dict:
     """Quantize with auto-round in the bench-only environment (once; reused); returns its JSON report.
     ``out`` receives auto-round's fake-quantized model as a float HF folder."""
     report = out.with_name(out.name + ".json")
@@ -79,7 +81,7 @@ def autoround_quantize(recipe: Recipe, bits: int, group: int, sym: bool, iters: 
                "--bits", str(bits), "--group-size", str(group), "--iters", str(iters), *recipe.flags(),
                "--output", str(out), "--report", str(report)]
         # fmt: on
-        sh(cmd + (["--sym"] if sym else []))
+        sh(cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []))
     return json.loads(report.read_text())
 
 

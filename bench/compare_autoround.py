@@ -50,9 +50,12 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
             bits, group = (int(x) for x in pair.split(":"))
             for sym in [m == "sym" for m in args.modes.split(",")]:
                 name = config_name(bits, group, sym)
-                for tool, method, it in (("rtn", "rtn", 0), ("signround", "signround", iters)):
-                    tag = f"{name}-{tool}" + ("" if tool == "rtn" else f"-{iters}")
-                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, eval_flags)
+                variants = [("rtn", "rtn", 0, False), ("signround", "signround", iters, False)]
+                variants += [("signround", "signround", iters, True)] if args.amp else []
+                for tool, method, it, amp in variants:
+                    tag = f"{name}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
+                    flags = eval_flags + (["--amp"] if amp else [])
+                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, flags)
                     rows.append(
                         {
                             **base,
@@ -64,24 +67,27 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                             "peak_rss_gb": rep["peak_rss_gb"],
                             "iters": it,
                             "eval_windows": rep["ppl"]["windows"],
+                            "amp": amp,
                         }
                     )
-                tag = f"{name}-autoround-{iters}"
-                rep = autoround_quantize(recipe, bits, group, sym, iters, work / tag)
-                ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
-                rows.append(
-                    {
-                        **base,
-                        "config": name,
-                        "budget": budget,
-                        "tool": "auto-round",
-                        "ppl": ppl["ppl"],
-                        "quant_seconds": rep["seconds"],
-                        "peak_rss_gb": rep["peak_rss_gb"],
-                        "iters": iters,
-                        "eval_windows": ppl["windows"],
-                    }
-                )
+                for amp in (False, True) if args.autoround_amp else (False,):
+                    tag = f"{name}-autoround-{iters}" + ("-amp" if amp else "")
+                    rep = autoround_quantize(recipe, bits, group, sym, iters, work / tag, amp)
+                    ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
+                    rows.append(
+                        {
+                            **base,
+                            "config": name,
+                            "budget": budget,
+                            "tool": "auto-round",
+                            "ppl": ppl["ppl"],
+                            "quant_seconds": rep["seconds"],
+                            "peak_rss_gb": rep["peak_rss_gb"],
+                            "iters": iters,
+                            "eval_windows": ppl["windows"],
+                            "amp": amp,
+                        }
+                    )
                 yield_rows(args, rows)
     return rows
 
@@ -91,10 +97,67 @@ def yield_rows(args: argparse.Namespace, rows: list[dict]) -> None:
     results = ROOT / "bench" / "results"
     (results / "compare-autoround.json").write_text(json.dumps(rows, indent=2) + "\n")
     (results / "compare-autoround.md").write_text(render(rows, args))
+    plot(rows, results / "compare-autoround.png")
 
 
-def _find(rows: list[dict], config: str, budget: str, tool: str) -> dict | None:
-    return next((r for r in rows if r["config"] == config and r["budget"] == budget and r["tool"] == tool), None)
+def plot(rows: list[dict], path: Path) -> None:
+    """ppl vs bits per tool (one panel per budget and mode) and quantization-time bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    panels = sorted({(r["budget"], r["config"].split("-")[-1]) for r in rows if r["tool"] != "float"})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
+    styles = {"rtn": ("gray", "o"), "auto-round": ("tab:orange", "s"), "signround": ("tab:blue", "D")}
+    for ax, (budget, mode) in zip(axes[0], panels, strict=False):
+        fp = _find(rows, "float", budget, "float")
+        for (tool, amp), (color, marker) in [((t, a), st) for t, st in styles.items() for a in (False, True)]:
+            pts = sorted(
+                (int(r["config"][1]), r["ppl"])
+                for r in rows
+                if r["budget"] == budget
+                and r["config"].endswith(mode)
+                and r["tool"] == tool
+                and r.get("amp", False) == amp
+            )
+            if pts:
+                label = tool + (" (amp)" if amp else "")
+                ax.plot(
+                    *zip(*pts, strict=True), marker=marker, color=color, linestyle="--" if amp else "-", label=label
+                )
+        if fp:
+            ax.axhline(fp["ppl"], color="black", linewidth=0.8, label="float")
+        ax.set_yscale("log")
+        ax.set_xlabel("weight bits (G128)")
+        ax.set_ylabel("wikitext-2 ppl")
+        ax.set_title(f"{budget} budget, {mode}")
+        ax.legend(fontsize=8)
+    ax = axes[0][-1]
+    timed = [r for r in rows if r["tool"] in ("signround", "auto-round") and r["quant_seconds"]]
+    labels = [f"{r['config']}\n{r['tool']}{' amp' if r.get('amp') else ''}" for r in timed]
+    colors = [styles[r["tool"]][0] for r in timed]
+    ax.barh(range(len(timed)), [r["quant_seconds"] for r in timed], color=colors)
+    ax.set_yticks(range(len(timed)), labels, fontsize=6)
+    ax.set_xlabel("quantization wall seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close("all")
+
+
+def _find(rows: list[dict], config: str, budget: str, tool: str, amp: bool = False) -> dict | None:
+    return next(
+        (
+            r
+            for r in rows
+            if r["config"] == config and r["budget"] == budget and r["tool"] == tool and r.get("amp", False) == amp
+        ),
+        None,
+    )
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
@@ -108,7 +171,9 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         + ", ".join(f"{b} = {BUDGETS[b]} iters" for b in args.budgets.split(","))
         + f". Perplexity: {args.ppl}, seqlen {args.eval_seqlen}, "
         f"{'all' if not args.max_windows else f'first {args.max_windows}'}"
-        " windows. Ratios are signround / auto-round (below 1 is better for signround).",
+        " windows. Ratios are signround / auto-round at float32 (below 1 is better for signround). (amp) rows ran"
+        " their tuning steps under bfloat16 autocast (signround `--amp`, auto-round `amp=True`); the others in"
+        " float32.",
         "",
         "| config | budget | tool | ppl | excess over float | quant s | peak RSS GB "
         "| excess ratio | time ratio | RSS ratio |",
@@ -119,7 +184,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         excess = r["ppl"] - fp["ppl"] if fp and r["tool"] != "float" else None
         ratios = ["", "", ""]
         if r["tool"] == "signround":
-            ar = _find(rows, r["config"], r["budget"], "auto-round")
+            ar = _find(rows, r["config"], r["budget"], "auto-round")  # auto-round at float32, its faster mode here
             if ar is not None and fp is not None:
                 ratios = [
                     f"{excess / (ar['ppl'] - fp['ppl']):.2f}",
@@ -129,7 +194,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         cells = [
             r["config"],
             r["budget"],
-            r["tool"],
+            r["tool"] + (" (amp)" if r.get("amp") else ""),
             f"{r['ppl']:.3f}",
             "" if excess is None else f"{excess:.3f}",
             "" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}",
@@ -155,6 +220,8 @@ def main() -> None:
     p.add_argument("--ppl", default="wikitext2", help="perplexity text: wikitext2 or a file")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--work", default=None)
+    p.add_argument("--amp", action="store_true", help="also run signround with --amp (bfloat16 autocast)")
+    p.add_argument("--autoround-amp", action="store_true", help="also run auto-round with its bfloat16 autocast")
     args = p.parse_args()
     args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
     unknown = set(args.budgets.split(",")) - set(BUDGETS)
