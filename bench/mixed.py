@@ -1,11 +1,12 @@
 """Mixed-precision benchmark (not a test): per-layer bits by integer programming vs greedy vs uniform.
 
-1. Sensitivities of every fused layer group of the model at 2/3/4/8 bits (G128, asym), measured on the
-   block outputs and by the Fisher proxy, once; their rank agreement is reported.
-2. For each average-bits budget, the ILP and the greedy allocation (block sensitivities); the ILP on the
-   Fisher proxy as well. Each allocation is written as a ``--layer-config`` file and quantized with RTN and
-   SignRound by the signround CLI, next to uniform W2/W3/W4 G128. Every row is scored by signround's
-   perplexity code. Finished rows in ``--work`` are reused.
+1. Sensitivities of every fused layer group of the model at 2/3/4/8 bits (G128, asym), once: the
+   default ``block`` (block-output error weighted by the loss gradient), ``block-mse`` (unweighted) and
+   the ``fisher`` weight-space proxy; the proxies' rank agreement with ``block`` is reported.
+2. For each average-bits budget, the ILP and the greedy allocation (``block``); the ILP on the two
+   other sensitivities as well (``fisher``: RTN only). Each allocation is written as a ``--layer-config``
+   file and quantized with RTN and SignRound by the signround CLI, next to uniform W2/W3/W4 G128.
+   Every row is scored by signround's perplexity code. Finished rows in ``--work`` are reused.
 
     python bench/mixed.py --work /tmp/bench/work --iters 50 --nsamples 32 --batch-size 4 --max-windows 20
 """
@@ -25,13 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, add_recipe_args, recipe_from, signround_eval, signround_quantize  # noqa: E402
 
 OPTIONS = (2, 3, 4, 8)
+KINDS = ("block", "block-mse", "fisher")
 
 
 def sensitivities(args: argparse.Namespace, work: Path) -> dict:
-    """Both sensitivity tables for the model (cached in ``work``)."""
+    """The sensitivity tables for the model (cached in ``work``; kinds missing from the cache are added)."""
     path = work / "mixed-sensitivity.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    if all(k in out for k in KINDS):
+        return out
     import torch
 
     from signround.calib.data import calibration_tokens
@@ -44,23 +47,26 @@ def sensitivities(args: argparse.Namespace, work: Path) -> dict:
     calib = CalibConfig(dataset=args.dataset, nsamples=args.sens_nsamples, seqlen=args.seqlen, seed=args.seed)
     tokens = calibration_tokens(model, tok, calib)
     cfg = QuantConfig(scheme=QuantScheme(bits=4, group_size=args.group_size, sym=False), calib=calib)
-    out = {}
-    for kind in ("block", "fisher"):
+    for kind in (k for k in KINDS if k not in out):
         spec = MixedSpec(bit_options=OPTIONS, avg_bits=4.0, sensitivity=kind, nsamples=args.sens_nsamples)
         t = time.perf_counter()
         a = allocate_bits(model, tokens, cfg, spec, progress=True)
         out[kind] = {"cost": a.cost.tolist(), "seconds": time.perf_counter() - t}
         out["groups"], out["size"], out["numel"] = a.groups, a.size.tolist(), a.numel
-    path.write_text(json.dumps(out))
+        path.write_text(json.dumps(out))
     return out
 
 
 def rank_agreement(sens: dict) -> dict:
     from scipy.stats import spearmanr
 
-    block, fisher = np.array(sens["block"]["cost"]), np.array(sens["fisher"]["cost"])
-    per_option = {b: float(spearmanr(block[:, i], fisher[:, i]).statistic) for i, b in enumerate(OPTIONS)}
-    return {"all": float(spearmanr(block.ravel(), fisher.ravel()).statistic), "per_option": per_option}
+    block = np.array(sens["block"]["cost"])
+    out = {}
+    for kind in KINDS[1:]:
+        other = np.array(sens[kind]["cost"])
+        per_option = {b: float(spearmanr(block[:, i], other[:, i]).statistic) for i, b in enumerate(OPTIONS)}
+        out[kind] = {"all": float(spearmanr(block.ravel(), other.ravel()).statistic), "per_option": per_option}
+    return out
 
 
 def layer_config(sens: dict, choice: np.ndarray) -> dict:
@@ -119,7 +125,7 @@ def main() -> None:
     def flush() -> None:
         results = ROOT / "bench" / "results"
         payload = {"command": command, "rank_agreement": agree, "rows": rows, "allocations": allocations}
-        payload["sensitivity_seconds"] = {k: sens[k]["seconds"] for k in ("block", "fisher")}
+        payload["sensitivity_seconds"] = {k: sens[k]["seconds"] for k in KINDS}
         (results / "mixed.json").write_text(json.dumps(payload, indent=2) + "\n")
         (results / "mixed.md").write_text(render(args, command, rows, agree, sens))
 
@@ -128,13 +134,16 @@ def main() -> None:
     )
     rows.append({"allocation": "float", "avg_bits": 16.0, "method": "float", "ppl": float_ppl["ppl"]})
     for bits in (2, 3, 4):
-        avg = total_size(size, np.full(len(size), OPTIONS.index(bits))) / numel
+        uniform = np.full(len(size), OPTIONS.index(bits))
+        avg = total_size(size, uniform) / numel
+        block_cost = float(np.array(sens["block"]["cost"])[np.arange(len(uniform)), uniform].sum())
         for method in ("rtn", "signround"):
             rows.append(
                 {
                     "allocation": f"uniform W{bits}G{g}",
                     "avg_bits": avg,
                     "method": method,
+                    "block_cost": block_cost,
                     **quantize(f"W{bits}G{g}-asym", method, bits, []),
                 }
             )
@@ -146,6 +155,7 @@ def main() -> None:
         for name, kind, solver in (
             ("ilp", "block", solve_ilp),
             ("greedy", "block", solve_greedy),
+            ("ilp-mse", "block-mse", solve_ilp),
             ("ilp-fisher", "fisher", solve_ilp),
         ):
             cost = np.array(sens[kind]["cost"])
@@ -155,7 +165,7 @@ def main() -> None:
             path = work / f"mixed-{label}.json"
             path.write_text(json.dumps(layer_config(sens, choice)))
             block_cost = float(np.array(sens["block"]["cost"])[np.arange(len(choice)), choice].sum())
-            methods = ("rtn", "signround") if name != "ilp-fisher" else ("rtn",)
+            methods = ("rtn", "signround") if kind != "fisher" else ("rtn",)
             for method in methods:
                 row = {
                     "allocation": f"{name} @ {budget}",
@@ -189,11 +199,16 @@ def render(args, command, rows, agree, sens) -> str:
         f"the same for every row). Perplexity: wikitext-2 test, seqlen 2048, the first {args.max_windows} windows. "
         "CPU, float32.",
         "",
-        f"Sensitivity measurement: block {sens['block']['seconds']:.0f} s, "
-        f"Fisher proxy {sens['fisher']['seconds']:.0f} s "
-        "(wall, 2 cores; other jobs may have shared them). Rank agreement of the Fisher proxy with the measured block "
-        f"sensitivity (Spearman over all group x option entries): {agree['all']:.3f}; per option: "
-        + ", ".join(f"{b} bits {v:.3f}" for b, v in agree["per_option"].items())
+        "Sensitivities: `block` = block-output error with one group quantized (RTN), weighted by the squared "
+        "gradient of the LM loss at that output (the default); `block-mse` = the same error unweighted; "
+        "`fisher` = weight-space Fisher proxy. Measurement time: "
+        + ", ".join(f"{k} {sens[k]['seconds']:.0f} s" for k in KINDS)
+        + " (wall, 2 cores; other jobs may have shared them). Rank agreement with `block` (Spearman over all "
+        "group x option entries; per option in brackets): "
+        + "; ".join(
+            f"{k} {a['all']:.3f} (" + ", ".join(f"{b} bits {v:.2f}" for b, v in a["per_option"].items()) + ")"
+            for k, a in agree.items()
+        )
         + ".",
         "",
         "| allocation | avg bits | method | ppl | block-sensitivity sum |",
@@ -232,6 +247,7 @@ def plot(sens, allocations, rows, args) -> None:
             ("uniform", "gray"),
             ("ilp @", "tab:blue"),
             ("greedy", "tab:orange"),
+            ("ilp-mse", "tab:red"),
             ("ilp-fisher", "tab:green"),
         ):
             pts = sorted(

@@ -27,7 +27,7 @@ from signround.mixed.sensitivity import fisher_cost, fisher_diagonal, fused_grou
 from signround.model.blocks import find_blocks, resolve_schemes
 
 SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy}
-SENSITIVITIES = ("block", "fisher")
+SENSITIVITIES = ("block", "block-mse", "fisher")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class MixedSpec:
         avg_bits: average bits per quantized weight, scale and zero overhead included; or
         target_bytes: the size of the whole checkpoint (float parts at 16 bits per value).
         solver: ``ilp`` (exact, scipy's HiGHS) or ``greedy``.
-        sensitivity: ``block`` (measured block-output error) or ``fisher`` (proxy).
+        sensitivity: ``block`` (measured block-output error weighted by the loss gradient, default),
+            ``block-mse`` (unweighted block-output error) or ``fisher`` (weight-space proxy).
         nsamples: calibration sequences used to measure sensitivities.
     """
 
@@ -170,10 +171,10 @@ def allocate_bits(
 
     modules = dict(model.named_modules())
     groups, schemes, costs, sizes = [], [], [], []
-    if spec.sensitivity == "block":
-        per_block = measure_blocks(
-            model, blocks, tokens, block_groups, [options_of(s) for s in block_schemes], progress
-        )
+    if spec.sensitivity in ("block", "block-mse"):
+        opts = [options_of(s) for s in block_schemes]
+        weighted = spec.sensitivity == "block"
+        per_block = measure_blocks(model, blocks, tokens, block_groups, opts, progress, weighted)
     else:
         layers = {f"{prefix}.{i}.{n}": modules[f"{prefix}.{i}.{n}"] for i, s in enumerate(block_schemes) for n in s}
         fisher = fisher_diagonal(model, tokens, layers)

@@ -1,8 +1,14 @@
 """How much each layer group suffers at each bit width: measured, and a cheap Fisher proxy.
 
-* ``block`` (measured): for every decoder block, on float inputs, quantize one group of linears to one
-  option by round-to-nearest, keep everything else float, and take the mean squared error of the
-  block's output against the float block's output. Costs one block forward per (group, option).
+* ``block`` (measured, default): for every decoder block, on float inputs, quantize one group of linears
+  to one option by round-to-nearest, keep everything else float, and weigh the error of the block's
+  output by the squared gradient of the model's language-model loss with respect to that output
+  (``0.5 * sum G * (y_q - y)^2``, the output-side Fisher of BRECQ): an estimate of the increase in the
+  final loss, so errors in blocks whose output the rest of the model amplifies or ignores count as
+  such. Costs one forward and backward per calibration sequence plus one block forward per
+  (group, option).
+* ``block-mse``: the same without the weight, the plain mean squared error of the block output. Its
+  scale follows the residual stream's, which grows with depth, so it over-protects late blocks.
 * ``fisher`` (proxy): ``0.5 * sum F * (W_q - W)^2`` with ``F`` the diagonal empirical Fisher of the
   model's language-model loss (mean of per-sequence squared gradients), a second-order estimate of the
   increase in the final loss. Costs one forward and backward per calibration sequence.
@@ -71,13 +77,17 @@ def block_sensitivity(
     groups: list[list[str]],
     options: list[dict[str, QuantScheme]],
     batch: int = 8,
+    weight: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Output MSE of ``block`` with one group quantized at a time.
+    """Output error of ``block`` with one group quantized at a time.
 
     Args:
         x: ``[n, seqlen, hidden]`` float inputs of the block.
         groups: lists of relative linear names.
         options: per option, the scheme of every grouped linear (name -> scheme).
+        weight: ``[n, seqlen, hidden]`` per-element weights of the squared error (see
+            :func:`output_fisher`); the cost is then ``0.5 * sum(weight * err^2) / n``. Without it the
+            cost is the mean squared error.
 
     Returns:
         ``(cost [groups, options], float outputs [n, seqlen, hidden])``.
@@ -91,7 +101,8 @@ def block_sensitivity(
             for n in names:
                 modules[n].weight.data = rtn_weight(modules[n], schemes[n])
             out = _forward(block, x, kwargs, batch).float()
-            cost[g, o] = torch.mean((out - target) ** 2).item()
+            err = (out - target) ** 2
+            cost[g, o] = err.mean().item() if weight is None else 0.5 * float((weight * err).sum()) / x.shape[0]
             for n in names:
                 modules[n].weight.data = originals[n]
     return cost, target.to(x.dtype)
@@ -104,15 +115,61 @@ def measure_blocks(
     groups: list[list[list[str]]],
     options: list[list[dict[str, QuantScheme]]],
     progress: bool = True,
+    weighted: bool = True,
 ) -> list[np.ndarray]:
     """:func:`block_sensitivity` of every block on float inputs propagated through the float model.
-    ``groups[i]`` / ``options[i]`` belong to block ``i``; returns one cost array per block."""
+    ``groups[i]`` / ``options[i]`` belong to block ``i``; returns one cost array per block. ``weighted``
+    weighs each block's output error by :func:`output_fisher`."""
+    weights = output_fisher(model, blocks, tokens) if weighted else None
     x, kwargs = capture_block_inputs(model, blocks[0], tokens)
     costs = []
     for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", disable=not progress, file=sys.stderr)):
-        cost, x = block_sensitivity(block, x, kwargs, groups[i], options[i])
+        w = None if weights is None else weights[i].float()
+        cost, x = block_sensitivity(block, x, kwargs, groups[i], options[i], weight=w)
         costs.append(cost)
     return costs
+
+
+def output_fisher(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Squared gradient of the LM loss w.r.t. every block's output, one sequence at a time.
+
+    ``tokens [n, seqlen]``; returns per block ``[n, seqlen, hidden]`` bfloat16 (on CPU; bfloat16 keeps
+    float32's range, and these only weigh a sum). No parameter gradient is computed: the first
+    block's input is made a leaf that requires grad, and the model's ``requires_grad`` flags are
+    restored afterwards. Memory: ``2 * blocks * n * seqlen * hidden`` bytes.
+    """
+    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def leaf_input(_module, args, kwargs):
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, kwargs
+
+    def keep(i):
+        def hook(_module, _args, output):
+            out = block_output(output)
+            out.register_hook(lambda g: grads[i].append((g.float() ** 2).to(torch.bfloat16).cpu()))
+
+        return hook
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [blocks[0].register_forward_pre_hook(leaf_input, with_kwargs=True)]
+    handles += [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks)]
+    device = next(model.parameters()).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for row in tokens:
+                ids = row.unsqueeze(0).to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return [torch.cat(g) for g in grads]
 
 
 def fisher_diagonal(model: nn.Module, tokens: torch.Tensor, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:

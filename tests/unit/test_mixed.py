@@ -101,7 +101,7 @@ def tiny_tokens(tokenizer, n=8):
         ("opt", [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"]]),
     ],
 )
-@pytest.mark.parametrize("sensitivity", ["block", "fisher"])
+@pytest.mark.parametrize("sensitivity", ["block", "block-mse", "fisher"])
 def test_allocation_shares_bits_in_fused_groups_and_meets_the_budget(tokenizer, family, fused, sensitivity):
     model = make_model(family)
     cfg = QuantConfig(scheme=QuantScheme(bits=4, group_size=32))
@@ -121,6 +121,38 @@ def test_allocation_shares_bits_in_fused_groups_and_meets_the_budget(tokenizer, 
     # The rules reproduce the allocation, after any user rules.
     rules = {r.pattern: r.scheme.bits for r in alloc.rules()}
     assert len(rules) == len(bits)
+
+
+def test_output_fisher_is_the_squared_loss_gradient_at_each_block_output(tokenizer):
+    from signround.mixed.sensitivity import output_fisher
+    from signround.model.blocks import find_blocks
+
+    model = make_model("llama")
+    _, blocks = find_blocks(model)
+    tokens = tiny_tokens(tokenizer, n=2)
+    weights = output_fisher(model, blocks, tokens)
+    assert [tuple(w.shape) for w in weights] == [(2, 32, model.config.hidden_size)] * len(blocks)
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    # Reference: plain autograd with retained gradients, sequence by sequence.
+    for row in range(2):
+        outs = []
+
+        def keep(_m, _a, o, outs=outs):
+            out = o[0] if isinstance(o, tuple) else o
+            out.retain_grad()
+            outs.append(out)
+
+        handles = [b.register_forward_hook(keep) for b in blocks]
+        ids = tokens[row : row + 1]
+        try:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        model.zero_grad(set_to_none=True)
+        for i, o in enumerate(outs):
+            ref = (o.grad[0].float() ** 2).to(torch.bfloat16)
+            assert torch.equal(weights[i][row], ref)
 
 
 def test_user_rules_are_respected(tokenizer):
