@@ -25,11 +25,23 @@ log = logging.getLogger("signround")
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights and save a checkpoint")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or alias (smollm2-135m)")
-    p.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p.add_argument(
-        "--group-size", type=int, default=128, help="weights per scale along the input dim; -1 = per channel"
+        "--bits", type=int, default=None, help="weight bits, 2..8 (default 4; implied by a floating-point --data-type)"
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="weights per scale along the input dim; -1 = per channel (default 128; mxfp4: 32, nvfp4: 16)",
     )
     p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
+    p.add_argument(
+        "--data-type",
+        choices=["int", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4"],
+        default="int",
+        help="weight number format (default int); floating-point ones are symmetric and imply --bits (see "
+        "docs/checkpoint.md); --dtype is the model's compute dtype",
+    )
     p.add_argument("--method", choices=["signround", "rtn"], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
     p.add_argument("--nsamples", type=int, default=128)
@@ -84,7 +96,11 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bit-options", default="2,3,4,8", help="widths a layer may take (default 2,3,4,8)")
     g.add_argument("--alloc-solver", choices=["ilp", "greedy"], default="ilp", help="integer program or greedy")
     g.add_argument(
-        "--sensitivity", choices=["block", "fisher"], default="block", help="measured block error or Fisher proxy"
+        "--sensitivity",
+        choices=["block", "block-mse", "fisher"],
+        default="block",
+        help="block: block-output error weighted by the loss gradient (default); block-mse: unweighted; "
+        "fisher: weight-space Fisher proxy",
     )
     g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
 
@@ -194,7 +210,9 @@ def _quantize(args: argparse.Namespace) -> int:
     from signround.runstate import refuse_unresumed, run_dir_for
 
     # Validate everything cheap before loading anything.
-    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
+    scheme = QuantScheme(
+        bits=args.bits, group_size=args.group_size, sym=True if args.sym else None, dtype=args.data_type
+    )
     tune = TuneConfig(
         method=args.method,
         iters=args.iters,
@@ -212,6 +230,8 @@ def _quantize(args: argparse.Namespace) -> int:
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
     )
     mixed = _mixed_spec(args)
+    if mixed is not None and scheme.dtype.is_float:
+        raise SignRoundError(f"mixed precision chooses integer widths; drop --data-type {scheme.dtype.value}")
     formats = export.parse_formats(args.format)
     if mixed is not None and any(f.startswith("gguf") for f in formats):
         raise SignRoundError(

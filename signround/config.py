@@ -26,45 +26,137 @@ class Method(str, enum.Enum):
 
 
 class DType(str, enum.Enum):
-    """Number format of a quantized weight; a key of the format registry."""
+    """Number format of a quantized weight; a key of the format registry.
+
+    ``int`` is the integer affine grid (any width 2..8). The others are sign-magnitude minifloat grids
+    whose width is part of the name: ``fp4_e2m1`` .. ``fp8_e5m2`` with one float16 scale per group,
+    ``mxfp4`` (OCP MX: e2m1 elements, power-of-two scale per 32 weights) and ``nvfp4`` (e2m1 elements,
+    e4m3 scale per 16 weights times one float32 scale per tensor); see :mod:`signround.formats.fp`.
+    """
 
     INT = "int"
+    FP4_E2M1 = "fp4_e2m1"
+    FP6_E2M3 = "fp6_e2m3"
+    FP6_E3M2 = "fp6_e3m2"
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E5M2 = "fp8_e5m2"
+    MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
 
+    @property
+    def is_float(self) -> bool:
+        """A sign-magnitude floating-point grid (symmetric by construction, no zero point)."""
+        return self is not DType.INT
+
+    @property
+    def implied_bits(self) -> int | None:
+        """Bits per weight fixed by the format (None for ``int``, whose width is free)."""
+        return _FLOAT_BITS.get(self)
+
+    @property
+    def fixed_group_size(self) -> int | None:
+        """Block size fixed by the format (32 for ``mxfp4``, 16 for ``nvfp4``), else None."""
+        return _FIXED_GROUP.get(self)
+
+
+_FLOAT_BITS = {
+    DType.FP4_E2M1: 4,
+    DType.FP6_E2M3: 6,
+    DType.FP6_E3M2: 6,
+    DType.FP8_E4M3: 8,
+    DType.FP8_E5M2: 8,
+    DType.MXFP4: 4,
+    DType.NVFP4: 4,
+}
+_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16}
 
 MIN_BITS, MAX_BITS = 2, 8
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
+
+
+def _parse_dtype(value: Any) -> DType:
+    try:
+        return DType(value)
+    except ValueError:
+        choices = ", ".join(d.value for d in DType)
+        raise SignRoundError(f"unknown weight dtype {value!r}; choose one of {choices}") from None
+
+
+def _resolve_bits(dtype: DType, bits: Any) -> int:
+    implied = dtype.implied_bits
+    if bits is None:
+        return implied if implied is not None else DEFAULT_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise SignRoundError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    if implied is not None and bits != implied:
+        raise SignRoundError(
+            f"{dtype.value} has {implied} bits per weight, not {bits}; drop --bits or use --bits {implied}"
+        )
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise SignRoundError(f"bits={bits} is out of range; use {MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def _resolve_group_size(dtype: DType, group_size: Any) -> int:
+    fixed = dtype.fixed_group_size
+    if group_size is None:
+        return fixed if fixed is not None else DEFAULT_GROUP_SIZE
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise SignRoundError(f"group size must be an integer, got {group_size!r}")
+    if fixed is not None and group_size != fixed:
+        raise SignRoundError(
+            f"{dtype.value} uses blocks of {fixed} weights, not {group_size}; "
+            f"drop --group-size or use --group-size {fixed}"
+        )
+    if group_size != -1 and group_size < 8:
+        raise SignRoundError(
+            f"group size {group_size} is not supported; use -1 (per channel) or 8 or more (e.g. 32, 64, 128)"
+        )
+    return group_size
+
+
+def _resolve_sym(dtype: DType, sym: Any) -> bool:
+    if sym is None:
+        return dtype.is_float
+    if not isinstance(sym, bool):
+        raise SignRoundError(f"sym must be true or false, got {sym!r}")
+    if dtype.is_float and not sym:
+        raise SignRoundError(f"{dtype.value} is sign-magnitude, so always symmetric (no zero point); drop sym=false")
+    return sym
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     """How one linear layer's weight is quantized.
 
+    ``None`` fields are filled at construction from ``dtype`` (so after construction every field is set):
+    ``QuantScheme()`` is W4G128 asymmetric int, ``QuantScheme(dtype="fp8_e4m3")`` is 8-bit, group 128,
+    symmetric, ``QuantScheme(dtype="mxfp4")`` is 4-bit, group 32, symmetric.
+
     Attributes:
-        bits: integer width, 2..8.
+        bits: integer width, 2..8 (default 4) for ``int``; implied by a floating-point dtype (fp4 = 4,
+            fp6 = 6, fp8 = 8), where another value is an error.
         group_size: number of consecutive input-dimension weights sharing one scale (and zero point);
             -1 means one group per output channel (the whole row). A group size that does not divide
-            the layer's input width gets a zero-padded last group (as auto-round does).
-        sym: symmetric "full range" grid (the larger-magnitude extreme maps to -2^(bits-1)) when True,
-            asymmetric min/max grid with an integer zero point when False.
-        dtype: number format; only integers for now.
+            the layer's input width gets a zero-padded last group (as auto-round does). Default 128;
+            fixed by ``mxfp4`` (32) and ``nvfp4`` (16), where another value is an error.
+        sym: symmetric "full range" integer grid (the larger-magnitude extreme maps to -2^(bits-1)) when
+            True, asymmetric min/max grid with an integer zero point when False (the default for ``int``).
+            Floating-point grids are sign-magnitude: always True, and False is an error.
+        dtype: number format (see :class:`DType`).
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
     dtype: DType = DType.INT
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise SignRoundError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise SignRoundError(f"bits={self.bits} is out of range; use {MIN_BITS}..{MAX_BITS}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise SignRoundError(f"group size must be an integer, got {self.group_size!r}")
-        if self.group_size != -1 and self.group_size < 8:
-            raise SignRoundError(
-                f"group size {self.group_size} is not supported; use -1 (per channel) or 8 or more (e.g. 32, 64, 128)"
-            )
-        object.__setattr__(self, "dtype", DType(self.dtype))
+        dtype = _parse_dtype(self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "bits", _resolve_bits(dtype, self.bits))
+        object.__setattr__(self, "group_size", _resolve_group_size(dtype, self.group_size))
+        object.__setattr__(self, "sym", _resolve_sym(dtype, self.sym))
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "dtype": self.dtype.value}
@@ -82,6 +174,8 @@ class QuantScheme:
     @property
     def name(self) -> str:
         g = "C" if self.group_size == -1 else f"G{self.group_size}"
+        if self.dtype.is_float:
+            return f"W{self.bits}{g}-{self.dtype.value}"
         return f"W{self.bits}{g}-{'sym' if self.sym else 'asym'}"
 
 
@@ -123,10 +217,20 @@ def parse_layer_config(spec: str | dict[str, Any] | None, base: QuantScheme) -> 
         if value is None or (isinstance(value, dict) and value.get("bits") in (16, 32)):
             rules.append(LayerRule(pattern, None))
         elif isinstance(value, dict):
-            rules.append(LayerRule(pattern, QuantScheme.from_dict({**base.to_dict(), **value})))
+            rules.append(LayerRule(pattern, QuantScheme.from_dict({**_inherited(base, value), **value})))
         else:
             raise SignRoundError(f"--layer-config value for {pattern!r} must be an object or null")
     return tuple(rules)
+
+
+def _inherited(base: QuantScheme, override: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``base`` a per-layer override keeps. An override that changes the dtype keeps only
+    the group size (when the new dtype does not fix it): bits and symmetry follow from the new dtype."""
+    if "dtype" not in override or _parse_dtype(override["dtype"]) is base.dtype:
+        return base.to_dict()
+    if _parse_dtype(override["dtype"]).fixed_group_size is not None:
+        return {}
+    return {"group_size": base.group_size}
 
 
 @dataclass(frozen=True)

@@ -96,11 +96,18 @@ def _run_hint(qtype: str) -> str:
 
 def _fits(scheme: QuantScheme, qtype: str) -> bool:
     grid = _GRIDS[qtype]
-    return scheme.bits == grid.bits and scheme.sym == grid.sym and scheme.group_size == BLOCK
+    return (
+        not scheme.dtype.is_float and scheme.bits == grid.bits and scheme.sym == grid.sym and scheme.group_size == BLOCK
+    )
 
 
 def _mismatch(qtype: str, what: str, scheme: QuantScheme) -> SignRoundError:
     grid = _GRIDS[qtype]
+    if scheme.dtype.is_float:
+        return SignRoundError(
+            f"gguf:{qtype} stores integer grids only; {what} uses {scheme.dtype.value}; "
+            "use --format native (or gguf:f16, which stores the dequantized weights)"
+        )
     return SignRoundError(
         f"gguf:{qtype} stores {grid.words} groups of {BLOCK}; {what} is {scheme.name}; {_run_hint(qtype)}"
     )

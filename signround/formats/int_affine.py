@@ -15,6 +15,8 @@ tuned model and the saved one compute the same numbers. All tensors are grouped 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from signround.primitives import round_ste
@@ -104,3 +106,31 @@ def quantize_codes(
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``(codes - zero) * scale`` for grouped ``codes [out, groups, g]`` and ``[out, groups]`` params."""
     return (codes.to(scale.dtype) - zero.unsqueeze(-1).to(scale.dtype)) * scale.unsqueeze(-1)
+
+
+# ---------------------------------------------------------------- storage (QuantLinear buffers)
+
+
+def stored_layout(scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Buffers a ``QuantLinear`` holds besides ``qweight``: ``scales`` float16 ``[out, groups]``, and
+    ``qzeros`` uint8 ``[out, groups]`` for asymmetric schemes (symmetric ones use the constant 2^(bits-1))."""
+    layout = {"scales": ((out_features, groups), SCALE_DTYPE)}
+    if not scheme.sym:
+        layout["qzeros"] = ((out_features, groups), torch.uint8)
+    return layout
+
+
+def to_stored(scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    """``(scale, zero)`` from :func:`compute_qparams` -> the buffers of :func:`stored_layout` (exact)."""
+    stored = {"scales": scale.detach().to(SCALE_DTYPE)}
+    if not scheme.sym:
+        stored["qzeros"] = zero.detach().to(torch.uint8)
+    return stored
+
+
+def from_stored(stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`to_stored`: ``(scale float16, zero uint8)``, both ``[out, groups]``."""
+    scale = stored["scales"]
+    if scheme.sym:
+        return scale, torch.full_like(scale, 2 ** (scheme.bits - 1), dtype=torch.uint8)
+    return scale, stored["qzeros"]

@@ -5,12 +5,17 @@ State (all saved in the checkpoint, names are the on-disk tensor names under the
 * ``qweight`` int32 ``[out, ceil(in / (32 // bits))]``: codes packed along the input dimension,
   least significant bits first (see :mod:`signround.pack.bitpack`). Padding columns of a partial last
   group are not stored.
-* ``scales`` float16 ``[out, groups]``: one scale per group (may be negative for symmetric grids).
-* ``qzeros`` uint8 ``[out, groups]``: integer zero point per group; present for asymmetric schemes
-  only (symmetric schemes use the constant ``2^(bits-1)``).
-* ``bias`` (optional): unchanged from the float layer.
+* the format's per-group tensors (``stored_layout`` of the scheme's format, :mod:`signround.formats`):
 
-Dequantized weight: ``W[o, i] = (code[o, i] - zero[o, i // g]) * scale[o, i // g]``.
+  * ``int``: ``scales`` float16 ``[out, groups]`` (may be negative for symmetric grids) and ``qzeros``
+    uint8 ``[out, groups]``, the integer zero point, for asymmetric schemes only (symmetric schemes use
+    the constant ``2^(bits-1)``). ``W[o, i] = (code[o, i] - zero[o, i // g]) * scale[o, i // g]``.
+  * ``fp4_e2m1`` .. ``fp8_e5m2``: ``scales`` float16 ``[out, groups]``; ``mxfp4``: ``scales`` uint8
+    ``[out, groups]`` (E8M0 bytes); ``nvfp4``: ``scales`` float8_e4m3fn ``[out, groups]`` and
+    ``tensor_scale`` float32 ``[1]``. ``W[o, i] = element(code[o, i]) * scale[o, i // g]`` (times
+    ``tensor_scale`` for nvfp4), codes holding sign, exponent, mantissa from the high bit down
+    (:mod:`signround.formats.fp`).
+* ``bias`` (optional): unchanged from the float layer.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from signround.config import QuantScheme
-from signround.formats import int_affine
+from signround.formats import get_format
 from signround.pack.bitpack import pack_int32, unpack_int32, values_per_word
 from signround.primitives import from_groups, num_groups, to_groups
 
@@ -41,9 +46,10 @@ class QuantLinear(nn.Module):
         groups = num_groups(in_features, scheme.group_size)
         words = -(-in_features // values_per_word(scheme.bits))
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
-        if not scheme.sym:
-            self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        layout = get_format(scheme.dtype).stored_layout(scheme, out_features, groups)
+        for name, (shape, buffer_dtype) in layout.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype))
+        self.qparam_names = tuple(layout)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -55,14 +61,14 @@ class QuantLinear(nn.Module):
         scheme: QuantScheme,
         bias: torch.Tensor | None,
     ) -> QuantLinear:
-        """Build from codes ``[out, in]`` (uint8), ``scale`` and ``zero`` ``[out, groups]``."""
+        """Build from codes ``[out, in]`` (uint8) and the format's ``scale`` and ``zero`` ``[out, groups]``
+        (as :meth:`signround.tune.wrapper.TunableWeight.finalize` returns them)."""
         out_features, in_features = codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
         layer = cls(in_features, out_features, scheme, bias is not None, dtype)
         layer.qweight.copy_(pack_int32(codes, scheme.bits))
-        layer.scales.copy_(scale.to(torch.float16))
-        if not scheme.sym:
-            layer.qzeros.copy_(zero.to(torch.uint8))
+        for name, tensor in get_format(scheme.dtype).to_stored(scale, zero, scheme).items():
+            layer.get_buffer(name).copy_(tensor)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer
@@ -72,15 +78,21 @@ class QuantLinear(nn.Module):
         return unpack_int32(self.qweight, self.scheme.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:
-        """Zero points ``[out, groups]`` (constant ``2^(bits-1)`` for symmetric schemes)."""
+        """Integer grids' zero points ``[out, groups]`` (constant ``2^(bits-1)`` for symmetric schemes)."""
         if self.scheme.sym:
             return torch.full_like(self.scales, 2 ** (self.scheme.bits - 1), dtype=torch.uint8)
         return self.qzeros
 
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The format's ``(scale, zero)`` ``[out, groups]``, decoded from the stored tensors."""
+        stored = {name: self.get_buffer(name) for name in self.qparam_names}
+        return get_format(self.scheme.dtype).from_stored(stored, self.scheme)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this layer computes with."""
         codes = to_groups(self.codes(), self.scheme.group_size)
-        w = int_affine.dequantize_codes(codes, self.scales.float(), self.zeros().float())
+        scale, zero = self.qparams()
+        w = get_format(self.scheme.dtype).dequantize_codes(codes, scale.float(), zero.float())
         return from_groups(w, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,13 @@ class TunableWeight:
 
     @torch.no_grad()
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(codes [out, in] uint8, scale [out, groups] float16, zero [out, groups] uint8)``."""
+        """``(codes [out, in] uint8, scale [out, groups], zero [out, groups])``.
+
+        ``scale`` and ``zero`` are what the checkpoint stores, decoded (passed through the format's
+        ``to_stored`` / ``from_stored``): float16 / uint8 for ``int``, float32 for the floating-point grids.
+        """
         fmt = get_format(self.scheme.dtype)
         scale, zero = self.qparams()
         codes = fmt.quantize_codes(self.wg, scale, zero, self.scheme.bits, self.v)
-        return from_groups(codes, self.in_features), scale.half(), zero.to(torch.uint8)
+        scale, zero = fmt.from_stored(fmt.to_stored(scale, zero, self.scheme), self.scheme)
+        return from_groups(codes, self.in_features), scale, zero
