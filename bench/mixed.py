@@ -101,6 +101,7 @@ def main() -> None:
     sens = sensitivities(args, work)
     agree = rank_agreement(sens)
     size, numel = np.array(sens["size"], dtype=np.int64), sens["numel"]
+    block = np.array(sens["block"]["cost"])  # the default sensitivity, summed per allocation in the table
     recipe = recipe_from(args)
     g = args.group_size
     ppl_flags = ["--eval-ppl", "wikitext2", "--eval-max-windows", str(args.max_windows)]
@@ -136,7 +137,7 @@ def main() -> None:
     for bits in (2, 3, 4):
         uniform = np.full(len(size), OPTIONS.index(bits))
         avg = total_size(size, uniform) / numel
-        block_cost = float(np.array(sens["block"]["cost"])[np.arange(len(uniform)), uniform].sum())
+        block_cost = float(block[np.arange(len(uniform)), uniform].sum())
         for method in ("rtn", "signround"):
             rows.append(
                 {
@@ -164,7 +165,7 @@ def main() -> None:
             allocations[label] = [OPTIONS[int(c)] for c in choice]
             path = work / f"mixed-{label}.json"
             path.write_text(json.dumps(layer_config(sens, choice)))
-            block_cost = float(np.array(sens["block"]["cost"])[np.arange(len(choice)), choice].sum())
+            block_cost = float(block[np.arange(len(choice)), choice].sum())
             methods = ("rtn", "signround") if kind != "fisher" else ("rtn",)
             for method in methods:
                 row = {

@@ -58,6 +58,9 @@ from typing import Any
 
 import torch
 
+from signround.formats import int_affine
+from signround.formats.int_affine import fp16_round
+
 FP16_MIN = 2.0**-24  # smallest positive float16 (subnormal)
 FP16_MAX = 65504.0
 
@@ -205,11 +208,6 @@ def divide_by_scale(wg: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, wg / torch.where(positive, scale, torch.ones_like(scale)), torch.zeros_like(wg))
 
 
-def fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to float16 values, kept in ``x``'s dtype; the gradient passes through unchanged."""
-    return x.to(torch.float16).to(x.dtype)
-
-
 def group_absmax(wmin: torch.Tensor, wmax: torch.Tensor, max_factor: torch.Tensor | None) -> torch.Tensor:
     """``max_factor * max(-wmin, wmax)`` per group, the factor clamped to [0, 1] (None means 1)."""
     absmax = torch.maximum(-wmin, wmax)
@@ -233,9 +231,8 @@ class FloatFormat:
 
     # ---------------------------------------------------------------- per-group parameters
 
-    def group_minmax(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group ``(min, max)`` of ``wg [out, groups, g]``, widened to include 0; ``[out, groups]``."""
-        return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+    # Per-group ``(min, max)`` widened to include 0, the statistics the integer grid uses as well.
+    group_minmax = staticmethod(int_affine.group_minmax)
 
     def compute_qparams(
         self,
@@ -246,9 +243,15 @@ class FloatFormat:
         min_factor: torch.Tensor | None = None,
         max_factor: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, ones)``, both ``[out, groups]`` float32; ``scale = float16(max_factor * absmax /
-        grid_max)``, differentiable in ``max_factor``. ``min_factor`` is unused (one clip factor)."""
-        absmax = group_absmax(wmin, wmax, max_factor)
+        """``(scale, zero)``, both ``[out, groups]`` float32, from the clipped absmax ``max_factor * absmax``
+        by :meth:`group_scales`; differentiable in ``max_factor``. ``min_factor`` is unused (one clip factor)."""
+        return self.group_scales(group_absmax(wmin, wmax, max_factor), wmin, wmax)
+
+    def group_scales(
+        self, absmax: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(float16(absmax / grid_max), ones)`` from the clipped ``absmax [out, groups]``; subclasses with
+        other scale rules override this (``wmin``/``wmax`` are the unclipped extremes)."""
         scale = fp16_round(absmax / self.element.max_value).clamp(FP16_MIN, FP16_MAX)
         return scale, torch.ones_like(scale)
 

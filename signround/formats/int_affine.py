@@ -59,17 +59,17 @@ def compute_qparams(
     if sym:
         half = 2 ** (bits - 1)
         extreme = torch.where(-wmin > wmax, wmin, wmax)
-        scale = _fp16_round(extreme / -half)
+        scale = fp16_round(extreme / -half)
         scale = torch.where(scale < 0, scale.clamp(max=-MIN_SCALE), scale.clamp(min=MIN_SCALE))
         zero = torch.full_like(scale, float(half))
         return scale, zero
-    scale = _fp16_round((wmax - wmin) / maxq).clamp(min=MIN_SCALE)
+    scale = fp16_round((wmax - wmin) / maxq).clamp(min=MIN_SCALE)
     zero = round_ste(-wmin / scale).clamp(0, maxq)
     return scale, zero
 
 
-def _fp16_round(x: torch.Tensor) -> torch.Tensor:
-    # Differentiable: .to() passes the gradient through unchanged.
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 values, kept in ``x``'s dtype; the gradient passes through unchanged."""
     return x.to(SCALE_DTYPE).to(x.dtype)
 
 

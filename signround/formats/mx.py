@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from signround.formats.fp import E2M1, FloatFormat, group_absmax
+from signround.formats.fp import E2M1, FloatFormat
 
 BLOCK = 32
 EMAX_ELEM = 2  # exponent of e2m1's largest normal, 6 = 1.5 * 2^2
@@ -53,18 +53,12 @@ class MXFP4Format(FloatFormat):
     def __init__(self) -> None:
         super().__init__(E2M1)
 
-    def compute_qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        bits: int | None = None,
-        sym: bool | None = None,
-        min_factor: torch.Tensor | None = None,
-        max_factor: torch.Tensor | None = None,
+    def group_scales(
+        self, absmax: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(2^shared_exp, ones)``, ``[out, groups]`` float32; the value is an exact power of two, the
         gradient that of ``2^(log2(max_factor * absmax) - 2)``."""
-        exp = shared_exponent(group_absmax(wmin, wmax, max_factor))
+        exp = shared_exponent(absmax)
         smooth = torch.exp2(exp)
         scale = pow2(exp.detach()) + (smooth - smooth.detach())
         return scale, torch.ones_like(scale)

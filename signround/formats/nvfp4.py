@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from signround.formats.fp import E2M1, E4M3, FloatFormat, group_absmax, round_to_grid
+from signround.formats.fp import E2M1, E4M3, FloatFormat, round_to_grid
 
 BLOCK = 16
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
@@ -49,19 +49,13 @@ class NVFP4Format(FloatFormat):
     def __init__(self) -> None:
         super().__init__(E2M1)
 
-    def compute_qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        bits: int | None = None,
-        sym: bool | None = None,
-        min_factor: torch.Tensor | None = None,
-        max_factor: torch.Tensor | None = None,
+    def group_scales(
+        self, absmax: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s_b, s_t)``: ``[out, groups]`` float32 e4m3 values (differentiable in ``max_factor``) and the
-        tensor scale broadcast to the same shape."""
+        """``(s_b, s_t)``: ``[out, groups]`` float32 e4m3 values of the clipped ``absmax`` (differentiable in
+        the clip factor) and the tensor scale of the unclipped extremes, broadcast to the same shape."""
         s_t = tensor_scale(wmin, wmax)
-        block = round_to_grid(group_absmax(wmin, wmax, max_factor) / (E2M1_MAX * s_t), E4M3)
+        block = round_to_grid(absmax / (E2M1_MAX * s_t), E4M3)
         return block, s_t.expand_as(block)
 
     def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -20,6 +20,8 @@ into one matmul, so they share one choice. Results are ``[groups, options]`` flo
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -153,23 +155,33 @@ def output_fisher(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor)
 
         return hook
 
-    flags = {p: p.requires_grad for p in model.parameters()}
     handles = [blocks[0].register_forward_pre_hook(leaf_input, with_kwargs=True)]
     handles += [b.register_forward_hook(keep(i)) for i, b in enumerate(blocks)]
     device = next(model.parameters()).device
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with torch.enable_grad():
+        with _grad_only(model, []), torch.enable_grad():
             for row in tokens:
                 ids = row.unsqueeze(0).to(device)
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     finally:
         for h in handles:
             h.remove()
+    return [torch.cat(g) for g in grads]
+
+
+@contextmanager
+def _grad_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Within the block only ``params`` require grad; the model's ``requires_grad`` flags are restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return [torch.cat(g) for g in grads]
 
 
 def fisher_diagonal(model: nn.Module, tokens: torch.Tensor, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
@@ -178,14 +190,9 @@ def fisher_diagonal(model: nn.Module, tokens: torch.Tensor, layers: dict[str, nn
     ``tokens [n, seqlen]``; returns name -> ``[out, in]`` float32. Only those weights require grad
     during the passes; the model's ``requires_grad`` flags are restored afterwards.
     """
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers.values():
-        layer.weight.requires_grad_(True)
     fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers.items()}
     device = next(model.parameters()).device
-    try:
+    with _grad_only(model, [m.weight for m in layers.values()]):
         for row in tokens:
             ids = row.unsqueeze(0).to(device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -193,9 +200,6 @@ def fisher_diagonal(model: nn.Module, tokens: torch.Tensor, layers: dict[str, nn
             for n, m in layers.items():
                 fisher[n] += m.weight.grad.float() ** 2
                 m.weight.grad = None
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return {n: f / len(tokens) for n, f in fisher.items()}
 
 

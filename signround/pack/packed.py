@@ -79,9 +79,7 @@ class QuantLinear(nn.Module):
 
     def zeros(self) -> torch.Tensor:
         """Integer grids' zero points ``[out, groups]`` (constant ``2^(bits-1)`` for symmetric schemes)."""
-        if self.scheme.sym:
-            return torch.full_like(self.scales, 2 ** (self.scheme.bits - 1), dtype=torch.uint8)
-        return self.qzeros
+        return self.qparams()[1]
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The format's ``(scale, zero)`` ``[out, groups]``, decoded from the stored tensors."""
