@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from signround.config import DType
 from signround.errors import SignRoundError
 
 log = logging.getLogger("signround")
@@ -37,10 +38,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
     p.add_argument(
         "--data-type",
-        choices=["int", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "mxfp4", "nvfp4"],
+        choices=[d.value for d in DType],
         default="int",
-        help="weight number format (default int); floating-point ones are symmetric and imply --bits (see "
-        "docs/checkpoint.md); --dtype is the model's compute dtype",
+        help="weight number format (default int); the others fix their own width and symmetry: fp* / mxfp4 / "
+        "nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids (docs/formats.md); --dtype is "
+        "the model's compute dtype",
     )
     p.add_argument("--method", choices=["signround", "rtn"], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")

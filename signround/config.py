@@ -32,6 +32,8 @@ class DType(str, enum.Enum):
     whose width is part of the name: ``fp4_e2m1`` .. ``fp8_e5m2`` with one float16 scale per group,
     ``mxfp4`` (OCP MX: e2m1 elements, power-of-two scale per 32 weights) and ``nvfp4`` (e2m1 elements,
     e4m3 scale per 16 weights times one float32 scale per tensor); see :mod:`signround.formats.fp`.
+    ``bitmod`` is a per-group mixture of 4-bit grids (INT4 asymmetric and FP4 variants), see
+    :mod:`signround.formats.bitmod`.
     """
 
     INT = "int"
@@ -42,10 +44,12 @@ class DType(str, enum.Enum):
     FP8_E5M2 = "fp8_e5m2"
     MXFP4 = "mxfp4"
     NVFP4 = "nvfp4"
+    BITMOD = "bitmod"
 
     @property
     def is_float(self) -> bool:
-        """A sign-magnitude floating-point grid (symmetric by construction, no zero point)."""
+        """Any grid but the plain integer one: the format fixes its width and its own symmetry (the
+        floating-point grids and ``bitmod``); only ``int`` exports to the integer checkpoint formats."""
         return self is not DType.INT
 
     @property
@@ -67,6 +71,7 @@ _FLOAT_BITS = {
     DType.FP8_E5M2: 8,
     DType.MXFP4: 4,
     DType.NVFP4: 4,
+    DType.BITMOD: 4,
 }
 _FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16}
 
@@ -121,7 +126,7 @@ def _resolve_sym(dtype: DType, sym: Any) -> bool:
     if not isinstance(sym, bool):
         raise SignRoundError(f"sym must be true or false, got {sym!r}")
     if dtype.is_float and not sym:
-        raise SignRoundError(f"{dtype.value} is sign-magnitude, so always symmetric (no zero point); drop sym=false")
+        raise SignRoundError(f"{dtype.value} fixes its own grid (no symmetric/asymmetric choice); drop sym=false")
     return sym
 
 

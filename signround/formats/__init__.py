@@ -4,8 +4,9 @@ A format is an object (a module such as :mod:`signround.formats.int_affine`, or 
 :class:`signround.formats.fp.FloatFormat`) with these functions; grouped tensors are ``[out, groups, g]``
 and per-group ones ``[out, groups]``:
 
-* ``group_minmax(wg) -> (wmin, wmax)``: fixed per-group statistics the parameters derive from;
-* ``compute_qparams(wmin, wmax, bits, sym, min_factor, max_factor) -> (scale, zero)``: float32, differentiable
+* ``group_minmax(wg) -> (wmin, wmax, ...)``: fixed per-group statistics the parameters derive from (the
+  extremes widened to 0; ``bitmod`` adds its per-group type ids);
+* ``compute_qparams(*stats, bits, sym, min_factor, max_factor) -> (scale, zero)``: float32, differentiable
   in SignRound's clipping factors;
 * ``fake_quant(wg, scale, zero, bits, v)``: quantize-dequantize with rounding offsets ``v`` (straight-through);
 * ``quantize_codes(wg, scale, zero, bits, v)``: uint8 codes ``[out, groups, g]`` in ``[0, 2^bits)``;
@@ -13,7 +14,9 @@ and per-group ones ``[out, groups]``:
 * ``stored_layout(scheme, out_features, groups) -> {name: (shape, dtype)}``: the tensors a ``QuantLinear``
   stores besides its packed codes (``scales`` always; e.g. ``qzeros``, ``tensor_scale``);
 * ``to_stored(scale, zero, scheme) -> {name: tensor}`` and ``from_stored(stored, scheme) -> (scale, zero)``:
-  exact conversions between those tensors and the parameters.
+  exact conversions between those tensors and the parameters;
+* ``group_bits(scheme) -> int``: storage bits per group besides the codes (scale, zero point, type id), for
+  size budgets and bits-per-weight reports.
 
 What ``scale`` and ``zero`` mean is the format's (documented in its module). Registering a key twice is an
 error.
@@ -25,6 +28,7 @@ from typing import Any
 
 from signround.config import DType
 from signround.formats import int_affine
+from signround.formats.bitmod import BitMoDFormat
 from signround.formats.fp import E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat
 from signround.formats.mx import MXFP4Format
 from signround.formats.nvfp4 import NVFP4Format
@@ -53,3 +57,4 @@ register_format(DType.FP8_E4M3, FloatFormat(E4M3))
 register_format(DType.FP8_E5M2, FloatFormat(E5M2))
 register_format(DType.MXFP4, MXFP4Format())
 register_format(DType.NVFP4, NVFP4Format())
+register_format(DType.BITMOD, BitMoDFormat())

@@ -294,6 +294,10 @@ class FloatFormat:
 
     # ---------------------------------------------------------------- storage (QuantLinear buffers)
 
+    def group_bits(self, scheme: Any) -> int:
+        """Storage bits per group besides the codes: one float16 scale."""
+        return 16
+
     def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
         """Buffers a ``QuantLinear`` holds besides ``qweight``: ``scales`` float16 ``[out, groups]``."""
         return {"scales": ((out_features, groups), torch.float16)}

@@ -134,3 +134,9 @@ def from_stored(stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Ten
     if scheme.sym:
         return scale, torch.full_like(scale, 2 ** (scheme.bits - 1), dtype=torch.uint8)
     return scale, stored["qzeros"]
+
+
+def group_bits(scheme: Any) -> int:
+    """Storage bits per group besides the codes: a float16 scale and, when asymmetric, a ``bits``-wide zero
+    point (how auto_round / GPTQ checkpoints pack zeros)."""
+    return 16 + (0 if scheme.sym else scheme.bits)

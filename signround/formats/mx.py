@@ -63,6 +63,10 @@ class MXFP4Format(FloatFormat):
         scale = pow2(exp.detach()) + (smooth - smooth.detach())
         return scale, torch.ones_like(scale)
 
+    def group_bits(self, scheme: Any) -> int:
+        """Storage bits per block besides the codes: one E8M0 byte."""
+        return 8
+
     def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
         """``scales`` uint8 ``[out, groups]``: E8M0 bytes (``2^(byte - 127)``)."""
         return {"scales": ((out_features, groups), torch.uint8)}

@@ -58,6 +58,10 @@ class NVFP4Format(FloatFormat):
         block = round_to_grid(absmax / (E2M1_MAX * s_t), E4M3)
         return block, s_t.expand_as(block)
 
+    def group_bits(self, scheme: Any) -> int:
+        """Storage bits per block besides the codes: one e4m3 byte (the per-tensor float32 scale is not counted)."""
+        return 8
+
     def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
         """``scales`` float8_e4m3fn ``[out, groups]`` and ``tensor_scale`` float32 ``[1]``."""
         return {"scales": ((out_features, groups), torch.float8_e4m3fn), "tensor_scale": ((1,), torch.float32)}

@@ -1,8 +1,8 @@
 """Storage cost of a quantized layer and the bit budget of a mixed-precision run (pure functions).
 
-Bits per weight count everything a checkpoint stores per group: the ``bits``-wide codes, one float16
-scale per group and, for asymmetric grids, one ``bits``-wide zero point per group (how auto_round, GPTQ
-and signround checkpoints pack zeros). Layers kept in float cost 16 bits per weight.
+Bits per weight count everything a checkpoint stores: the ``bits``-wide codes and the format's per-group
+``group_bits`` (for ``int``: a float16 scale and, for asymmetric grids, a ``bits``-wide zero point, how
+auto_round and GPTQ checkpoints pack zeros). Layers kept in float cost 16 bits per weight.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import re
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
+from signround.formats import get_format
 from signround.primitives import num_groups
 
-SCALE_BITS = 16
 FLOAT_BITS = 16
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -24,7 +24,7 @@ def layer_bits(scheme: QuantScheme | None, out_features: int, in_features: int) 
     if scheme is None:
         return FLOAT_BITS * out_features * in_features
     groups = out_features * num_groups(in_features, scheme.group_size)
-    per_group = SCALE_BITS + (0 if scheme.sym else scheme.bits)
+    per_group = get_format(scheme.dtype).group_bits(scheme)
     return scheme.bits * out_features * in_features + per_group * groups
 
 

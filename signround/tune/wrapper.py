@@ -20,7 +20,8 @@ class TunableWeight:
         scheme: target grid.
         in_features: input width (the grouped tensors are zero-padded past it).
         wg: ``[out, groups, g]`` float32 weight, fixed.
-        wmin, wmax: ``[out, groups]`` group extremes (widened to 0), fixed.
+        stats: the format's fixed per-group statistics, ``[out, groups]`` each (``group_minmax``: the
+            extremes widened to 0, and for ``bitmod`` the chosen type ids).
         v: ``[out, groups, g]`` rounding offsets, init 0, learned.
         min_factor, max_factor: ``[out, groups]`` clipping factors, init 1, learned, used clamped to [0, 1].
     """
@@ -28,8 +29,7 @@ class TunableWeight:
     scheme: QuantScheme
     in_features: int
     wg: torch.Tensor
-    wmin: torch.Tensor
-    wmax: torch.Tensor
+    stats: tuple[torch.Tensor, ...]
     v: torch.Tensor
     min_factor: torch.Tensor
     max_factor: torch.Tensor
@@ -38,14 +38,13 @@ class TunableWeight:
     def from_linear(cls, layer: nn.Linear, scheme: QuantScheme, learn: bool) -> TunableWeight:
         fmt = get_format(scheme.dtype)
         wg = to_groups(layer.weight.detach().float(), scheme.group_size)
-        wmin, wmax = fmt.group_minmax(wg)
-        shape = wmin.shape
+        stats = tuple(fmt.group_minmax(wg))
+        shape = stats[0].shape
         return cls(
             scheme=scheme,
             in_features=layer.in_features,
             wg=wg,
-            wmin=wmin,
-            wmax=wmax,
+            stats=stats,
             v=torch.zeros_like(wg, requires_grad=learn),
             min_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
             max_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
@@ -57,7 +56,7 @@ class TunableWeight:
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = get_format(self.scheme.dtype)
         return fmt.compute_qparams(
-            self.wmin, self.wmax, self.scheme.bits, self.scheme.sym, self.min_factor, self.max_factor
+            *self.stats, self.scheme.bits, self.scheme.sym, self.min_factor, self.max_factor
         )
 
     def fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
