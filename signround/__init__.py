@@ -57,6 +57,7 @@ def quantize(
     method: str = "signround",
     layer_config: dict | str | None = None,
     mixed: MixedSpec | None = None,
+    serve_bits: Any = None,
     amp: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -75,6 +76,8 @@ def quantize(
         mixed: a :class:`MixedSpec` (e.g. ``MixedSpec(avg_bits=3.0, bit_options=(2, 3, 4, 8))``) to choose
             each layer's bits for a size budget; ``scheme`` then gives the group size and symmetry, and the
             allocation is recorded in ``config.quantization_config["mixed_precision"]``.
+        serve_bits: Double Rounding: lower widths (e.g. ``(6, 4, 3, 2)``) this checkpoint also serves,
+            recorded in ``quantization_config["serve_bits"]``; ``load_model(path, bits=4)`` derives them.
         amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
         device: where blocks are tuned (default CUDA if available).
 
@@ -96,6 +99,7 @@ def quantize(
             method=method, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size, seed=seed, amp=amp
         ),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
+        serve_bits=serve_bits,
     )
     data = None if text_dataset is not None else dataset
     alloc = None

@@ -44,6 +44,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids (docs/formats.md); --dtype is "
         "the model's compute dtype",
     )
+    p.add_argument(
+        "--serve-bits",
+        default=None,
+        metavar="B,B,...",
+        help="Double Rounding: lower widths this checkpoint also serves (e.g. 6,4,3,2 with --bits 8); "
+        "`signround eval --bits 4` derives one",
+    )
     p.add_argument("--method", choices=["signround", "rtn"], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
     p.add_argument("--nsamples", type=int, default=128)
@@ -146,6 +153,9 @@ def _add_format_args(p: argparse.ArgumentParser) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="convert a signround checkpoint to other formats without re-tuning")
     p.add_argument("--model", required=True, help="a signround checkpoint (or, for gguf:f16, a float model)")
+    p.add_argument(
+        "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
+    )
     p.add_argument("--output", required=True, help="output folder (written atomically)")
     _add_format_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -161,6 +171,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
     p.add_argument("--data-dir", default=None, help="folder of local task files (default ../shared/data/tasks)")
+    p.add_argument(
+        "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
+    )
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (tasks use at least 8)")
@@ -174,6 +187,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="greedy text generation from a float or quantized model (any format)")
     p.add_argument("--model", required=True, help="HF folder, signround/auto-round/GPTQ/compressed-tensors/GGUF")
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--quiet", action="store_true")
@@ -230,8 +246,11 @@ def _quantize(args: argparse.Namespace) -> int:
         layer_rules=parse_layer_config(args.layer_config, scheme),
         tune=tune,
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        serve_bits=args.serve_bits,
     )
     mixed = _mixed_spec(args)
+    if mixed is not None and cfg.serve_bits:
+        raise SignRoundError("--serve-bits derives one width for every layer; drop it or the mixed-precision options")
     if mixed is not None and scheme.dtype.is_float:
         raise SignRoundError(f"mixed precision chooses integer widths; drop --data-type {scheme.dtype.value}")
     formats = export.parse_formats(args.format)
@@ -312,7 +331,7 @@ def _export(args: argparse.Namespace) -> int:
 
     formats = export.parse_formats(args.format)
     check_output(args.output, args.overwrite)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, bits=args.bits)
     out = export.save(
         model, tokenizer, args.output, formats, overwrite=args.overwrite, allow_partial_groups=args.allow_partial_groups
     )
@@ -328,7 +347,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise SignRoundError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, bits=args.bits)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SignRoundError("this tokenizer has no chat template; drop --chat")
@@ -365,7 +384,7 @@ def _eval(args: argparse.Namespace) -> int:
         if not parent.is_dir():
             raise SignRoundError(f"folder {parent} for --json does not exist")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, bits=args.bits)
     result: dict = {}
     if ppl_text:
         ppl = perplexity(

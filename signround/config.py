@@ -319,3 +319,24 @@ class QuantConfig:
     layer_rules: tuple[LayerRule, ...] = ()
     tune: TuneConfig = field(default_factory=TuneConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    serve_bits: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, self.scheme))
+
+
+def parse_serve_bits(value: Any, scheme: QuantScheme) -> tuple[int, ...]:
+    """Double Rounding's lower precisions (``"6,4,3,2"`` or a sequence) -> a sorted tuple, each in
+    ``2..scheme.bits - 1``; only integer grids derive lower widths (see :mod:`signround.pack.derive`)."""
+    if value is None or value == "" or value == ():
+        return ()
+    try:
+        items = [int(b) for b in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise SignRoundError(f"--serve-bits takes widths like 6,4,3,2, got {value!r}") from None
+    if scheme.dtype is not DType.INT:
+        raise SignRoundError(f"--serve-bits derives integer grids; drop it or use --data-type int, not {scheme.dtype.value}")
+    bad = [b for b in items if not 2 <= b < scheme.bits]
+    if bad:
+        raise SignRoundError(f"--serve-bits must be below --bits {scheme.bits} and at least 2, got {bad}")
+    return tuple(sorted(set(items), reverse=True))

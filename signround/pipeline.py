@@ -305,4 +305,5 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,
         },
+        **({"serve_bits": list(cfg.serve_bits)} if cfg.serve_bits else {}),
     }

@@ -123,9 +123,12 @@ def resolve_model(spec: str) -> str:
     )
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, bits: int | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode. Quantized signround checkpoints come back with
-    ``QuantLinear`` layers; everything else as a float model in ``dtype``.
+    ``QuantLinear`` layers; everything else as a float model in ``dtype``. ``bits`` serves a quantized
+    integer checkpoint at a lower width by Double Rounding (:mod:`signround.pack.derive`).
 
     Raises:
         SignRoundError: the model cannot be found or read, or its weights are not finite.
@@ -140,13 +143,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
     elif path.is_dir() and read_quantization_config(path) is not None:
         from signround.export.native import load_quantized  # local: export sits above model/
 
-        return load_quantized(path, dtype)
+        model, tokenizer = load_quantized(path, dtype)
+        if bits is not None:
+            from signround.pack.derive import serve_at_bits
+
+            serve_at_bits(model, bits)
+        return model, tokenizer
     else:
         if path.is_file():
             raise SignRoundError(f"{path} is a file; give a model folder or a .gguf file")
         if path.is_dir() and not (path / "config.json").is_file():
             raise SignRoundError(f"{path} has no config.json; it is not an HF model folder")
         model, tokenizer = _from_pretrained(where, dtype)
+    if bits is not None:
+        raise SignRoundError(f"--bits serves a quantized checkpoint at fewer bits; {spec} is not one")
     check_finite(model)
     model.eval()
     return model, tokenizer
