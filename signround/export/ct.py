@@ -13,6 +13,18 @@ For a quantized linear ``P`` with weight ``[out, in]``, ``b`` bits, ``G`` groups
 Dequantized: ``W = (q - zp) * scale`` with signed ``q = code - 2^(b-1)``, ``zp = zero - 2^(b-1)``, which is
 our ``(code - zero) * scale``. Stock readers need groups that divide the layer width; a partial last group
 is refused unless ``allow_partial_groups`` is set.
+
+MXFP4 and NVFP4 layers go to ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized`` config groups (the
+library's ``MXFP4A16`` / ``NVFP4A16`` weight arguments):
+
+* ``P.weight_packed`` uint8 ``[out, in / 2]``: two e2m1 codes per byte, the even column in the low nibble;
+  a code is sign (bit 3), exponent (bits 2-1), mantissa (bit 0), as ours.
+* ``P.weight_scale`` ``[out, in / g]``: MXFP4 uint8 E8M0 bytes (``2^(byte - 127)``, ours unchanged);
+  NVFP4 float8_e4m3fn block scales (ours unchanged).
+* ``P.weight_global_scale`` float32 ``[1]`` (NVFP4): the reciprocal of our tensor scale, ``1 / s_t``; the
+  reader divides by it, so a weight is ours up to one float32 rounding of that reciprocal.
+
+Only integer, MXFP4 and NVFP4 grids export here; the group must divide the layer width (no override).
 """
 
 from __future__ import annotations
@@ -50,13 +62,27 @@ def _divisor_hint(width: int, group: int) -> int | None:
     return None
 
 
+FP4_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
+
+
 def check_ct(model: nn.Module, planned: list[Planned], allow_partial_groups: bool = False, **_: Any) -> None:
-    """Refuse what pack-quantized cannot hold: non-integer grids, and (unless ``allow_partial_groups``) groups
-    that do not divide a layer's input width, which stock readers fail on at the first forward."""
+    """Refuse what compressed-tensors cannot hold: grids other than int / mxfp4 / nvfp4, and (unless
+    ``allow_partial_groups``, integer grids only) groups that do not divide a layer's input width, which
+    stock readers fail on at the first forward."""
     _ct()
     for p in planned:
-        if p.scheme.dtype.value != "int":
-            raise SignRoundError(f"pack-quantized stores integer grids only; {p.name} uses {p.scheme.dtype.value}")
+        dtype = p.scheme.dtype.value
+        if dtype in FP4_FORMATS:
+            if p.in_features % p.scheme.group_size:
+                raise SignRoundError(
+                    f"{FP4_FORMATS[dtype]} needs whole blocks of {p.scheme.group_size}; {p.name} has input width "
+                    f"{p.in_features}; keep that layer in float with --layer-config"
+                )
+            continue
+        if dtype != "int":
+            raise SignRoundError(
+                f"compressed-tensors stores int, mxfp4 and nvfp4 grids; {p.name} uses {dtype} (use --format native)"
+            )
         g = p.scheme.group_size
         if not allow_partial_groups and g != -1 and p.in_features % g:
             hint = _divisor_hint(p.in_features, g)
@@ -67,7 +93,20 @@ def check_ct(model: nn.Module, planned: list[Planned], allow_partial_groups: boo
             )
 
 
+def fp4_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """``weight_packed`` / ``weight_scale`` (/ ``weight_global_scale``) of an MXFP4 or NVFP4 layer."""
+    codes = layer.codes()
+    tensors = {"weight_packed": codes[:, 0::2] | (codes[:, 1::2] << 4), "weight_scale": layer.scales.clone()}
+    if layer.scheme.dtype.value == "nvfp4":
+        tensors["weight_global_scale"] = 1.0 / layer.tensor_scale.float()
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.detach()
+    return tensors
+
+
 def layer_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if layer.scheme.dtype.value in FP4_FORMATS:
+        return fp4_tensors(layer)
     pack_to_int32 = _ct()[0]
     bits = layer.scheme.bits
     offset = 2 ** (bits - 1)
@@ -92,7 +131,18 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, Any
     for name, layer in layers.items():
         by_scheme.setdefault(layer.scheme, []).append(name)
     groups = {}
+    formats = set()
     for i, (scheme, names) in enumerate(by_scheme.items()):
+        targets = ["Linear"] if len(by_scheme) == 1 else names
+        fp4 = FP4_FORMATS.get(scheme.dtype.value)
+        if fp4 is not None:
+            from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+            preset = PRESET_SCHEMES["NVFP4A16" if scheme.dtype.value == "nvfp4" else "MXFP4A16"]
+            groups[f"group_{i}"] = QuantizationScheme(targets=targets, **preset, format=fp4)
+            formats.add(fp4)
+            continue
+        formats.add("pack-quantized")
         args = QuantizationArgs(
             num_bits=scheme.bits,
             type="int",
@@ -100,13 +150,15 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, Any
             strategy="channel" if scheme.group_size == -1 else "group",
             group_size=None if scheme.group_size == -1 else scheme.group_size,
         )
-        targets = ["Linear"] if len(by_scheme) == 1 else names
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
     ignore = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in ignore:
         ignore.append("lm_head")
     config = QuantizationConfig(
-        config_groups=groups, format="pack-quantized", quantization_status="compressed", ignore=ignore
+        config_groups=groups,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+        ignore=ignore,
     )
     return config.model_dump()
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
-from signround.pack.bitpack import unpack_bitstream
+from signround.pack.bitpack import pack_int32, unpack_bitstream
 from signround.pack.packed import QuantLinear
 
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j of an 8-group is stored in slot AWQ_ORDER[j]
@@ -60,9 +60,29 @@ def _gptq_layer(t: dict[str, torch.Tensor], out: int, inp: int, bits: int, group
     return _layer(codes, scales, zeros, bits, group, sym, t.get("bias"))
 
 
+def _ct_fp4_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str, Any]):
+    """An MXFP4 (uint8 E8M0 scales, block 32) or NVFP4 (e4m3 scales, block 16, global scale) layer."""
+    packed = t["weight_packed"]
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(out, inp)
+    nvfp4 = "weight_global_scale" in t
+    scheme = QuantScheme(dtype="nvfp4" if nvfp4 else "mxfp4")
+    if int(args.get("group_size") or 0) != scheme.group_size:
+        raise ValueError(f"{scheme.dtype.value} needs group size {scheme.group_size}, config says {args.get('group_size')}")
+    layer = QuantLinear(inp, out, scheme, "bias" in t, torch.float32)
+    layer.qweight.copy_(pack_int32(codes, 4))
+    layer.scales.copy_(t["weight_scale"])
+    if nvfp4:  # the reader divides by the global scale; signround multiplies by its reciprocal
+        layer.tensor_scale.copy_(1.0 / t["weight_global_scale"].float().reshape(1))
+    if "bias" in t:
+        layer.bias.data.copy_(t["bias"])
+    return layer
+
+
 def _ct_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str, Any]):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    if args.get("type") == "float" and int(args.get("num_bits", 0)) == 4:
+        return _ct_fp4_layer(t, out, inp, args)
     bits, sym = int(args["num_bits"]), bool(args.get("symmetric", True))
     group = -1 if args.get("strategy") == "channel" else int(args["group_size"])
     off = 2 ** (bits - 1)

@@ -378,3 +378,31 @@ def test_cli_quantizes_with_a_floating_point_dtype(tmp_path, model_dir):
     assert main([*argv, "--data-type", "nvfp4"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["dtype"]) == (4, 16, True, "nvfp4")
+
+
+@pytest.mark.parametrize("dtype", [DType.MXFP4, DType.NVFP4])
+def test_compressed_tensors_fp4_export_loads_in_transformers_and_signround(tmp_path, tokenizer, dtype):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    q = quantize_tiny(tokenizer, scheme=QuantScheme(dtype=dtype))
+    ids = torch.tensor([[5, 17, 33, 90, 200, 7, 9, 11, 64, 3]])
+    with torch.no_grad():
+        ref = q(ids).logits
+    export.save(q, tokenizer, tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((tmp_path / "ct/config.json").read_text())["quantization_config"]
+    assert qc["format"] == f"{dtype.value}-pack-quantized"
+    # the library's reader, decompressing at load: its weight is ours rounded to bfloat16 (its unpack dtype),
+    # exactly ours for MXFP4 (e2m1 x a power of two fits bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True))
+    name = "model.layers.0.mlp.down_proj"
+    ours = q.get_submodule(name).dequantize()
+    theirs = loaded.get_submodule(name).weight
+    assert torch.equal(theirs, ours.bfloat16().float())
+    if dtype is DType.MXFP4:
+        assert torch.equal(theirs, ours)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, ref, atol=5e-3)
+    back, _ = signround.load_model(str(tmp_path / "ct"))  # signround reads it back as the same grid
+    assert back.get_submodule(name).scheme == QuantScheme(dtype=dtype)
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, ref, atol=1e-5, rtol=0)
