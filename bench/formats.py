@@ -19,14 +19,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, add_recipe_args, recipe_from, sh, signround_eval  # noqa: E402
 
-# (label, --data-type, bits, group size, methods). W4G32 asym is lossless on SmolLM2 (its GGUF is on
-# that grid), so no integer row uses group 32.
-GRIDS = [
+# (label, --data-type, bits, group size, methods, extra flags). W4G32 asym is lossless on SmolLM2 (its GGUF
+# is on that grid), so no integer row uses group 32. GRIDS_4 run first, then Double Rounding (SignRound),
+# then the rest, so a stopped run has the most informative rows.
+SEARCH = ("--format-search", "fp4_e2m1,fp4_e1m2,fp4_e3m0")
+GRIDS_4 = [
     ("INT4 G128 asym", "int", 4, 128, ("rtn", "signround")),
     ("FP4 e2m1 G128", "fp4_e2m1", 4, 128, ("rtn", "signround")),
     ("BitMoD G128", "bitmod", 4, 128, ("rtn", "signround")),
     ("MXFP4 (G32, E8M0)", "mxfp4", 4, 32, ("rtn", "signround")),
     ("NVFP4 (G16, E4M3)", "nvfp4", 4, 16, ("rtn", "signround")),
+    ("FP4 searched per layer (e2m1/e1m2/e3m0) G128", "fp4_e2m1", 4, 128, ("rtn", "signround"), SEARCH),
+]
+GRIDS_REST = [
     ("INT3 G128 asym", "int", 3, 128, ("rtn", "signround")),
     ("INT6 G128 asym", "int", 6, 128, ("rtn",)),
     ("FP6 e2m3 G128", "fp6_e2m3", 6, 128, ("rtn",)),
@@ -83,28 +88,41 @@ def main() -> None:
     def ppl(checkpoint: Path, bits: int | None = None) -> float:
         tag = f"-b{bits}" if bits else ""
         flags = windows + (["--bits", str(bits)] if bits else [])
-        return signround_eval(str(checkpoint), checkpoint.with_name(f"{checkpoint.name}{tag}-ppl{args.max_windows}.json"), flags)["ppl"]
+        return signround_eval(
+            str(checkpoint), checkpoint.with_name(f"{checkpoint.name}{tag}-ppl{args.max_windows}.json"), flags
+        )["ppl"]
 
     float_ppl = signround_eval(args.model, work / f"float-ppl{args.max_windows}.json", windows)["ppl"]
     rows: list[dict] = []
-    for label, dtype, bits, group, methods in GRIDS:
-        for method in methods:
-            q = quantize(f"{dtype}-w{bits}g{group}", dtype, bits, group, method)
-            rows.append({"grid": label, "dtype": dtype, "bits": bits, "group_size": group, "method": method,
-                         "bits_per_weight": q["bits_per_weight"], "ppl": ppl(q["checkpoint"]),
-                         "quant_seconds": q["quant_seconds"]})  # fmt: skip
-            write(args, command, float_ppl, rows, [])
     double: list[dict] = []
-    if not args.skip_double_rounding:
-        for method in ("rtn", "signround"):
-            serve = ",".join(map(str, SERVE))
-            w8 = quantize("dr-int-w8g128", "int", 8, 128, method, ("--serve-bits", serve))
-            double.append({"bits": 8, "method": method, "derived": ppl(w8["checkpoint"]), "direct": ppl(w8["checkpoint"])})
-            for bits in SERVE:
-                direct = quantize(f"int-w{bits}g128", "int", bits, 128, method)
-                double.append({"bits": bits, "method": method, "derived": ppl(w8["checkpoint"], bits),
-                               "direct": ppl(direct["checkpoint"])})  # fmt: skip
+
+    def grids(table: list[tuple]) -> None:
+        for label, dtype, bits, group, methods, *extra in table:
+            flags = tuple(extra[0]) if extra else ()
+            name = f"{dtype}-w{bits}g{group}" + ("-search" if flags else "")
+            for method in methods:
+                q = quantize(name, dtype, bits, group, method, flags)
+                rows.append({"grid": label, "dtype": "search" if flags else dtype, "bits": bits, "group_size": group,
+                             "method": method, "bits_per_weight": q["bits_per_weight"], "ppl": ppl(q["checkpoint"]),
+                             "quant_seconds": q["quant_seconds"]})  # fmt: skip
                 write(args, command, float_ppl, rows, double)
+
+    def double_rounding(method: str) -> None:
+        serve = ",".join(map(str, SERVE))
+        w8 = quantize("dr-int-w8g128", "int", 8, 128, method, ("--serve-bits", serve))
+        double.append({"bits": 8, "method": method, "derived": ppl(w8["checkpoint"]), "direct": ppl(w8["checkpoint"])})
+        for bits in SERVE:
+            direct = quantize(f"int-w{bits}g128", "int", bits, 128, method)
+            double.append({"bits": bits, "method": method, "derived": ppl(w8["checkpoint"], bits),
+                           "direct": ppl(direct["checkpoint"])})  # fmt: skip
+            write(args, command, float_ppl, rows, double)
+
+    grids(GRIDS_4)
+    if not args.skip_double_rounding:
+        double_rounding("signround")
+    grids(GRIDS_REST)
+    if not args.skip_double_rounding:
+        double_rounding("rtn")
     write(args, command, float_ppl, rows, double)
     plot(rows, float_ppl)
     print((ROOT / "bench" / "results" / "formats.md").read_text())
@@ -126,7 +144,8 @@ def write(args, command: str, float_ppl: float, rows: list[dict], double: list[d
         f"2048, the first {args.max_windows} windows; float model {float_ppl:.3f}. CPU, float32. Bits per weight "
         "count the codes and each format's per-group storage (float16 scale; a 4-bit zero point for asymmetric "
         "INT; an 8-bit E8M0 / E4M3 block scale for MXFP4 / NVFP4; scale + 4-bit zero + 3-bit type id for "
-        "BitMoD) over the decoder linears.",
+        "BitMoD) over the decoder linears. `FP4 searched`: each layer gets e2m1, e1m2 or e3m0 by the least "
+        "activation-weighted rounding error (`--format-search`, LLM-FP4's format search).",
         "",
         "| grid | bits/weight | method | ppl | quant s |",
         "|---|---:|---|---:|---:|",
@@ -148,9 +167,8 @@ def write(args, command: str, float_ppl: float, rows: list[dict], double: list[d
             "|---:|---|---:|---:|---:|",
         ]
         for d in double:
-            lines.append(
-                f"| {d['bits']} | {d['method']} | {d['derived']:.3f} | {d['direct']:.3f} | {d['derived'] / d['direct']:.3f} |"
-            )
+            ratio = d["derived"] / d["direct"]
+            lines.append(f"| {d['bits']} | {d['method']} | {d['derived']:.3f} | {d['direct']:.3f} | {ratio:.3f} |")
     lines += ["", "![ppl vs bits per weight](formats.png)", ""]
     (results / "formats.md").write_text("\n".join(lines))
 
@@ -167,7 +185,7 @@ def plot(rows: list[dict], float_ppl: float) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"rtn": "o", "signround": "s"}
     for r in rows:
-        color = "tab:blue" if r["dtype"] == "int" else "tab:purple" if r["dtype"] == "bitmod" else "tab:orange"
+        color = {"int": "tab:blue", "bitmod": "tab:purple", "search": "tab:green"}.get(r["dtype"], "tab:orange")
         filled = r["method"] == "signround"
         ax.scatter(r["bits_per_weight"], r["ppl"], marker=markers[r["method"]], color=color if filled else "none",
                    edgecolors=color, s=45)  # fmt: skip
@@ -177,7 +195,9 @@ def plot(rows: list[dict], float_ppl: float) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + per-group scales / zeros / type ids)")
     ax.set_ylabel("wikitext-2 ppl (log scale)")
-    ax.set_title("SmolLM2-135M: open = RTN, filled = SignRound; blue INT, orange FP/MX/NV, purple BitMoD")
+    ax.set_title(
+        "SmolLM2-135M: open = RTN, filled = SignRound; blue INT, orange FP/MX/NV, purple BitMoD, green FP4 search"
+    )
     ax.title.set_fontsize(9)
     ax.legend()
     fig.tight_layout()

@@ -58,6 +58,7 @@ def quantize(
     layer_config: dict | str | None = None,
     mixed: MixedSpec | None = None,
     serve_bits: Any = None,
+    format_search: Any = None,
     amp: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -78,6 +79,9 @@ def quantize(
             allocation is recorded in ``config.quantization_config["mixed_precision"]``.
         serve_bits: Double Rounding: lower widths (e.g. ``(6, 4, 3, 2)``) this checkpoint also serves,
             recorded in ``quantization_config["serve_bits"]``; ``load_model(path, bits=4)`` derives them.
+        format_search: data types of one width (``"fp4_e2m1,fp4_e1m2,fp4_e3m0"`` or a sequence); each layer
+            gets the one of least activation-weighted rounding error (LLM-FP4's format search), recorded in
+            ``config.quantization_config["format_search"]``.
         amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
         device: where blocks are tuned (default CUDA if available).
 
@@ -109,9 +113,20 @@ def quantize(
         data = resolve_tokens(model, tokenizer, cfg.calib, data)
         alloc = allocate_bits(model, data, cfg, mixed, progress=progress)
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + alloc.rules())
+    choice = None
+    if format_search is not None:
+        from signround.mixed.formats import choose_formats, parse_candidates
+        from signround.pipeline import resolve_tokens
+
+        candidates = parse_candidates(format_search, scheme)
+        data = resolve_tokens(model, tokenizer, cfg.calib, data)
+        choice = choose_formats(model, data, candidates)
+        cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + choice.rules())
     run(model, tokenizer, cfg, data=data, device=device, progress=progress)
     if alloc is not None:
         model.config.quantization_config["mixed_precision"] = alloc.to_config()
+    if choice is not None:
+        model.config.quantization_config["format_search"] = choice.to_config()
     return model
 
 

@@ -112,6 +112,13 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         "fisher: weight-space Fisher proxy",
     )
     g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
+    p.add_argument(
+        "--format-search",
+        default=None,
+        metavar="DTYPE,DTYPE,...",
+        help="per layer, the data type of least activation-weighted rounding error among these (one width), "
+        "e.g. fp4_e2m1,fp4_e1m2,fp4_e3m0 (LLM-FP4) or int,fp4_e2m1; native format only",
+    )
 
 
 def _mixed_spec(args: argparse.Namespace):
@@ -259,6 +266,15 @@ def _quantize(args: argparse.Namespace) -> int:
             "gguf formats store one width for every layer; drop gguf from --format for a mixed-precision run "
             "(auto_round, gptq, compressed-tensors and native keep per-layer bits)"
         )
+    search = None
+    if args.format_search is not None:
+        from signround.mixed.formats import parse_candidates
+
+        search = parse_candidates(args.format_search, scheme)
+        if mixed is not None or cfg.serve_bits:
+            raise SignRoundError(
+                "--format-search chooses the grid per layer; drop --avg-bits/--target-size/--serve-bits"
+            )
     check_output(args.output, args.overwrite)
     state_dir = run_dir_for(args.output)
     refuse_unresumed(state_dir, args.resume)  # fail before loading anything
@@ -280,6 +296,18 @@ def _quantize(args: argparse.Namespace) -> int:
         alloc = allocate_bits(model, tokens, cfg, mixed, progress=not args.quiet)
         print(alloc.table())
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + alloc.rules())
+    choice = None
+    if search is not None:
+        from signround.mixed.formats import choose_formats
+        from signround.pipeline import resolve_tokens
+        from signround.runstate import RunState
+
+        tokens = RunState.saved_tokens(state_dir) if args.resume else None
+        if tokens is None:
+            tokens = resolve_tokens(model, tokenizer, cfg.calib, None)
+        choice = choose_formats(model, tokens, search)
+        log.info("format search: %s", ", ".join(f"{k} x{v}" for k, v in choice.counts().items()))
+        cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + choice.rules())
     export.check_formats(model, plan(model, cfg), formats, allow_partial_groups=args.allow_partial_groups)
     log.info("quantizing %s to %s with %s (%d iters)", args.model, scheme.name, tune.method.value, tune.iters)
     report = run(
@@ -294,6 +322,8 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     if alloc is not None:
         model.config.quantization_config["mixed_precision"] = alloc.to_config()
+    if choice is not None:
+        model.config.quantization_config["format_search"] = choice.to_config()
     out = export.save(
         model, tokenizer, args.output, formats, overwrite=args.overwrite, allow_partial_groups=args.allow_partial_groups
     )
@@ -308,6 +338,8 @@ def _quantize(args: argparse.Namespace) -> int:
     }
     if alloc is not None:
         result["mixed_precision"] = {**alloc.to_config(), "sensitivity_seconds": alloc.seconds}
+    if choice is not None:
+        result["format_search"] = choice.to_config()
     if args.eval_ppl:
         ppl = perplexity(
             model,

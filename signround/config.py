@@ -38,6 +38,8 @@ class DType(str, enum.Enum):
 
     INT = "int"
     FP4_E2M1 = "fp4_e2m1"
+    FP4_E1M2 = "fp4_e1m2"
+    FP4_E3M0 = "fp4_e3m0"
     FP6_E2M3 = "fp6_e2m3"
     FP6_E3M2 = "fp6_e3m2"
     FP8_E4M3 = "fp8_e4m3"
@@ -65,6 +67,8 @@ class DType(str, enum.Enum):
 
 _FLOAT_BITS = {
     DType.FP4_E2M1: 4,
+    DType.FP4_E1M2: 4,
+    DType.FP4_E3M0: 4,
     DType.FP6_E2M3: 6,
     DType.FP6_E3M2: 6,
     DType.FP8_E4M3: 8,
@@ -335,7 +339,9 @@ def parse_serve_bits(value: Any, scheme: QuantScheme) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise SignRoundError(f"--serve-bits takes widths like 6,4,3,2, got {value!r}") from None
     if scheme.dtype is not DType.INT:
-        raise SignRoundError(f"--serve-bits derives integer grids; drop it or use --data-type int, not {scheme.dtype.value}")
+        raise SignRoundError(
+            f"--serve-bits derives integer grids; drop it or use --data-type int, not {scheme.dtype.value}"
+        )
     bad = [b for b in items if not 2 <= b < scheme.bits]
     if bad:
         raise SignRoundError(f"--serve-bits must be below --bits {scheme.bits} and at least 2, got {bad}")

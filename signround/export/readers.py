@@ -67,7 +67,9 @@ def _ct_fp4_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str
     nvfp4 = "weight_global_scale" in t
     scheme = QuantScheme(dtype="nvfp4" if nvfp4 else "mxfp4")
     if int(args.get("group_size") or 0) != scheme.group_size:
-        raise ValueError(f"{scheme.dtype.value} needs group size {scheme.group_size}, config says {args.get('group_size')}")
+        raise ValueError(
+            f"{scheme.dtype.value} needs group size {scheme.group_size}, config says {args.get('group_size')}"
+        )
     layer = QuantLinear(inp, out, scheme, "bias" in t, torch.float32)
     layer.qweight.copy_(pack_int32(codes, 4))
     layer.scales.copy_(t["weight_scale"])

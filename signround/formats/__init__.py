@@ -29,7 +29,7 @@ from typing import Any
 from signround.config import DType
 from signround.formats import int_affine
 from signround.formats.bitmod import BitMoDFormat
-from signround.formats.fp import E2M1, E2M3, E3M2, E4M3, E5M2, FloatFormat
+from signround.formats.fp import E1M2, E2M1, E2M3, E3M0, E3M2, E4M3, E5M2, FloatFormat
 from signround.formats.mx import MXFP4Format
 from signround.formats.nvfp4 import NVFP4Format
 
@@ -51,6 +51,8 @@ def get_format(dtype: DType) -> Any:
 
 register_format(DType.INT, int_affine)
 register_format(DType.FP4_E2M1, FloatFormat(E2M1))
+register_format(DType.FP4_E1M2, FloatFormat(E1M2))
+register_format(DType.FP4_E3M0, FloatFormat(E3M0))
 register_format(DType.FP6_E2M3, FloatFormat(E2M3))
 register_format(DType.FP6_E3M2, FloatFormat(E3M2))
 register_format(DType.FP8_E4M3, FloatFormat(E4M3))

@@ -133,7 +133,12 @@ class BitMoDFormat:
         return scale, torch.stack([types.to(scale.dtype), zero_point], dim=-1)
 
     def fake_quant(
-        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | None = None, v: torch.Tensor | None = None
+        self,
+        wg: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Quantize-dequantize ``wg [out, groups, g]``, straight-through in ``v``, ``scale`` and the zero point."""
         table = _group_tables(zero[..., 0].detach())
@@ -146,7 +151,12 @@ class BitMoDFormat:
 
     @torch.no_grad()
     def quantize_codes(
-        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | None = None, v: torch.Tensor | None = None
+        self,
+        wg: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """uint8 codes ``[out, groups, g]`` (indices into each group's table) for :meth:`fake_quant`'s rounding."""
         x = wg / scale.unsqueeze(-1) + zero[..., 1].unsqueeze(-1)

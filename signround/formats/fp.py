@@ -10,6 +10,8 @@ exponent bias ``2^(E-1) - 1``. A magnitude with exponent field ``e`` and mantiss
 dtype     bias  max       min > 0    codes that are not finite numbers
 ========  ====  ========  =========  ===================================================================
 e2m1      1     6         0.5        none (OCP MX FP4)
+e1m2      0     3.5       0.5        none (LLM-FP4's E1M2: uniform steps of 0.5, an INT4-like grid)
+e3m0      3     16        0.25       none (LLM-FP4's E3M0: powers of two)
 e2m3      1     7.5       0.125      none (OCP MX FP6)
 e3m2      3     28        0.0625     none (OCP MX FP6)
 e4m3      7     448       2^-9       magnitude 0x7F is NaN; no infinity (the "fn" variant, OCP FP8 E4M3)
@@ -24,7 +26,8 @@ Because the magnitude field increases with the value, the magnitude code *is* th
 table of representable magnitudes, and its lowest bit is the mantissa's lowest bit.
 
 **Rounding.** ``x = w / scale`` is rounded to the nearest representable value; ties go to the even
-mantissa (IEEE round-half-to-even, as the OCP MX spec and torch's float8 casts do). Magnitudes above the
+mantissa (IEEE round-half-to-even, as the OCP MX spec and torch's float8 casts do); without mantissa bits
+(e3m0), to the even magnitude code. Magnitudes above the
 grid maximum saturate to it (no infinities, no NaN).
 
 **SignRound's offset** ``v`` is in units of the local grid step: the spacing of the two representable
@@ -105,6 +108,8 @@ class Minifloat:
 
 
 E2M1 = Minifloat("e2m1", 2, 1)
+E1M2 = Minifloat("e1m2", 1, 2)
+E3M0 = Minifloat("e3m0", 3, 0)
 E2M3 = Minifloat("e2m3", 2, 3)
 E3M2 = Minifloat("e3m2", 3, 2)
 E4M3 = Minifloat("e4m3", 4, 3, "fn")
@@ -167,7 +172,12 @@ def nearest(x: torch.Tensor, fmt: Minifloat, v: torch.Tensor | None = None) -> t
     y = a / step
     if v is not None:
         y = y + torch.where(x < 0, -v, v).clamp(-0.5, 0.5)  # v moves the signed value: mirror it for x < 0
-    q = (torch.round(y) * step).clamp(max=fmt.max_value)
+    r = torch.round(y)
+    if fmt.man_bits == 0:  # no mantissa: a tie between 2^e and 2^(e+1) goes to the even exponent code
+        lower_code = torch.frexp(step)[1] - 1 + fmt.bias  # code of the value `step` (= 2^e) itself
+        tie = (y - torch.floor(y) == 0.5) & (torch.floor(y) == 1)
+        r = torch.where(tie, torch.where(lower_code % 2 == 0, 1.0, 2.0), r)
+    q = (r * step).clamp(max=fmt.max_value)
     return torch.copysign(q, x), step
 
 

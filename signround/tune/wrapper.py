@@ -55,9 +55,7 @@ class TunableWeight:
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = get_format(self.scheme.dtype)
-        return fmt.compute_qparams(
-            *self.stats, self.scheme.bits, self.scheme.sym, self.min_factor, self.max_factor
-        )
+        return fmt.compute_qparams(*self.stats, self.scheme.bits, self.scheme.sym, self.min_factor, self.max_factor)
 
     def fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized-dequantized weight ``[out, in]``, differentiable in ``v`` and the factors."""

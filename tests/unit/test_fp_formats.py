@@ -25,6 +25,8 @@ from tests.conftest import make_model, quantize_tiny
 # dtype -> (exponent bits, mantissa bits, specials); the element format of every floating-point dtype
 ELEMENTS = {
     DType.FP4_E2M1: (2, 1, "none"),
+    DType.FP4_E1M2: (1, 2, "none"),
+    DType.FP4_E3M0: (3, 0, "none"),
     DType.FP6_E2M3: (2, 3, "none"),
     DType.FP6_E3M2: (3, 2, "none"),
     DType.FP8_E4M3: (4, 3, "fn"),
@@ -32,7 +34,7 @@ ELEMENTS = {
     DType.MXFP4: (2, 1, "none"),
     DType.NVFP4: (2, 1, "none"),
 }
-GRIDS = [DType.FP4_E2M1, DType.FP6_E2M3, DType.FP6_E3M2, DType.FP8_E4M3, DType.FP8_E5M2]
+GRIDS = [DType.FP4_E2M1, DType.FP4_E1M2, DType.FP4_E3M0, DType.FP6_E2M3, DType.FP6_E3M2, DType.FP8_E4M3, DType.FP8_E5M2]
 TORCH_FP8 = {DType.FP8_E4M3: torch.float8_e4m3fn, DType.FP8_E5M2: torch.float8_e5m2}
 
 
@@ -393,7 +395,9 @@ def test_compressed_tensors_fp4_export_loads_in_transformers_and_signround(tmp_p
     assert qc["format"] == f"{dtype.value}-pack-quantized"
     # the library's reader, decompressing at load: its weight is ours rounded to bfloat16 (its unpack dtype),
     # exactly ours for MXFP4 (e2m1 x a power of two fits bfloat16)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     name = "model.layers.0.mlp.down_proj"
     ours = q.get_submodule(name).dequantize()
     theirs = loaded.get_submodule(name).weight
