@@ -1,0 +1,59 @@
+"""Activation quantizers (fake-quant, straight-through): per-token dynamic and per-channel static.
+
+Activations ``x [..., in]`` (the input of a linear layer) are quantized symmetrically, with no zero point:
+
+* ``int``: ``q = clamp(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1)``, ``x ~= q * s`` (the symmetric
+  "restricted" range, as activation kernels use, so that ``-q`` is representable);
+* ``fp8_e4m3`` / ``fp4_e2m1``: ``x / s`` rounded to the minifloat grid (:mod:`signround.formats.fp`),
+  saturating at its max (448 / 6).
+
+The scale ``s`` is ``absmax / grid_max``: per token (the last dimension's absmax of each row, computed at run
+time: *dynamic*) or per input channel (from calibration data, fixed: *static*, ``[in]``). Gradients pass
+straight through the rounding (and are zero where a value saturates), so SignRound can tune weights with
+quantized activations in the block's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from signround.formats.fp import E2M1, E4M3, Minifloat, round_to_grid
+
+ACT_DTYPES = ("int", "fp8_e4m3", "fp4_e2m1")
+_ELEMENT: dict[str, Minifloat] = {"fp8_e4m3": E4M3, "fp4_e2m1": E2M1}
+MIN_SCALE = 1e-8
+
+
+def grid_max(dtype: str, bits: int) -> float:
+    """The largest quantized magnitude: ``2^(b-1) - 1`` for ``int``, the element max for floats."""
+    if dtype == "int":
+        return float(2 ** (bits - 1) - 1)
+    if dtype not in _ELEMENT:
+        raise ValueError(f"unknown activation dtype {dtype!r}; choose one of {ACT_DTYPES}")
+    return _ELEMENT[dtype].max_value
+
+
+def _round(y: torch.Tensor, dtype: str, bits: int) -> torch.Tensor:
+    """``y`` (in grid units) onto the grid with a straight-through gradient, saturated."""
+    top = grid_max(dtype, bits)
+    if dtype == "int":
+        y = y.clamp(-top, top)
+        return y + (torch.round(y) - y).detach()
+    return round_to_grid(y, _ELEMENT[dtype])
+
+
+def fake_quant_token(x: torch.Tensor, bits: int = 8, dtype: str = "int") -> torch.Tensor:
+    """Per-token dynamic quantize-dequantize of ``x [..., in]`` (one scale per row, from its absmax)."""
+    scale = (x.detach().abs().amax(dim=-1, keepdim=True) / grid_max(dtype, bits)).clamp(min=MIN_SCALE)
+    return _round(x / scale, dtype, bits) * scale
+
+
+def channel_scales(absmax: torch.Tensor, bits: int = 8, dtype: str = "int", clip: float = 1.0) -> torch.Tensor:
+    """Static per-channel scales ``[in]`` from the calibration absmax per input channel, clipped by ``clip``."""
+    return (absmax.float() * clip / grid_max(dtype, bits)).clamp(min=MIN_SCALE)
+
+
+def fake_quant_channel(x: torch.Tensor, scale: torch.Tensor, bits: int = 8, dtype: str = "int") -> torch.Tensor:
+    """Per-channel static quantize-dequantize of ``x [..., in]`` with fixed ``scale [in]``."""
+    s = scale.to(x.dtype)
+    return _round(x / s, dtype, bits) * s
