@@ -16,6 +16,7 @@ from typing import Any
 
 from signround._version import __version__
 from signround.config import (
+    ActScheme,
     CalibConfig,
     DType,
     LayerRule,
@@ -59,6 +60,7 @@ def quantize(
     mixed: MixedSpec | None = None,
     serve_bits: Any = None,
     format_search: Any = None,
+    act: ActScheme | None = None,
     amp: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -82,6 +84,8 @@ def quantize(
         format_search: data types of one width (``"fp4_e2m1,fp4_e1m2,fp4_e3m0"`` or a sequence); each layer
             gets the one of least activation-weighted rounding error (LLM-FP4's format search), recorded in
             ``config.quantization_config["format_search"]``.
+        act: an :class:`ActScheme` to quantize every quantized linear's input (fake-quant), e.g.
+            ``ActScheme(bits=8)``; SignRound then tunes the weights with quantized inputs.
         amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
         device: where blocks are tuned (default CUDA if available).
 
@@ -104,6 +108,7 @@ def quantize(
         ),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
         serve_bits=serve_bits,
+        act=act,
     )
     data = None if text_dataset is not None else dataset
     alloc = None
@@ -132,6 +137,7 @@ def quantize(
 
 __all__ = [
     "PRESETS",
+    "ActScheme",
     "CalibConfig",
     "DType",
     "LayerRule",

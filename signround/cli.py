@@ -112,6 +112,15 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         "fisher: weight-space Fisher proxy",
     )
     g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
+    a = p.add_argument_group("activations (fake-quantized: simulated in evaluation, native format only)")
+    a.add_argument("--act-bits", type=int, default=None, help="quantize every quantized linear's input: 8 or 4 bits")
+    a.add_argument("--act-dtype", choices=["int", "fp8_e4m3", "fp4_e2m1"], default=None, help="default int")
+    a.add_argument(
+        "--act-granularity",
+        choices=["token", "channel"],
+        default=None,
+        help="token: dynamic per-token scales (default); channel: static per-channel scales from calibration",
+    )
     p.add_argument(
         "--format-search",
         default=None,
@@ -119,6 +128,15 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         help="per layer, the data type of least activation-weighted rounding error among these (one width), "
         "e.g. fp4_e2m1,fp4_e1m2,fp4_e3m0 (LLM-FP4) or int,fp4_e2m1; native format only",
     )
+
+
+def _act_scheme(args: argparse.Namespace):
+    """The :class:`ActScheme` of ``--act-*``, or None when activations stay float."""
+    from signround.config import ActScheme
+
+    if args.act_bits is None and args.act_dtype is None and args.act_granularity is None:
+        return None
+    return ActScheme(bits=args.act_bits, dtype=args.act_dtype or "int", granularity=args.act_granularity or "token")
 
 
 def _mixed_spec(args: argparse.Namespace):
@@ -254,6 +272,7 @@ def _quantize(args: argparse.Namespace) -> int:
         tune=tune,
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         serve_bits=args.serve_bits,
+        act=_act_scheme(args),
     )
     mixed = _mixed_spec(args)
     if mixed is not None and cfg.serve_bits:
@@ -261,6 +280,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if mixed is not None and scheme.dtype.is_float:
         raise SignRoundError(f"mixed precision chooses integer widths; drop --data-type {scheme.dtype.value}")
     formats = export.parse_formats(args.format)
+    if cfg.act is not None:
+        export.refuse_activations(formats)
     if mixed is not None and any(f.startswith("gguf") for f in formats):
         raise SignRoundError(
             "gguf formats store one width for every layer; drop gguf from --format for a mixed-precision run "

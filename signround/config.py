@@ -242,6 +242,46 @@ def _inherited(base: QuantScheme, override: dict[str, Any]) -> dict[str, Any]:
     return {"group_size": base.group_size}
 
 
+ACT_DTYPE_BITS = {"int": None, "fp8_e4m3": 8, "fp4_e2m1": 4}
+ACT_GRANULARITIES = ("token", "channel")
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """How the input of every quantized linear is quantized (fake-quant; see :mod:`signround.act.quant`).
+
+    Attributes:
+        bits: 2..8 for ``int`` (default 8); implied by ``fp8_e4m3`` (8) and ``fp4_e2m1`` (4).
+        dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1``.
+        granularity: ``token`` (one scale per token from its absmax, at run time) or ``channel`` (one static
+            scale per input channel, calibrated from the calibration data and stored as ``input_scale``).
+    """
+
+    bits: int | None = None
+    dtype: str = "int"
+    granularity: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ACT_DTYPE_BITS:
+            raise SignRoundError(f"unknown activation dtype {self.dtype!r}; choose one of {list(ACT_DTYPE_BITS)}")
+        implied = ACT_DTYPE_BITS[self.dtype]
+        bits = self.bits if self.bits is not None else (implied or 8)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise SignRoundError(f"activation bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        if implied is not None and bits != implied:
+            raise SignRoundError(f"{self.dtype} activations are {implied}-bit; use --act-bits {implied} or drop it")
+        if self.granularity not in ACT_GRANULARITIES:
+            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}")
+        object.__setattr__(self, "bits", bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "dtype": self.dtype, "granularity": self.granularity}
+
+    @property
+    def name(self) -> str:
+        return f"A{self.bits}-{self.dtype}-{self.granularity}"
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """How rounding and clipping are learned. Defaults are auto-round's.
@@ -324,9 +364,15 @@ class QuantConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     serve_bits: tuple[int, ...] = ()
+    act: ActScheme | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, self.scheme))
+        if self.act is not None and self.act.granularity == "channel" and self.tune.iters == 0:
+            raise SignRoundError(
+                "static per-channel activation scales need calibration data; use --act-granularity token with "
+                "--method rtn, or SignRound (--iters > 0)"
+            )
 
 
 def parse_serve_bits(value: Any, scheme: QuantScheme) -> tuple[int, ...]:

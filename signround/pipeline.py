@@ -24,9 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from signround._version import __version__
+from signround.act.calibrate import input_absmax, static_scales
 from signround.calib.capture import block_output, capture_block_inputs, to_device
 from signround.calib.data import calibration_tokens, sample_tokens
-from signround.config import CalibConfig, QuantConfig, QuantScheme
+from signround.config import ActScheme, CalibConfig, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.export.common import Planned
 from signround.model.blocks import block_linears, find_blocks, resolve_schemes
@@ -106,29 +107,38 @@ def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], b
     return torch.cat(outs).to(inputs.dtype)
 
 
-def _replace_linears(block: nn.Module, result: BlockResult) -> None:
+def _replace_linears(
+    block: nn.Module, result: BlockResult, act: ActScheme | None = None, scales: dict[str, torch.Tensor] | None = None
+) -> None:
     for name, layer in result.layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         old = getattr(parent, child)
         qlayer = QuantLinear.from_codes(layer.codes, layer.scale, layer.zero, layer.scheme, old.bias)
+        qlayer.set_act(act, (scales or {}).get(name))
         qlayer.to(old.weight.device)
         setattr(parent, child, qlayer)
 
 
-def rtn_block(block: nn.Module, schemes: dict[str, QuantScheme]) -> None:
-    """Round-to-nearest of the linears named in ``schemes``, in place (no data: RTN needs only weights)."""
+def rtn_block(block: nn.Module, schemes: dict[str, QuantScheme], act: ActScheme | None = None) -> None:
+    """Round-to-nearest of the linears named in ``schemes``, in place (no data: RTN needs only weights;
+    ``act`` may only be per-token, whose scales need no data either)."""
     linears = block_linears(block)
     layers = {}
     for name, scheme in schemes.items():
         codes, scale, zero = TunableWeight.from_linear(linears[name], scheme, learn=False).finalize()
         layers[name] = LayerResult(codes, scale, zero, scheme)
     nan = float("nan")
-    _replace_linears(block, BlockResult(layers, nan, nan, nan, nan, 0, 0, 0.0))
+    _replace_linears(block, BlockResult(layers, nan, nan, nan, nan, 0, 0, 0.0), act)
 
 
 def _rtn_without_data(
-    prefix: str, blocks: list[nn.Module], plans: list[dict[str, QuantScheme]], dev: torch.device, progress: bool
+    prefix: str,
+    blocks: list[nn.Module],
+    plans: list[dict[str, QuantScheme]],
+    dev: torch.device,
+    progress: bool,
+    act: ActScheme | None = None,
 ) -> RunReport:
     """``--method rtn``: every block rounded to nearest from its weights alone (as auto-round's ``iters=0``);
     no calibration pass, so the report has no block losses."""
@@ -137,7 +147,7 @@ def _rtn_without_data(
     for i, block in enumerate(tqdm(blocks, desc="rounding", unit="block", disable=not progress, file=sys.stderr)):
         t = time.perf_counter()
         home = next(block.parameters()).device
-        rtn_block(block.to(dev), plans[i])
+        rtn_block(block.to(dev), plans[i], act)
         block.to(home)
         nan = float("nan")
         report.blocks.append(BlockReport(i, f"{prefix}.{i}", nan, nan, nan, nan, 0, time.perf_counter() - t))
@@ -191,7 +201,7 @@ def run(
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
     if cfg.tune.iters == 0:
-        report = _rtn_without_data(prefix, blocks, plans, dev, progress)
+        report = _rtn_without_data(prefix, blocks, plans, dev, progress, cfg.act)
         model.config.quantization_config = quantization_config(model, cfg, prefix, report)
         report.seconds = time.perf_counter() - t0
         report.peak_rss_gb = peak_rss_gb()
@@ -209,7 +219,7 @@ def run(
     if state is not None and state.done:
         log.info("resuming: %d of %d blocks were finished in %s", state.done, len(blocks), state.folder)
         for i in range(state.done):
-            state.restore_block(i, blocks[i])
+            state.restore_block(i, blocks[i], cfg.act)
         report.blocks = [BlockReport(**r) for r in state.reports]
         fp_inputs, q_inputs = state.load_inputs()
     elif state is not None:
@@ -235,9 +245,16 @@ def run(
             if step % 10 == 0:
                 steps.set_postfix(loss=f"{loss:.4g}")
 
-        result = tune_block(block, q_inputs, targets, kwargs, plans[i], tune, seed=tune.seed + i, on_step=on_step)
+        scales = None
+        if cfg.act is not None and cfg.act.granularity == "channel":
+            absmax = input_absmax(block, q_inputs, kwargs, list(plans[i]), tune.batch_size)
+            scales = static_scales(absmax, cfg.act)
+        result = tune_block(
+            block, q_inputs, targets, kwargs, plans[i], tune, seed=tune.seed + i, on_step=on_step,
+            act=cfg.act, act_scales=scales,
+        )  # fmt: skip
         steps.close()
-        _replace_linears(block, result)
+        _replace_linears(block, result, cfg.act, scales)
         q_inputs = _run_block(block, q_inputs, kwargs, tune.batch_size)
         final = torch.nn.functional.mse_loss(q_inputs.float(), targets.float()).item()
         if result.steps == 0:  # plain RTN: its loss is the final loss, measured once above
@@ -306,4 +323,5 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "dataset": cfg.calib.dataset,
         },
         **({"serve_bits": list(cfg.serve_bits)} if cfg.serve_bits else {}),
+        **({"activations": cfg.act.to_dict()} if cfg.act is not None else {}),
     }

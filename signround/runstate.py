@@ -113,8 +113,9 @@ class RunState:
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "reports": self.reports}))
         os.replace(tmp, self.folder / "run.json")
 
-    def restore_block(self, index: int, block: nn.Module) -> None:
-        """Put block ``index``'s saved packed layers into ``block`` (replacing its float linears)."""
+    def restore_block(self, index: int, block: nn.Module, act: Any = None) -> None:
+        """Put block ``index``'s saved packed layers into ``block`` (replacing its float linears); ``act``
+        is the run's activation scheme (an ``ActScheme`` or None)."""
         path = self.folder / f"block_{index:04d}.safetensors"
         from safetensors import safe_open
 
@@ -133,6 +134,7 @@ class RunState:
                 old.bias is not None,
                 old.weight.dtype,
             )
+            layer.set_act(act)
             layer.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
             setattr(parent, child, layer.to(device))
 

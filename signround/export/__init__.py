@@ -62,6 +62,16 @@ def check_formats(model: Any, planned: list[Planned], formats: list[str], **opti
             check(model, planned, **options)
 
 
+def refuse_activations(formats: list[str]) -> None:
+    """Only the native format stores activation quantization (its scheme and static input scales)."""
+    others = [f for f in formats if f != "native"]
+    if others:
+        raise SignRoundError(
+            f"{', '.join(others)} cannot store quantized activations; use --format native for a model quantized "
+            "with --act-bits"
+        )
+
+
 def subfolder(fmt: str) -> str:
     """Folder name of ``fmt`` when several formats are written: ``gguf:q4_k_m`` -> ``gguf-q4_k_m``."""
     return fmt.replace(":", "-")
@@ -83,6 +93,9 @@ def save(
     """
     formats = parse_formats(fmt)
     check_formats(model, planned_from_model(model), formats, **options)
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("activations") and formats != ["native"]:
+        refuse_activations(formats)
     with atomic_folder(output, overwrite=overwrite) as tmp:
         for f in formats:
             target = tmp if len(formats) == 1 else tmp / subfolder(f)

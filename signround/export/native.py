@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from signround.config import QuantScheme
+from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
 from signround.pack.packed import QuantLinear
 
@@ -64,6 +64,12 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         qc = qc.to_dict()
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        act = ActScheme(**qc["activations"]) if qc.get("activations") else None
+    except TypeError:
+        raise SignRoundError(
+            f"cannot read the activation scheme {qc['activations']!r} in {folder}/config.json"
+        ) from None
     for name, scheme_dict in qc.get("modules", {}).items():
         parent_name, _, child = name.rpartition(".")
         try:
@@ -74,7 +80,9 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
                 f"config lists module {name}, which the model does not have; config and weights mismatch"
             ) from None
         scheme = QuantScheme.from_dict(scheme_dict)
-        setattr(parent, child, QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None, dtype))
+        layer = QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None, dtype)
+        layer.set_act(act)
+        setattr(parent, child, layer)
     state = _state_dict(folder)
     if qc.get("quant_method") != "signround":
         replace_foreign_layers(model, qc, state)

@@ -16,6 +16,9 @@ State (all saved in the checkpoint, names are the on-disk tensor names under the
     ``tensor_scale`` for nvfp4), codes holding sign, exponent, mantissa from the high bit down
     (:mod:`signround.formats.fp`).
 * ``bias`` (optional): unchanged from the float layer.
+* ``input_scale`` float32 ``[in]``, only when the input is quantized with static per-channel scales
+  (:meth:`QuantLinear.set_act`); per-token activation quantization stores nothing (scales are computed
+  at run time). The activation scheme itself is in ``quantization_config["activations"]``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from signround.config import QuantScheme
+from signround.act.quant import fake_quant_channel, fake_quant_token
+from signround.config import ActScheme, QuantScheme
 from signround.formats import get_format
 from signround.pack.bitpack import pack_int32, unpack_int32, values_per_word
 from signround.primitives import from_groups, num_groups, to_groups
@@ -51,6 +55,25 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=buffer_dtype))
         self.qparam_names = tuple(layout)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.act: ActScheme | None = None
+
+    def set_act(self, act: ActScheme | None, input_scale: torch.Tensor | None = None) -> None:
+        """Quantize this layer's input with ``act`` from now on (None: keep it float). Channel granularity
+        registers the ``input_scale [in]`` buffer (zeros until ``input_scale`` or a state dict fills it)."""
+        self.act = act
+        if act is not None and act.granularity == "channel":
+            scale = torch.zeros(self.in_features) if input_scale is None else input_scale.detach().float().reshape(-1)
+            self.register_buffer("input_scale", scale.clone())
+        elif "input_scale" in self._buffers:
+            del self._buffers["input_scale"]
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized by the layer's activation scheme (unchanged when there is none)."""
+        if self.act is None:
+            return x
+        if self.act.granularity == "token":
+            return fake_quant_token(x, self.act.bits, self.act.dtype)
+        return fake_quant_channel(x, self.input_scale, self.act.bits, self.act.dtype)
 
     @classmethod
     def from_codes(
@@ -98,7 +121,7 @@ class QuantLinear(nn.Module):
         if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self.dequantize(x.dtype)
             self.dequantized = w if self.keep_dequantized else None
-        return nn.functional.linear(x, w, self.bias)
+        return nn.functional.linear(self.quantize_input(x), w, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .cuda() / .half(): the cached weight is stale
         self.dequantized = None
@@ -109,7 +132,8 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+        act = f", act={self.act.name}" if self.act is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{act}"
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ files, logging or progress bars: callers pass tensors and a callback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from signround.act.calibrate import quantized_inputs
 from signround.calib.capture import block_output
-from signround.config import QuantScheme, TuneConfig
+from signround.config import ActScheme, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
 from signround.model.blocks import block_linears
 from signround.tune.optim import linear_decay, sign_step
@@ -88,6 +90,8 @@ def tune_block(
     cfg: TuneConfig,
     seed: int,
     on_step: StepCallback | None = None,
+    act: ActScheme | None = None,
+    act_scales: dict[str, torch.Tensor] | None = None,
 ) -> BlockResult:
     """Learn rounding and clipping for the linears of ``block`` named in ``schemes``.
 
@@ -100,6 +104,9 @@ def tune_block(
         cfg: iterations, step sizes, batch size, best-vs-last.
         seed: seeds batch sampling (the pipeline passes ``cfg.seed + block index``).
         on_step: called as ``on_step(step, loss)`` after each step.
+        act: quantize the inputs of the tuned linears with this scheme in every forward (the loss stays the
+            MSE against the float block's ``targets``), so the weights adapt to the activation error.
+        act_scales: static per-channel input scales ``{name: [in]}`` for ``act.granularity == "channel"``.
 
     Returns:
         A :class:`BlockResult` with codes, scales and zero points of each layer.
@@ -116,7 +123,9 @@ def tune_block(
     def weights() -> dict[str, torch.Tensor]:
         return {f"{name}.weight": t.fake_quant_weight(dtype) for name, t in tunables.items()}
 
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(quantized_inputs(block, list(schemes), act, act_scales))
         with torch.no_grad():
             rtn_loss = block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights()) if learn else math.nan
         losses: list[float] = []
@@ -156,6 +165,7 @@ def tune_block(
             codes, scale, zero = t.finalize()
             layers[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=t.scheme)
     finally:
+        stack.close()
         for p in frozen:
             p.requires_grad_(True)
     return BlockResult(

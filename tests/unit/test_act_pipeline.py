@@ -1,0 +1,113 @@
+"""Activation quantization through the pipeline: schemes, tuning with quantized inputs, W4A8 checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import signround
+from signround import export
+from signround.act.quant import fake_quant_channel, fake_quant_token
+from signround.cli import main
+from signround.config import ActScheme, QuantConfig, QuantScheme, TuneConfig
+from signround.errors import SignRoundError
+from signround.pack.packed import QuantLinear
+from tests.conftest import quantize_tiny
+
+IDS = torch.tensor([[5, 17, 33, 90, 200, 7, 9, 11, 64, 3]])
+
+
+def test_act_scheme_rules():
+    assert ActScheme() == ActScheme(bits=8, dtype="int", granularity="token")
+    assert ActScheme(dtype="fp4_e2m1").bits == 4 and ActScheme(dtype="fp8_e4m3").bits == 8
+    for kwargs, match in (
+        ({"dtype": "fp8_e4m3", "bits": 4}, "--act-bits 8"),
+        ({"bits": 1}, "from 2 to 8"),
+        ({"dtype": "nf4"}, "unknown activation dtype"),
+        ({"granularity": "tensor"}, "token or channel"),
+    ):
+        with pytest.raises(SignRoundError, match=match):
+            ActScheme(**kwargs)
+    with pytest.raises(SignRoundError, match="calibration data"):
+        QuantConfig(act=ActScheme(granularity="channel"), tune=TuneConfig(iters=0))
+
+
+def test_quant_linear_quantizes_its_input():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_codes(
+        torch.randint(0, 16, (6, 32), dtype=torch.uint8), torch.rand(6, 1), torch.full((6, 1), 8.0),
+        QuantScheme(bits=4, group_size=-1), None,
+    )  # fmt: skip
+    x = torch.randn(3, 32)
+    w = layer.dequantize()
+    layer.set_act(ActScheme(bits=4))
+    assert torch.allclose(layer(x), fake_quant_token(x, 4) @ w.T)
+    scale = torch.rand(32) + 0.1
+    layer.set_act(ActScheme(bits=8, granularity="channel"), scale)
+    assert torch.allclose(layer(x), fake_quant_channel(x, scale, 8) @ w.T)
+    assert "input_scale" in layer.state_dict()
+    layer.set_act(None)
+    assert torch.allclose(layer(x), x @ w.T) and "input_scale" not in layer.state_dict()
+
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_w4a8_checkpoint_saves_reloads_and_evaluates_the_same(tmp_path, tokenizer, granularity):
+    act = ActScheme(bits=8, granularity=granularity)
+    q = quantize_tiny(tokenizer, act=act)
+    assert q.config.quantization_config["activations"] == act.to_dict()
+    layer = q.model.layers[0].mlp.down_proj
+    assert layer.act == act
+    if granularity == "channel":
+        assert bool((layer.input_scale > 0).all())
+    with torch.no_grad():
+        ref = q(IDS).logits
+        scale = getattr(layer, "input_scale", None)
+        layer.set_act(None)  # quantized inputs change the output
+        assert not torch.equal(q(IDS).logits, ref)
+        layer.set_act(act, scale)
+        assert torch.equal(q(IDS).logits, ref)
+    signround.save(q, tokenizer, tmp_path / "w4a8")
+    loaded, _ = signround.load_model(str(tmp_path / "w4a8"))
+    assert loaded.model.layers[0].mlp.down_proj.act == act
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, ref)
+    with pytest.raises(SignRoundError, match="cannot store quantized activations"):
+        export.save(q, tokenizer, tmp_path / "gptq", "gptq")
+    assert not (tmp_path / "gptq").exists()
+
+
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_tuning_with_quantized_inputs_beats_rtn_under_the_same_inputs(granularity):
+    from signround.act.calibrate import input_absmax, quantized_inputs, static_scales
+    from signround.tune.signround import block_mse, tune_block
+    from tests.unit.test_fp_formats import _block_setup, _weights
+
+    block, x, y, kw, schemes = _block_setup(QuantScheme(bits=3, group_size=32))
+    act = ActScheme(bits=4, granularity=granularity)
+    scales = static_scales(input_absmax(block, x, kw, list(schemes), 8), act) if granularity == "channel" else None
+    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0, act=act, act_scales=scales)
+    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0, act=act, act_scales=scales)
+    with quantized_inputs(block, list(schemes), act, scales):
+        loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn))
+        loss_sr = block_mse(block, x, y, kw, 8, _weights(sr))
+    loss_rtn_float_inputs = block_mse(block, x, y, kw, 8, _weights(rtn))
+    assert abs(loss_rtn - sr.rtn_loss) < 1e-6 * max(1.0, loss_rtn)  # tuning measured RTN with quantized inputs
+    assert loss_rtn > loss_rtn_float_inputs  # 4-bit inputs add error
+    assert loss_sr < 0.9 * loss_rtn
+
+
+def test_cli_takes_activation_options_and_refuses_other_formats(tmp_path, model_dir, calib_jsonl, capsys):
+    out = tmp_path / "out"
+    base = ["quantize", "--model", str(model_dir), "--output", str(out), "--iters", "2", "--nsamples", "4",
+            "--seqlen", "32", "--dataset", str(calib_jsonl), "--group-size", "32", "--quiet"]  # fmt: skip
+    assert main([*base, "--act-bits", "8", "--act-granularity", "channel"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["activations"] == {"bits": 8, "dtype": "int", "granularity": "channel"}
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    argv = [*base[:4], str(bad), *base[5:], "--act-dtype", "fp8_e4m3", "--format", "gptq"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot store quantized activations" in err[0] and not bad.exists()
