@@ -61,6 +61,7 @@ def quantize(
     serve_bits: Any = None,
     format_search: Any = None,
     act: ActScheme | None = None,
+    smooth: bool = False,
     amp: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -86,6 +87,7 @@ def quantize(
             ``config.quantization_config["format_search"]``.
         act: an :class:`ActScheme` to quantize every quantized linear's input (fake-quant), e.g.
             ``ActScheme(bits=8)``; SignRound then tunes the weights with quantized inputs.
+        smooth: with ``act``, fold searched per-channel smoothing scales into the norms / up_proj first.
         amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
         device: where blocks are tuned (default CUDA if available).
 
@@ -109,6 +111,7 @@ def quantize(
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
         serve_bits=serve_bits,
         act=act,
+        smooth=smooth,
     )
     data = None if text_dataset is not None else dataset
     alloc = None

@@ -121,6 +121,12 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="token: dynamic per-token scales (default); channel: static per-channel scales from calibration",
     )
+    a.add_argument(
+        "--smooth",
+        action="store_true",
+        help="move activation outliers into the weights (per-channel scales folded into the norms / up_proj, "
+        "strength searched per layer group on calibration data)",
+    )
     p.add_argument(
         "--format-search",
         default=None,
@@ -273,6 +279,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         serve_bits=args.serve_bits,
         act=_act_scheme(args),
+        smooth=args.smooth,
     )
     mixed = _mixed_spec(args)
     if mixed is not None and cfg.serve_bits:

@@ -365,14 +365,18 @@ class QuantConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     serve_bits: tuple[int, ...] = ()
     act: ActScheme | None = None
+    smooth: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, self.scheme))
-        if self.act is not None and self.act.granularity == "channel" and self.tune.iters == 0:
-            raise SignRoundError(
-                "static per-channel activation scales need calibration data; use --act-granularity token with "
-                "--method rtn, or SignRound (--iters > 0)"
-            )
+        if self.smooth and self.act is None:
+            raise SignRoundError("--smooth balances weights against quantized activations; add --act-bits")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
+        static = self.act is not None and (self.act.granularity == "channel" or self.smooth)
+        return self.tune.iters > 0 or static
 
 
 def parse_serve_bits(value: Any, scheme: QuantScheme) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from signround._version import __version__
 from signround.act.calibrate import input_absmax, static_scales
+from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, to_device
 from signround.calib.data import calibration_tokens, sample_tokens
 from signround.config import ActScheme, CalibConfig, QuantConfig, QuantScheme
@@ -200,7 +201,7 @@ def run(
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
-    if cfg.tune.iters == 0:
+    if not cfg.needs_calibration:
         report = _rtn_without_data(prefix, blocks, plans, dev, progress, cfg.act)
         model.config.quantization_config = quantization_config(model, cfg, prefix, report)
         report.seconds = time.perf_counter() - t0
@@ -245,6 +246,9 @@ def run(
             if step % 10 == 0:
                 steps.set_postfix(loss=f"{loss:.4g}")
 
+        if cfg.smooth:
+            alphas = smooth_block(block, q_inputs, targets, kwargs, plans[i], cfg.act, tune.batch_size)
+            log.info("block %d smoothing alpha: %s", i, alphas)
         scales = None
         if cfg.act is not None and cfg.act.granularity == "channel":
             absmax = input_absmax(block, q_inputs, kwargs, list(plans[i]), tune.batch_size)
@@ -323,5 +327,5 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "dataset": cfg.calib.dataset,
         },
         **({"serve_bits": list(cfg.serve_bits)} if cfg.serve_bits else {}),
-        **({"activations": cfg.act.to_dict()} if cfg.act is not None else {}),
+        **({"activations": {**cfg.act.to_dict(), "smooth": cfg.smooth}} if cfg.act is not None else {}),
     }

@@ -65,8 +65,9 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
-        act = ActScheme(**qc["activations"]) if qc.get("activations") else None
-    except TypeError:
+        fields = ("bits", "dtype", "granularity")
+        act = ActScheme(**{k: qc["activations"][k] for k in fields}) if qc.get("activations") else None
+    except (TypeError, KeyError):
         raise SignRoundError(
             f"cannot read the activation scheme {qc['activations']!r} in {folder}/config.json"
         ) from None

@@ -30,8 +30,12 @@ def test_act_scheme_rules():
     ):
         with pytest.raises(SignRoundError, match=match):
             ActScheme(**kwargs)
-    with pytest.raises(SignRoundError, match="calibration data"):
-        QuantConfig(act=ActScheme(granularity="channel"), tune=TuneConfig(iters=0))
+    with pytest.raises(SignRoundError, match="add --act-bits"):
+        QuantConfig(smooth=True)
+    rtn = TuneConfig(iters=0)
+    assert not QuantConfig(act=ActScheme(), tune=rtn).needs_calibration  # per-token RTN needs no data
+    assert QuantConfig(act=ActScheme(granularity="channel"), tune=rtn).needs_calibration
+    assert QuantConfig(act=ActScheme(), smooth=True, tune=rtn).needs_calibration
 
 
 def test_quant_linear_quantizes_its_input():
@@ -56,7 +60,7 @@ def test_quant_linear_quantizes_its_input():
 def test_w4a8_checkpoint_saves_reloads_and_evaluates_the_same(tmp_path, tokenizer, granularity):
     act = ActScheme(bits=8, granularity=granularity)
     q = quantize_tiny(tokenizer, act=act)
-    assert q.config.quantization_config["activations"] == act.to_dict()
+    assert q.config.quantization_config["activations"] == {**act.to_dict(), "smooth": False}
     layer = q.model.layers[0].mlp.down_proj
     assert layer.act == act
     if granularity == "channel":
@@ -104,10 +108,51 @@ def test_cli_takes_activation_options_and_refuses_other_formats(tmp_path, model_
             "--seqlen", "32", "--dataset", str(calib_jsonl), "--group-size", "32", "--quiet"]  # fmt: skip
     assert main([*base, "--act-bits", "8", "--act-granularity", "channel"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["activations"] == {"bits": 8, "dtype": "int", "granularity": "channel"}
+    assert qc["activations"] == {"bits": 8, "dtype": "int", "granularity": "channel", "smooth": False}
     capsys.readouterr()
     bad = tmp_path / "bad"
     argv = [*base[:4], str(bad), *base[5:], "--act-dtype", "fp8_e4m3", "--format", "gptq"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot store quantized activations" in err[0] and not bad.exists()
+
+
+def test_smoothing_keeps_the_float_function_and_lowers_the_quantized_error():
+    from signround.act.calibrate import input_absmax
+    from signround.act.smooth import _quantized_loss, apply_smoothing, smooth_block, smooth_groups, smoothing_scales
+    from signround.calib.capture import block_output
+    from tests.unit.test_fp_formats import _block_setup
+
+    block, x, y, kw, schemes = _block_setup(QuantScheme(bits=4, group_size=32))
+    with torch.no_grad():  # outlier input channels, as in real LLMs: a few norm weights 30x larger
+        block.input_layernorm.weight[:3] *= 30
+        block.post_attention_layernorm.weight[5:7] *= 30
+        y = torch.cat([block_output(block(x[i : i + 8], **kw)) for i in range(0, x.shape[0], 8)])
+    act = ActScheme(bits=4)
+    # applying any scales leaves the float block's output unchanged
+    import copy
+
+    trial = copy.deepcopy(block)
+    for g in smooth_groups(trial):
+        a = input_absmax(trial, x, kw, [g.consumers[0]], 8)[g.consumers[0]]
+        apply_smoothing(trial, g, smoothing_scales(a, [trial.get_submodule(c).weight for c in g.consumers], 0.5))
+    with torch.no_grad():
+        out = torch.cat([block_output(trial(x[i : i + 8], **kw)) for i in range(0, x.shape[0], 8)])
+    assert torch.allclose(out, y, atol=1e-4, rtol=1e-4)
+    before = _quantized_loss(block, x, y, kw, schemes, act, 8)
+    chosen = smooth_block(block, x, y, kw, schemes, act, 8)
+    after = _quantized_loss(block, x, y, kw, schemes, act, 8)
+    assert chosen["input_layernorm"] is not None
+    assert after < 0.8 * before
+
+
+def test_cli_smooth_with_rtn_runs_on_calibration_data(tmp_path, model_dir, calib_jsonl):
+    out = tmp_path / "out"
+    argv = ["quantize", "--model", str(model_dir), "--output", str(out), "--method", "rtn", "--nsamples", "4",
+            "--seqlen", "32", "--dataset", str(calib_jsonl), "--group-size", "32", "--quiet",
+            "--act-bits", "8", "--act-granularity", "channel", "--smooth"]  # fmt: skip
+    assert main(argv) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["activations"]["smooth"] is True and qc["tuning"]["iters"] == 0
+    loaded, _ = signround.load_model(str(out))
+    assert bool((loaded.model.layers[0].self_attn.q_proj.input_scale > 0).all())
