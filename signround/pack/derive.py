@@ -46,7 +46,9 @@ def derive_layer(layer: QuantLinear, bits: int) -> QuantLinear:
     codes, zero = derive_codes(layer.codes(), zero, scheme.bits, bits)
     new = scheme.replace(bits=bits)
     scale = scale.float() * 2.0 ** (scheme.bits - bits)
-    return QuantLinear.from_codes(codes, scale, zero.float(), new, layer.bias)
+    derived = QuantLinear.from_codes(codes, scale, zero.float(), new, layer.bias)
+    derived.set_act(layer.act, getattr(layer, "input_scale", None))  # quantized inputs stay as they were
+    return derived
 
 
 def serve_at_bits(model: nn.Module, bits: int) -> nn.Module:

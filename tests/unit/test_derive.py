@@ -10,7 +10,7 @@ import torch
 
 import signround
 from signround.cli import main
-from signround.config import QuantConfig, QuantScheme
+from signround.config import ActScheme, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.formats import int_affine
 from signround.pack.derive import derive_codes, derive_layer, serve_at_bits
@@ -59,6 +59,9 @@ def test_derived_layer_dequantizes_to_the_rounded_grid(sym):
     want = from_groups((want_codes - want_zero) * (scale.float() * 16).unsqueeze(-1), 96)
     assert torch.equal(low.dequantize(), want)
     # the derived 4-bit weight is about as close to the 8-bit one as a direct 4-bit quantization is
+    high.set_act(ActScheme(granularity="channel"), torch.rand(96) + 0.5)
+    kept = derive_layer(high, 4)
+    assert kept.act == high.act and torch.equal(kept.input_scale, high.input_scale)
     direct = _layer(4, sym)
     err_derived = (low.dequantize() - high.dequantize()).pow(2).mean()
     err_direct = (direct.dequantize() - high.dequantize()).pow(2).mean()
