@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--methods", default="rtn,signround")
     p.add_argument("--only", default=None, help="comma-separated labels to run (default all)")
+    p.add_argument("--smooth", choices=["both", "no", "yes"], default="both", help="smoothing rows to run")
     args = p.parse_args()
     command = "python " + shlex.join(["bench/activations.py", *sys.argv[1:]])
     work = Path(args.work)
@@ -49,7 +50,8 @@ def main() -> None:
     for label, bits, act in CONFIGS:
         if only is not None and label not in only:
             continue
-        for smooth in (False, True) if act else (False,):
+        options = {"both": (False, True), "no": (False,), "yes": (True,)}[args.smooth]
+        for smooth in options if act else (False,):
             for method in args.methods.split(","):
                 tag = label.replace(" ", "_").replace("(", "").replace(")", "") + ("-smooth" if smooth else "")
                 out = work / f"act-{tag}-{method}"
