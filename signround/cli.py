@@ -313,26 +313,23 @@ def _quantize(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=compute_dtype(args.dtype, args.device))
     tokens = alloc = None
-    if mixed is not None:
-        from signround.mixed import allocate_bits
+    if mixed is not None or search is not None:  # both choose per-layer schemes from calibration data
         from signround.pipeline import resolve_tokens
         from signround.runstate import RunState
 
         tokens = RunState.saved_tokens(state_dir) if args.resume else None
         if tokens is None:
             tokens = resolve_tokens(model, tokenizer, cfg.calib, None)
+    if mixed is not None:
+        from signround.mixed import allocate_bits
+
         alloc = allocate_bits(model, tokens, cfg, mixed, progress=not args.quiet)
         print(alloc.table())
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + alloc.rules())
     choice = None
     if search is not None:
         from signround.mixed.formats import choose_formats
-        from signround.pipeline import resolve_tokens
-        from signround.runstate import RunState
 
-        tokens = RunState.saved_tokens(state_dir) if args.resume else None
-        if tokens is None:
-            tokens = resolve_tokens(model, tokenizer, cfg.calib, None)
         choice = choose_formats(model, tokens, search)
         log.info("format search: %s", ", ".join(f"{k} x{v}" for k, v in choice.counts().items()))
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + choice.rules())

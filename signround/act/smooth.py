@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from signround.act.calibrate import input_absmax, quantized_inputs, static_scales
-from signround.calib.capture import block_output
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
+from signround.tune.signround import block_mse
 from signround.tune.wrapper import TunableWeight
 
 ALPHAS = (0.25, 0.4, 0.5, 0.6, 0.75)
@@ -106,12 +106,8 @@ def _quantized_loss(
         if act.granularity == "channel"
         else None
     )
-    total = 0.0
     with quantized_inputs(trial, names, act, scales):
-        for start in range(0, inputs.shape[0], batch_size):
-            out = block_output(trial(inputs[start : start + batch_size], **kwargs))
-            total += (out.float() - targets[start : start + batch_size].float()).pow(2).sum().item()
-    return total / targets.numel()
+        return block_mse(trial, inputs, targets, kwargs, batch_size)
 
 
 @torch.no_grad()
