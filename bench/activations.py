@@ -38,6 +38,9 @@ def main() -> None:
     p.add_argument("--methods", default="rtn,signround")
     p.add_argument("--only", default=None, help="comma-separated labels to run (default all)")
     p.add_argument("--smooth", choices=["both", "no", "yes"], default="both", help="smoothing rows to run")
+    p.add_argument(
+        "--cached-only", action="store_true", help="table only the rows already finished in --work (run nothing new)"
+    )
     args = p.parse_args()
     command = "python " + shlex.join(["bench/activations.py", *sys.argv[1:]])
     work = Path(args.work)
@@ -56,6 +59,8 @@ def main() -> None:
                 tag = label.replace(" ", "_").replace("(", "").replace(")", "") + ("-smooth" if smooth else "")
                 out = work / f"act-{tag}-{method}"
                 report = out.with_name(out.name + ".json")
+                if args.cached_only and not out.with_name(f"{out.name}-ppl{args.max_windows}.json").is_file():
+                    continue
                 if not report.is_file():
                     iters = args.iters if method == "signround" else 0
                     # fmt: off

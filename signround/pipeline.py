@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from signround._version import __version__
-from signround.act.calibrate import input_absmax, static_scales
+from signround.act.calibrate import calibrate_static
 from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, to_device
 from signround.calib.data import calibration_tokens, sample_tokens
@@ -251,8 +251,8 @@ def run(
             log.info("block %d smoothing alpha: %s", i, alphas)
         scales = None
         if cfg.act is not None and cfg.act.granularity == "channel":
-            absmax = input_absmax(block, q_inputs, kwargs, list(plans[i]), tune.batch_size)
-            scales = static_scales(absmax, cfg.act)
+            scales, clips = calibrate_static(block, q_inputs, kwargs, list(plans[i]), cfg.act, tune.batch_size)
+            log.info("block %d activation clip ratios: %s", i, clips)
         result = tune_block(
             block, q_inputs, targets, kwargs, plans[i], tune, seed=tune.seed + i, on_step=on_step,
             act=cfg.act, act_scales=scales,

@@ -11,8 +11,15 @@ weight max over all consumers), clamped to ``[1e-5, 1e5]``.
 
 ``alpha`` is searched per group on calibration data: each candidate (and "no smoothing") is applied to a
 copy of the block, whose consumers are rounded to nearest on their weight grid and whose inputs are
-quantized, and the one with the least block-output MSE against the float block wins. o_proj is not smoothed
-(with grouped-query attention one v channel feeds several o_proj inputs; left for later).
+quantized, and the one with the least block-output MSE against the float block wins. The activation maxima
+come from all calibration samples, the scores from the first ``SEARCH_SAMPLES`` (for time: every
+candidate runs the block).
+
+o_proj is smoothed against v_proj's rows: attention mixes tokens but not channels, so scaling v's output
+channel scales o_proj's matching input. With grouped-query attention each v channel ``(kv, d)`` feeds the
+o_proj inputs ``(h, d)`` of the ``n_rep`` query heads ``h = kv * n_rep + j`` of its group, so the scales are
+tied across those heads: statistics are reduced by max over the group before the formula, and the tied
+scale is repeated over the group's o_proj columns.
 
 Supported blocks: LLaMA-style (``self_attn.{q,k,v}_proj``, ``mlp.{gate,up,down}_proj``,
 ``input_layernorm``, ``post_attention_layernorm``), which covers LLaMA, Mistral, Qwen2 and SmolLM.
@@ -27,13 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from signround.act.calibrate import input_absmax, quantized_inputs, static_scales
+from signround.act.calibrate import calibrate_static, input_absmax, quantized_inputs
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
 from signround.tune.signround import block_mse
 from signround.tune.wrapper import TunableWeight
 
 ALPHAS = (0.25, 0.4, 0.5, 0.6, 0.75)
+SEARCH_SAMPLES = 4  # calibration samples the alpha search scores candidates on (all samples give the maxima)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,26 @@ class SmoothGroup:
 
     producer: str
     consumers: tuple[str, ...]
+    head_dim: int = 0  # > 0: the producer is v_proj, whose channels are repeated over query heads (GQA)
+
+
+def tie(v: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
+    """``v [c]`` over the consumers' inputs reduced (max) to the producer's ``width`` channels: with
+    ``c = width * n_rep`` the layout is ``[kv, n_rep, head_dim]`` (query head ``kv * n_rep + j`` reads kv
+    head ``kv``); identity when ``c == width``."""
+    if v.numel() == width:
+        return v
+    n_rep = v.numel() // width
+    return v.reshape(width // head_dim, n_rep, head_dim).amax(1).reshape(width)
+
+
+def untie(s: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
+    """Producer scales ``s [p]`` repeated over the consumers' ``width`` inputs (the inverse layout of :func:`tie`)."""
+    if s.numel() == width:
+        return s
+    n_rep = width // s.numel()
+    kv = s.numel() // head_dim
+    return s.reshape(kv, 1, head_dim).expand(kv, n_rep, head_dim).reshape(width)
 
 
 def smooth_groups(block: nn.Module) -> list[SmoothGroup]:
@@ -58,19 +86,37 @@ def smooth_groups(block: nn.Module) -> list[SmoothGroup]:
                 f"--smooth supports LLaMA-style blocks (q/k/v, gate/up/down, input_layernorm); this block has no "
                 f"{g.producer} or {', '.join(g.consumers)}"
             )
+    attn = names.get("self_attn")
+    head_dim = getattr(attn, "head_dim", 0)
+    v, o = names.get("self_attn.v_proj"), names.get("self_attn.o_proj")
+    if head_dim and isinstance(v, nn.Linear) and isinstance(o, nn.Linear):
+        if v.out_features % head_dim == 0 and o.in_features % v.out_features == 0:
+            groups.append(SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), int(head_dim)))
     return groups
 
 
-def smoothing_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """``s [in] = max|x|^alpha / max|W|^(1-alpha)`` (weight max per input column over ``weights``)."""
+def smoothing_scales(
+    x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float, width: int | None = None, head_dim: int = 0
+) -> torch.Tensor:
+    """``s = max|x|^alpha / max|W|^(1-alpha)`` (weight max per input column over ``weights``), ``[in]``, or
+    ``[width]`` tied per producer channel (see :func:`tie`) when the producer is narrower than ``in``."""
     w_max = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
-    s = x_absmax.float().clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    x_max = x_absmax.float()
+    if width is not None:
+        w_max, x_max = tie(w_max, width, head_dim), tie(x_max, width, head_dim)
+    s = x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
     return s.clamp(1e-5, 1e5)
+
+
+def _producer_width(block: nn.Module, group: SmoothGroup) -> int | None:
+    producer = block.get_submodule(group.producer)
+    return producer.out_features if isinstance(producer, nn.Linear) else None
 
 
 @torch.no_grad()
 def apply_smoothing(block: nn.Module, group: SmoothGroup, s: torch.Tensor) -> None:
-    """Fold ``1 / s`` into the producer and ``s`` into the consumers' input columns, in place."""
+    """Fold ``1 / s`` into the producer and ``s`` (repeated over query heads for v -> o) into the consumers'
+    input columns, in place."""
     producer = block.get_submodule(group.producer)
     if isinstance(producer, nn.Linear):  # its output rows (and bias) feed the consumers' input channels
         producer.weight.div_(s.to(producer.weight.dtype)[:, None])
@@ -82,7 +128,7 @@ def apply_smoothing(block: nn.Module, group: SmoothGroup, s: torch.Tensor) -> No
             producer.bias.div_(s.to(producer.bias.dtype))
     for name in group.consumers:
         w = block.get_submodule(name).weight
-        w.mul_(s.to(w.dtype)[None, :])
+        w.mul_(untie(s, w.shape[1], group.head_dim).to(w.dtype)[None, :])
 
 
 @torch.no_grad()
@@ -102,9 +148,7 @@ def _quantized_loss(
         layer.weight.copy_(TunableWeight.from_linear(layer, scheme, learn=False).fake_quant_weight(layer.weight.dtype))
     names = list(schemes)
     scales = (
-        static_scales(input_absmax(trial, inputs, kwargs, names, batch_size), act)
-        if act.granularity == "channel"
-        else None
+        calibrate_static(trial, inputs, kwargs, names, act, batch_size)[0] if act.granularity == "channel" else None
     )
     with quantized_inputs(trial, names, act, scales):
         return block_mse(trial, inputs, targets, kwargs, batch_size)
@@ -123,21 +167,27 @@ def smooth_block(
 ) -> dict[str, float | None]:
     """Search and apply smoothing for every group of ``block`` in place, in order; returns the chosen alpha
     per producer (None: not smoothed). Groups whose consumers are not all quantized are left alone."""
-    chosen: dict[str, float | None] = {}
-    for group in smooth_groups(block):
-        if not all(c in schemes for c in group.consumers):
-            chosen[group.producer] = None
-            continue
-        x_absmax = input_absmax(block, inputs, kwargs, [group.consumers[0]], batch_size)[group.consumers[0]]
+    x_search, y_search = inputs[:SEARCH_SAMPLES], targets[:SEARCH_SAMPLES]
+    groups = [g for g in smooth_groups(block) if all(c in schemes for c in g.consumers)]
+    chosen: dict[str, float | None] = {g.producer: None for g in smooth_groups(block)}
+    # One pass for every group: smoothing a group changes only its own consumers' inputs (the float function
+    # is kept), and every consumer belongs to one group, so the maxima measured before any smoothing hold.
+    maxima = input_absmax(block, inputs, kwargs, [g.consumers[0] for g in groups], batch_size)
+    current = _quantized_loss(block, x_search, y_search, kwargs, schemes, act, batch_size) if groups else 0.0
+    for group in groups:
+        x_absmax = maxima[group.consumers[0]]
         weights = [block.get_submodule(c).weight for c in group.consumers]
-        best = (_quantized_loss(block, inputs, targets, kwargs, schemes, act, batch_size), None)
+        width = _producer_width(block, group)
+
+        best: tuple[float, float | None] = (current, None)
         for alpha in alphas:
             trial = copy.deepcopy(block)
-            apply_smoothing(trial, group, smoothing_scales(x_absmax, weights, alpha))
-            loss = _quantized_loss(trial, inputs, targets, kwargs, schemes, act, batch_size)
+            apply_smoothing(trial, group, smoothing_scales(x_absmax, weights, alpha, width, group.head_dim))
+            loss = _quantized_loss(trial, x_search, y_search, kwargs, schemes, act, batch_size)
             if loss < best[0]:
                 best = (loss, alpha)
         if best[1] is not None:
-            apply_smoothing(block, group, smoothing_scales(x_absmax, weights, best[1]))
+            apply_smoothing(block, group, smoothing_scales(x_absmax, weights, best[1], width, group.head_dim))
         chosen[group.producer] = best[1]
+        current = best[0]
     return chosen

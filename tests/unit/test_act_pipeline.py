@@ -119,7 +119,14 @@ def test_cli_takes_activation_options_and_refuses_other_formats(tmp_path, model_
 
 def test_smoothing_keeps_the_float_function_and_lowers_the_quantized_error():
     from signround.act.calibrate import input_absmax
-    from signround.act.smooth import _quantized_loss, apply_smoothing, smooth_block, smooth_groups, smoothing_scales
+    from signround.act.smooth import (
+        _producer_width,
+        _quantized_loss,
+        apply_smoothing,
+        smooth_block,
+        smooth_groups,
+        smoothing_scales,
+    )
     from signround.calib.capture import block_output
     from tests.unit.test_fp_formats import _block_setup
 
@@ -133,9 +140,14 @@ def test_smoothing_keeps_the_float_function_and_lowers_the_quantized_error():
     import copy
 
     trial = copy.deepcopy(block)
-    for g in smooth_groups(trial):
+    groups = smooth_groups(trial)
+    assert [g.producer for g in groups][-1] == "self_attn.v_proj"  # GQA: 4 query heads read 2 kv heads
+    for g in groups:
         a = input_absmax(trial, x, kw, [g.consumers[0]], 8)[g.consumers[0]]
-        apply_smoothing(trial, g, smoothing_scales(a, [trial.get_submodule(c).weight for c in g.consumers], 0.5))
+        weights = [trial.get_submodule(c).weight for c in g.consumers]
+        s = smoothing_scales(a, weights, 0.5, _producer_width(trial, g), g.head_dim)
+        assert s.std() > 0  # a real rescaling, not a no-op
+        apply_smoothing(trial, g, s)
     with torch.no_grad():
         out = torch.cat([block_output(trial(x[i : i + 8], **kw)) for i in range(0, x.shape[0], 8)])
     assert torch.allclose(out, y, atol=1e-4, rtol=1e-4)
@@ -156,3 +168,35 @@ def test_cli_smooth_with_rtn_runs_on_calibration_data(tmp_path, model_dir, calib
     assert qc["activations"]["smooth"] is True and qc["tuning"]["iters"] == 0
     loaded, _ = signround.load_model(str(out))
     assert bool((loaded.model.layers[0].self_attn.q_proj.input_scale > 0).all())
+
+
+def test_tie_and_untie_follow_the_grouped_query_layout():
+    from signround.act.smooth import tie, untie
+
+    # o_proj inputs of 4 query heads x head_dim 2 reading 2 kv heads: head h reads kv head h // 2
+    v = torch.tensor([1.0, 2, 5, 0, 3, 1, 0, 9])  # heads 0..3, channels (h, d)
+    tied = tie(v, 4, 2)  # kv 0 = max(heads 0, 1), kv 1 = max(heads 2, 3)
+    assert tied.tolist() == [5, 2, 3, 9]
+    assert untie(tied, 8, 2).tolist() == [5, 2, 5, 2, 3, 9, 3, 9]
+    assert tie(v, 8, 2) is v and untie(v, 8, 2) is v
+
+
+def test_adaptive_clipping_of_static_scales_lowers_the_output_error():
+    from signround.act.calibrate import CLIPS, calibrate_static, input_absmax, quantized_inputs, static_scales
+    from signround.tune.signround import block_mse
+    from tests.unit.test_fp_formats import _block_setup
+
+    block, x, y, kw, schemes = _block_setup(QuantScheme(bits=4, group_size=32))
+    act = ActScheme(bits=4, granularity="channel")
+    names = list(schemes)
+    scales, clips = calibrate_static(block, x, kw, names, act, 8)
+    assert set(clips) == set(names) and all(c in CLIPS for c in clips.values())
+    plain = static_scales(input_absmax(block, x, kw, names, 8), act)
+    for name in names:
+        assert torch.allclose(scales[name], plain[name] * clips[name])
+    assert any(c < 1.0 for c in clips.values())  # 4-bit inputs: saturating rare outliers pays off
+    with quantized_inputs(block, names, act, scales):
+        clipped = block_mse(block, x, y, kw, 8)
+    with quantized_inputs(block, names, act, plain):
+        unclipped = block_mse(block, x, y, kw, 8)
+    assert clipped < 0.9 * unclipped
