@@ -92,21 +92,33 @@ class RunState:
     def save_tokens(self, tokens: torch.Tensor) -> None:
         _atomic_save({"tokens": tokens}, self.folder / "tokens.safetensors")
 
+    def block_file(self, index: int) -> Path:
+        return self.folder / f"block_{index:04d}.safetensors"
+
     def save_block(
-        self, index: int, block: nn.Module, report: dict[str, Any], fp_inputs: torch.Tensor, q_inputs: torch.Tensor
+        self,
+        index: int,
+        block: nn.Module,
+        report: dict[str, Any],
+        fp_inputs: torch.Tensor | None,
+        q_inputs: torch.Tensor | None,
     ) -> None:
-        """Persist block ``index`` (already packed) and the next block's inputs, then mark it done."""
-        tensors, schemes = {}, {}
-        for name, module in block.named_modules():
-            if isinstance(module, QuantLinear):
-                schemes[name] = json.dumps(module.scheme.to_dict())
-                for key, value in module.state_dict().items():
-                    tensors[f"{name}.{key}"] = value.cpu()
-        _atomic_save(tensors, self.folder / f"block_{index:04d}.safetensors", metadata=schemes)
-        inputs = {"q_inputs": q_inputs.cpu()}
-        if fp_inputs is not q_inputs:
-            inputs["fp_inputs"] = fp_inputs.cpu()
-        _atomic_save(inputs, self.folder / "inputs.safetensors")
+        """Persist block ``index`` (already packed) and the next block's inputs (None: runs without
+        calibration data), then mark it done."""
+        schemes = {
+            name: json.dumps(module.scheme.to_dict())
+            for name, module in block.named_modules()
+            if isinstance(module, QuantLinear)
+        }
+        # Every tensor of the block, not only the packed layers: smoothing changes its norms, and streamed
+        # (--low-memory) runs assemble the checkpoint from these files.
+        tensors = {key: value.cpu() for key, value in block.state_dict().items()}
+        _atomic_save(tensors, self.block_file(index), metadata=schemes)
+        if q_inputs is not None:
+            inputs = {"q_inputs": q_inputs.cpu()}
+            if fp_inputs is not q_inputs:
+                inputs["fp_inputs"] = fp_inputs.cpu()
+            _atomic_save(inputs, self.folder / "inputs.safetensors")
         self.done = index + 1
         self.reports.append(report)
         tmp = self.folder / "run.json.tmp"
@@ -114,14 +126,14 @@ class RunState:
         os.replace(tmp, self.folder / "run.json")
 
     def restore_block(self, index: int, block: nn.Module, act: Any = None) -> None:
-        """Put block ``index``'s saved packed layers into ``block`` (replacing its float linears); ``act``
-        is the run's activation scheme (an ``ActScheme`` or None)."""
-        path = self.folder / f"block_{index:04d}.safetensors"
+        """Put block ``index``'s saved state into ``block``: its float linears become the packed layers and
+        every tensor (norms included) takes the saved value. ``act`` is the run's activation scheme (an
+        ``ActScheme`` or None). A block on the meta device (a streamed run) only gets the packed structure."""
+        path = self.block_file(index)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             schemes = f.metadata() or {}
-        tensors = load_file(str(path))
         device = next(block.parameters()).device
         for name, scheme_json in schemes.items():
             parent_name, _, child = name.rpartition(".")
@@ -135,8 +147,9 @@ class RunState:
                 old.weight.dtype,
             )
             layer.set_act(act)
-            layer.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
             setattr(parent, child, layer.to(device))
+        if device.type != "meta":
+            block.load_state_dict(load_file(str(path)), strict=True)
 
     def load_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fp_inputs, q_inputs)`` of block ``done``."""

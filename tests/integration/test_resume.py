@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from signround.cli import main
 from signround.runstate import run_dir_for
@@ -125,3 +126,31 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, setup):
     assert main(args(deep_model, c, calib_jsonl) + ["--seed", "7"]) == 0
     assert (a / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_resume_keeps_what_smoothing_folded_into_the_norms(tmp_path, setup, monkeypatch):
+    """A resumed block must come back whole: smoothing rescales its norms, not only its packed layers."""
+    import signround
+    import signround.pipeline as pipeline
+    from signround.errors import SignRoundError
+
+    model, calib, _ = setup
+    extra = ["--act-bits", "8", "--smooth", "--iters", "2"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(args(model, ref, calib) + extra) == 0
+    original, calls = pipeline.smooth_block, []
+
+    def crash_at_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise SignRoundError("simulated crash")
+        return original(*a, **k)
+
+    monkeypatch.setattr(pipeline, "smooth_block", crash_at_3)
+    assert main(args(model, out, calib) + extra) == 2 and done_blocks(out) == 3
+    monkeypatch.setattr(pipeline, "smooth_block", original)
+    assert main(args(model, out, calib) + extra + ["--resume"]) == 0
+    a, _ = signround.load_model(str(ref))
+    b, _ = signround.load_model(str(out))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
