@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from signround.config import DType
 from signround.errors import SignRoundError
@@ -86,6 +87,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run (its state is kept in OUTPUT.signround-run)"
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="never hold the whole model: build it on the meta device and load one block at a time from the "
+        "safetensors files (HF folders; native format; see docs/operations.md)",
     )
     p.add_argument(
         "--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file"
@@ -303,6 +310,8 @@ def _quantize(args: argparse.Namespace) -> int:
             raise SignRoundError(
                 "--format-search chooses the grid per layer; drop --avg-bits/--target-size/--serve-bits"
             )
+    if args.low_memory:
+        _check_low_memory(args, mixed, search, formats)
     check_output(args.output, args.overwrite)
     state_dir = run_dir_for(args.output)
     refuse_unresumed(state_dir, args.resume)  # fail before loading anything
@@ -311,7 +320,15 @@ def _quantize(args: argparse.Namespace) -> int:
 
         load_texts(args.dataset)  # fails fast on a missing file
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, dtype=compute_dtype(args.dtype, args.device))
+    stream = None
+    if args.low_memory:
+        from signround.model.lazy import load_skeleton
+        from signround.model.load import resolve_model
+
+        model, tokenizer, stream = load_skeleton(resolve_model(args.model), compute_dtype(args.dtype, args.device))
+        model.signround_stream = stream  # the native writer reads the finished blocks back from the run folder
+    else:
+        model, tokenizer = load_model(args.model, dtype=compute_dtype(args.dtype, args.device))
     tokens = alloc = None
     if mixed is not None or search is not None:  # both choose per-layer schemes from calibration data
         from signround.pipeline import resolve_tokens
@@ -344,6 +361,7 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         state_dir=state_dir,
         resume=args.resume,
+        stream=stream,
     )
     if alloc is not None:
         model.config.quantization_config["mixed_precision"] = alloc.to_config()
@@ -366,6 +384,8 @@ def _quantize(args: argparse.Namespace) -> int:
     if choice is not None:
         result["format_search"] = choice.to_config()
     if args.eval_ppl:
+        if stream is not None:  # the blocks were freed; the saved checkpoint is a fraction of the float size
+            model, tokenizer = load_model(args.output)
         ppl = perplexity(
             model,
             tokenizer,
@@ -379,6 +399,22 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _check_low_memory(args: argparse.Namespace, mixed: Any, search: Any, formats: list[str]) -> None:
+    """``--low-memory`` streams blocks from safetensors and writes the native format block by block."""
+    if formats != ["native"]:
+        raise SignRoundError(
+            "--low-memory writes the native format; drop --format and convert the checkpoint with "
+            "`signround export --format ...` (it loads only the quantized model)"
+        )
+    if mixed is not None or search is not None:
+        raise SignRoundError(
+            "--low-memory cannot run the whole-model sensitivity pass of --avg-bits/--target-size/"
+            "--format-search; drop one of them"
+        )
+    if str(args.model).endswith(".gguf"):
+        raise SignRoundError("--low-memory reads HF safetensors folders; convert the .gguf to a folder first")
 
 
 def _export(args: argparse.Namespace) -> int:

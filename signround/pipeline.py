@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from signround.config import ActScheme, CalibConfig, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.export.common import Planned
 from signround.model.blocks import block_linears, find_blocks, resolve_schemes
+from signround.model.lazy import BlockStream
 from signround.model.load import check_finite
 from signround.pack.packed import QuantLinear
 from signround.runstate import RunState, fingerprint
@@ -140,18 +142,26 @@ def _rtn_without_data(
     dev: torch.device,
     progress: bool,
     act: ActScheme | None = None,
+    stream: BlockStream | None = None,
+    state: RunState | None = None,
 ) -> RunReport:
     """``--method rtn``: every block rounded to nearest from its weights alone (as auto-round's ``iters=0``);
-    no calibration pass, so the report has no block losses."""
+    no calibration pass, so the report has no block losses. With a ``stream``, each block is loaded, rounded,
+    persisted in ``state`` and freed."""
     log.info("RTN: rounding weights to nearest; no calibration data is used")
     report = RunReport()
     for i, block in enumerate(tqdm(blocks, desc="rounding", unit="block", disable=not progress, file=sys.stderr)):
         t = time.perf_counter()
+        if stream is not None:
+            stream.materialize(i)
         home = next(block.parameters()).device
         rtn_block(block.to(dev), plans[i], act)
         block.to(home)
         nan = float("nan")
         report.blocks.append(BlockReport(i, f"{prefix}.{i}", nan, nan, nan, nan, 0, time.perf_counter() - t))
+        if stream is not None and state is not None:
+            state.save_block(i, block, dataclasses.asdict(report.blocks[-1]), None, None)
+            stream.release(i, state.block_file(i))
     return report
 
 
@@ -180,6 +190,7 @@ def run(
     progress: bool = True,
     state_dir: str | Path | None = None,
     resume: bool = False,
+    stream: BlockStream | None = None,
 ) -> RunReport:
     """Quantize ``model`` in place (its block linears become ``QuantLinear``) and return the report.
 
@@ -193,6 +204,9 @@ def run(
         state_dir: a run folder where every finished block is persisted (see :mod:`signround.runstate`);
             the caller deletes it once the output is saved.
         resume: continue the interrupted run saved in ``state_dir``.
+        stream: the model came from :func:`signround.model.lazy.load_skeleton` (blocks on the meta device):
+            each block is loaded before it is tuned and freed once it is persisted in ``state_dir``
+            (required); writers read the finished blocks back from there (``stream.packed``).
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,8 +215,15 @@ def run(
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
+    if stream is not None and state_dir is None:
+        raise SignRoundError("a streamed (--low-memory) run keeps its finished blocks in a run folder; give state_dir")
     if not cfg.needs_calibration:
-        report = _rtn_without_data(prefix, blocks, plans, dev, progress, cfg.act)
+        state = None
+        if stream is not None:  # rounding needs no data and takes seconds per block: a resumed run starts over
+            shutil.rmtree(Path(state_dir), ignore_errors=True)
+            no_tokens = torch.zeros(0, dtype=torch.long)
+            state = RunState(Path(state_dir), fingerprint(_settings(model, cfg), no_tokens), False)
+        report = _rtn_without_data(prefix, blocks, plans, dev, progress, cfg.act, stream, state)
         model.config.quantization_config = quantization_config(model, cfg, prefix, report)
         report.seconds = time.perf_counter() - t0
         report.peak_rss_gb = peak_rss_gb()
@@ -220,7 +241,9 @@ def run(
     if state is not None and state.done:
         log.info("resuming: %d of %d blocks were finished in %s", state.done, len(blocks), state.folder)
         for i in range(state.done):
-            state.restore_block(i, blocks[i], cfg.act)
+            state.restore_block(i, blocks[i], cfg.act)  # the packed structure only, for a streamed block
+            if stream is not None:
+                stream.packed[i] = state.block_file(i)
         report.blocks = [BlockReport(**r) for r in state.reports]
         fp_inputs, q_inputs = state.load_inputs()
     elif state is not None:
@@ -231,7 +254,7 @@ def run(
     tune = cfg.tune
     bar = tqdm(total=len(blocks), initial=start, desc="quantizing", unit="block", disable=not progress, file=sys.stderr)
     for i in range(start, len(blocks)):
-        block = blocks[i]
+        block = stream.materialize(i) if stream is not None else blocks[i]
         home = next(block.parameters()).device
         block.to(dev)
         targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
@@ -278,6 +301,8 @@ def run(
         report.blocks.append(entry)
         if state is not None:
             state.save_block(i, block, dataclasses.asdict(entry), fp_inputs, q_inputs)
+            if stream is not None:
+                stream.release(i, state.block_file(i))
         bar.set_postfix_str(f"loss rtn {result.rtn_loss:.3g} -> {final:.3g}")
         bar.update(1)
         log.info(

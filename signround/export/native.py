@@ -9,13 +9,14 @@ See docs/checkpoint.md.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from signround.config import ActScheme, QuantScheme
@@ -30,9 +31,48 @@ def write_native(model: Any, tokenizer: Any, folder: Path, **_: Any) -> None:
     qc = getattr(model.config, "quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "signround":
         raise SignRoundError("this model was not quantized by signround; run signround.quantize first")
-    model.save_pretrained(folder)
+    stream = getattr(model, "signround_stream", None)
+    if stream is not None:
+        write_streamed(model, folder, stream)
+    else:
+        model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def write_streamed(model: Any, folder: Path, stream: Any) -> None:
+    """Write a streamed (``--low-memory``) run's checkpoint one block at a time: shard 1 holds the tensors
+    outside the blocks (a tied output head is stored once, as transformers does), shard ``i + 2`` block
+    ``i``'s tensors read back from its run-state file; ``model.safetensors.index.json`` maps names to shards.
+    Peak memory: one block."""
+    prefix = stream.prefix
+    n = len(stream.blocks)
+    missing = [i for i in range(n) if i not in stream.packed]
+    if missing:
+        raise SignRoundError(f"blocks {missing[:3]} of this streamed run were not quantized; nothing to write")
+    total = n + 1
+    name = "model-{:05d}-of-{:05d}.safetensors".format
+    weight_map: dict[str, str] = {}
+    size = 0
+    seen: set[int] = set()
+    outside = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix + ".") or value.device.type == "meta" or value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        outside[key] = value.detach().contiguous()
+    shards = [(outside, name(1, total))] + [(None, name(i + 2, total)) for i in range(n)]
+    for i, (tensors, file) in enumerate(shards):
+        tensors = tensors if tensors is not None else stream.read_packed(i - 1)
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        for key, value in tensors.items():
+            weight_map[key] = file
+            size += value.numel() * value.element_size()
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def _state_dict(folder: Path) -> dict[str, torch.Tensor]:

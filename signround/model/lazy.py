@@ -1,0 +1,143 @@
+"""Models larger than memory: build the model on the meta device and hold one block's weights at a time.
+
+``load_skeleton(folder)`` reads ``config.json``, builds the model with every parameter on the meta device
+(buffers such as rotary frequencies are computed for real) and loads only the tensors outside the decoder
+blocks (embeddings, final norm, output head) from the safetensors files. ``BlockStream.materialize(i)``
+then reads block ``i``'s tensors from the shards (``safe_open``: one tensor at a time, nothing else is
+read), and ``release(i)`` puts the block back on the meta device once its packed layers are persisted.
+Peak memory is the skeleton plus one block plus the calibration activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from signround.errors import SignRoundError
+from signround.model.blocks import find_blocks
+
+log = logging.getLogger("signround")
+
+
+class SafetensorsIndex:
+    """Which file of an HF model folder holds each tensor (``model.safetensors`` or the shards listed in
+    ``model.safetensors.index.json``); reads tensors one by one."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        try:
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: folder / f for name, f in weight_map.items()}
+            elif (folder / "model.safetensors").is_file():
+                with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                    self.files = {name: folder / "model.safetensors" for name in f.keys()}
+            else:
+                raise SignRoundError(
+                    f"--low-memory reads safetensors weights; {folder} has no model.safetensors(.index.json)"
+                )
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            raise SignRoundError(f"cannot read the weights of {folder} ({exc}); the model files are corrupt") from None
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` for ``names`` (floating-point tensors cast to ``dtype``)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, wanted in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in wanted:
+                        t = f.get_tensor(name)
+                        out[name] = t.to(dtype) if t.is_floating_point() else t
+            except (SafetensorError, OSError) as exc:
+                raise SignRoundError(f"cannot read {path.name}: {exc}; the model files are corrupt") from None
+        return out
+
+
+def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, BlockStream]:
+    """``(model, tokenizer, stream)``: the model with its blocks' parameters on the meta device and every
+    other tensor loaded; ``stream`` loads and releases blocks (see :class:`BlockStream`).
+
+    Raises:
+        SignRoundError: not an HF safetensors folder, or its weights do not fit its config.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from signround.model.load import _from_pretrained_tokenizer
+
+    path = Path(folder)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise SignRoundError(f"--low-memory needs an HF model folder with config.json and safetensors; got {folder}")
+    index = SafetensorsIndex(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, OSError, KeyError) as exc:
+        raise SignRoundError(f"cannot build the model of {folder}: {str(exc).splitlines()[0]}") from None
+    prefix, blocks = find_blocks(model)
+    outside = [n for n in index.names() if not n.startswith(prefix + ".")]
+    result = model.load_state_dict(index.load(outside, dtype), strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(prefix + ".")]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise SignRoundError(f"weights in {folder} do not fit its config: {what}")
+    model.eval()
+    return model, _from_pretrained_tokenizer(str(path)), BlockStream(index, prefix, blocks, dtype)
+
+
+class BlockStream:
+    """Loads decoder blocks from the safetensors files on demand and frees them after use.
+
+    Attributes:
+        prefix: the blocks' qualified name (``model.layers``).
+        packed: where each finished block's packed tensors were persisted (block index -> safetensors file,
+            keys relative to the block), for writers that assemble the checkpoint block by block.
+    """
+
+    def __init__(self, index: SafetensorsIndex, prefix: str, blocks: nn.ModuleList, dtype: torch.dtype) -> None:
+        self.index = index
+        self.prefix = prefix
+        self.blocks = blocks
+        self.dtype = dtype
+        self.packed: dict[int, Path] = {}
+
+    def materialize(self, i: int) -> nn.Module:
+        """Read block ``i``'s float weights into it (in place) and return it."""
+        block = self.blocks[i]
+        head = f"{self.prefix}.{i}."
+        names = [n for n in self.index.names() if n.startswith(head)]
+        state = {n[len(head) :]: t for n, t in self.index.load(names, self.dtype).items()}
+        result = block.load_state_dict(state, strict=False, assign=True)
+        missing = [n for n, p in block.named_parameters() if p.device.type == "meta"]
+        if missing or result.unexpected_keys:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+            raise SignRoundError(f"weights of {head[:-1]} in {self.index.folder} do not fit its config: {what}")
+        for name, p in block.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise SignRoundError(f"weight {head}{name} contains NaN or Inf; the model file is corrupt")
+        return block
+
+    def release(self, i: int, packed_file: Path) -> None:
+        """Free block ``i`` (its tensors go to the meta device); its packed tensors live in ``packed_file``."""
+        self.blocks[i].to("meta")
+        self.packed[i] = packed_file
+
+    def read_packed(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s packed tensors, keyed by their full names (``model.layers.3.mlp.up_proj.qweight``)."""
+        return {f"{self.prefix}.{i}.{k}": v for k, v in load_file(str(self.packed[i])).items()}
