@@ -1,0 +1,124 @@
+"""Memory benchmark (not a test): peak RSS of a quantization run that streams blocks (``--low-memory``)
+against one that holds the model, on synthetic LLaMA-shaped models of one width at 1x and 2x depth, and
+on SmolLM2-135M next to auto-round 0.16.1 (bench environment) at the same settings.
+
+Every run is a separate process (the peak RSS is its own ``ru_maxrss``, from signround's ``--report``).
+The synthetic models have random weights (saved to safetensors first, with SmolLM2's tokenizer); their
+quality means nothing, only memory is measured. Finished rows in ``--work`` are reused.
+
+    python bench/memory.py --work /tmp/bench/mem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, Recipe, autoround_quantize, signround_quantize  # noqa: E402
+
+
+def synthetic(work: Path, layers: int, hidden: int, intermediate: int) -> Path:
+    """A random-init LLaMA-shaped model (GQA 16 heads / 4 kv heads) saved with SmolLM2's tokenizer."""
+    folder = work / f"synthetic-h{hidden}-l{layers}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from signround.model.load import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=8, help="depth of the 1x model (the 2x model has twice as many)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--skip-autoround", action="store_true")
+    args = p.parse_args()
+    command = "python " + shlex.join(["bench/memory.py", *sys.argv[1:]])
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = str(DATA / "calib-c4.jsonl")
+    rows = []
+    models = [
+        (f"synthetic {args.layers * k} layers", str(synthetic(work, args.layers * k, args.hidden, args.intermediate)))
+        for k in (1, 2)
+    ]
+    models.append(("SmolLM2-135M", "smollm2-135m"))
+    for label, model in models:
+        recipe = Recipe(model, dataset, args.nsamples, args.seqlen, args.batch_size, 42)
+        tag = Path(model).name
+        for low in (False, True):
+            out = work / f"{tag}-w4g128-{'low' if low else 'full'}"
+            rep = signround_quantize(recipe, 4, 128, False, "signround", args.iters, out, ["--low-memory"] * low)
+            tool = "signround --low-memory" if low else "signround"
+            rows.append({"model": label, "tool": tool, "peak_rss_gb": rep["peak_rss_gb"], "seconds": rep["seconds"]})
+            write(command, args, rows)
+        if model == "smollm2-135m" and not args.skip_autoround:
+            rep = autoround_quantize(recipe, 4, 128, False, args.iters, work / f"{tag}-w4g128-autoround")
+            tool = "auto-round 0.16.1"
+            rows.append({"model": label, "tool": tool, "peak_rss_gb": rep["peak_rss_gb"], "seconds": rep["seconds"]})
+            write(command, args, rows)
+    print((ROOT / "bench" / "results" / "memory.md").read_text())
+
+
+def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    results = ROOT / "bench" / "results"
+    (results / "memory.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "# Peak memory of a quantization run",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"SignRound W4G128 asym, {args.nsamples} x {args.seqlen} calibration tokens (C4 sample), batch "
+        f"{args.batch_size}, {args.iters} iterations per block, float32 on CPU. Peak RSS = the process's "
+        "`ru_maxrss` when tuning ends (loading and tuning; the checkpoint write that follows is not counted, for "
+        "either tool). Synthetic models: LLaMA-shaped, hidden "
+        f"{args.hidden}, intermediate {args.intermediate}, 16 heads / 4 kv heads, SmolLM2's vocabulary, random "
+        "weights in safetensors.",
+        "",
+        "| model | tool | peak RSS GB | seconds |",
+        "|---|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tool']} | {r['peak_rss_gb']:.3f} | {r['seconds']:.0f} |")
+    by = {(r["model"], r["tool"]): r["peak_rss_gb"] for r in rows}
+    one, two = f"synthetic {args.layers} layers", f"synthetic {2 * args.layers} layers"
+    lines.append("")
+    for tool in ("signround", "signround --low-memory"):
+        if (one, tool) in by and (two, tool) in by:
+            lines.append(f"- {tool}: 2x depth / 1x depth peak RSS = {by[(two, tool)] / by[(one, tool)]:.3f}")
+    for tool in ("signround", "signround --low-memory"):
+        key, ref = ("SmolLM2-135M", tool), ("SmolLM2-135M", "auto-round 0.16.1")
+        if key in by and ref in by:
+            lines.append(f"- SmolLM2-135M, {tool} / auto-round peak RSS = {by[key] / by[ref]:.3f}")
+    (results / "memory.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
