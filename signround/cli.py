@@ -12,12 +12,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from signround import dist
 from signround.config import DType
 from signround.errors import SignRoundError
 
@@ -87,6 +89,16 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run (its state is kept in OUTPUT.signround-run)"
+    )
+    p.add_argument(
+        "--fp-inputs",
+        action="store_true",
+        help="tune each block on the float model's inputs instead of the quantized model's (blocks independent)",
+    )
+    p.add_argument(
+        "--block-parallel",
+        action="store_true",
+        help="under torchrun: ranks tune disjoint blocks (needs --fp-inputs); default: ranks split each batch",
     )
     p.add_argument(
         "--low-memory",
@@ -278,6 +290,7 @@ def _quantize(args: argparse.Namespace) -> int:
         use_best=not args.use_last,
         seed=args.seed,
         amp=args.amp,
+        quant_inputs=not args.fp_inputs,
     )
     cfg = QuantConfig(
         scheme=scheme,
@@ -312,6 +325,7 @@ def _quantize(args: argparse.Namespace) -> int:
             )
     if args.low_memory:
         _check_low_memory(args, mixed, search, formats)
+    rank, _ = _check_distributed(args)
     check_output(args.output, args.overwrite)
     state_dir = run_dir_for(args.output)
     refuse_unresumed(state_dir, args.resume)  # fail before loading anything
@@ -358,11 +372,15 @@ def _quantize(args: argparse.Namespace) -> int:
         cfg,
         data=tokens,
         device=args.device,
-        progress=not args.quiet,
-        state_dir=state_dir,
+        progress=not args.quiet and rank == 0,
+        state_dir=state_dir if rank == 0 or args.block_parallel else None,
         resume=args.resume,
         stream=stream,
+        block_parallel=args.block_parallel,
     )
+    if rank != 0:  # rank 0 writes the output and the report
+        dist.finish()
+        return 0
     if alloc is not None:
         model.config.quantization_config["mixed_precision"] = alloc.to_config()
     if choice is not None:
@@ -398,7 +416,24 @@ def _quantize(args: argparse.Namespace) -> int:
         result["ppl"] = ppl.to_dict()
     if args.report:
         Path(args.report).write_text(json.dumps(result, indent=2))
+    dist.finish()
     return 0
+
+
+def _check_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """Join the torchrun process group, if any, and refuse what multi-process tuning does not support."""
+    if not args.block_parallel and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    rank, size = dist.init_from_env()
+    if args.block_parallel and size == 1:
+        raise SignRoundError("--block-parallel splits blocks across processes; launch with torchrun --nproc_per_node N")
+    if args.block_parallel and not args.fp_inputs:
+        raise SignRoundError("--block-parallel needs blocks tuned on float inputs; add --fp-inputs")
+    if size > 1 and (args.resume or args.low_memory):
+        raise SignRoundError("multi-process tuning cannot --resume or stream (--low-memory) yet; run one process")
+    if size > 1 and not args.block_parallel and args.batch_size < size:
+        raise SignRoundError(f"--batch-size {args.batch_size} cannot be split over {size} processes; use >= {size}")
+    return rank, size
 
 
 def _check_low_memory(args: argparse.Namespace, mixed: Any, search: Any, formats: list[str]) -> None:

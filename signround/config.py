@@ -296,6 +296,9 @@ class TuneConfig:
         seed: seeds batch sampling.
         amp: run each tuning step's forward and backward under bfloat16 autocast (matmuls in bfloat16;
             weights, rounding parameters, targets and the loss stay float32), as auto-round's ``amp``.
+        quant_inputs: tune each block on the quantized model's inputs (the default; auto-round's
+            ``enable_quanted_input``), else on the float model's, which makes blocks independent of each
+            other (``--fp-inputs``; required by block-parallel tuning).
     """
 
     method: Method = Method.SIGNROUND
@@ -306,6 +309,7 @@ class TuneConfig:
     use_best: bool = True
     seed: int = 42
     amp: bool = False
+    quant_inputs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from signround import dist
 from signround._version import __version__
 from signround.act.calibrate import calibrate_static
 from signround.act.smooth import smooth_block
@@ -191,6 +192,7 @@ def run(
     state_dir: str | Path | None = None,
     resume: bool = False,
     stream: BlockStream | None = None,
+    block_parallel: bool = False,
 ) -> RunReport:
     """Quantize ``model`` in place (its block linears become ``QuantLinear``) and return the report.
 
@@ -207,6 +209,9 @@ def run(
         stream: the model came from :func:`signround.model.lazy.load_skeleton` (blocks on the meta device):
             each block is loaded before it is tuned and freed once it is persisted in ``state_dir``
             (required); writers read the finished blocks back from there (``stream.packed``).
+        block_parallel: in a torch.distributed run with ``cfg.tune.quant_inputs`` off, rank ``r`` tunes the
+            blocks ``i % world == r`` and writes them to ``state_dir``; rank 0 gathers them (see
+            :mod:`signround.dist`). Otherwise every rank tunes every block on its share of each batch.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,6 +220,11 @@ def run(
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
+    if block_parallel and (cfg.tune.quant_inputs or state_dir is None or resume or stream is not None):
+        raise SignRoundError(
+            "block-parallel tuning needs blocks tuned on float inputs (--fp-inputs) and a run folder, and "
+            "cannot resume or stream (--low-memory)"
+        )
     if stream is not None and state_dir is None:
         raise SignRoundError("a streamed (--low-memory) run keeps its finished blocks in a run folder; give state_dir")
     if not cfg.needs_calibration:
@@ -232,7 +242,12 @@ def run(
     tokens = RunState.saved_tokens(state_path) if state_path is not None and resume else None
     if tokens is None:
         tokens = resolve_tokens(model, tokenizer, cfg.calib, data)
-    state = RunState(state_path, fingerprint(_settings(model, cfg), tokens), resume) if state_path else None
+    main_rank = dist.is_main()  # in a distributed run, rank 0 alone keeps the run state
+    state = (
+        RunState(state_path, fingerprint(_settings(model, cfg), tokens), resume) if state_path and main_rank else None
+    )
+    if block_parallel:
+        dist.barrier()  # the run folder exists before any rank writes a block into it
     inputs, kwargs = capture_block_inputs(model, blocks[0], tokens)
     if not torch.isfinite(inputs).all():
         raise SignRoundError("the model's activations at the first block are not finite; check the model's weights")
@@ -253,6 +268,8 @@ def run(
     start = len(report.blocks)
     tune = cfg.tune
     bar = tqdm(total=len(blocks), initial=start, desc="quantizing", unit="block", disable=not progress, file=sys.stderr)
+    rank, size = dist.world()
+    parallel = block_parallel and size > 1
     for i in range(start, len(blocks)):
         block = stream.materialize(i) if stream is not None else blocks[i]
         home = next(block.parameters()).device
@@ -260,6 +277,12 @@ def run(
         targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
         if not torch.isfinite(targets).all():
             raise SignRoundError(f"block {i} produced non-finite outputs on the calibration data; check the model")
+        x = q_inputs if tune.quant_inputs else fp_inputs
+        if parallel and i % size != rank:  # another rank tunes this block; the float chain goes on
+            fp_inputs = q_inputs = targets
+            block.to(home)
+            bar.update(1)
+            continue
         steps = tqdm(
             total=tune.iters, desc=f"block {i}", leave=False, disable=not progress or tune.iters == 0, file=sys.stderr
         )
@@ -270,36 +293,33 @@ def run(
                 steps.set_postfix(loss=f"{loss:.4g}")
 
         if cfg.smooth:
-            alphas = smooth_block(block, q_inputs, targets, kwargs, plans[i], cfg.act, tune.batch_size)
+            alphas = smooth_block(block, x, targets, kwargs, plans[i], cfg.act, tune.batch_size)
             log.info("block %d smoothing alpha: %s", i, alphas)
         scales = None
         if cfg.act is not None and cfg.act.granularity == "channel":
-            scales, clips = calibrate_static(block, q_inputs, kwargs, list(plans[i]), cfg.act, tune.batch_size)
+            scales, clips = calibrate_static(block, x, kwargs, list(plans[i]), cfg.act, tune.batch_size)
             log.info("block %d activation clip ratios: %s", i, clips)
         result = tune_block(
-            block, q_inputs, targets, kwargs, plans[i], tune, seed=tune.seed + i, on_step=on_step,
-            act=cfg.act, act_scales=scales,
+            block, x, targets, kwargs, plans[i], tune, seed=tune.seed + i, on_step=on_step,
+            act=cfg.act, act_scales=scales, data_parallel=size > 1 and not parallel,
         )  # fmt: skip
         steps.close()
         _replace_linears(block, result, cfg.act, scales)
-        q_inputs = _run_block(block, q_inputs, kwargs, tune.batch_size)
-        final = torch.nn.functional.mse_loss(q_inputs.float(), targets.float()).item()
+        out = _run_block(block, x, kwargs, tune.batch_size)
+        final = torch.nn.functional.mse_loss(out.float(), targets.float()).item()
         if result.steps == 0:  # plain RTN: its loss is the final loss, measured once above
             result = dataclasses.replace(result, rtn_loss=final, first_loss=final, best_loss=final, last_loss=final)
         fp_inputs = targets
+        q_inputs = out if tune.quant_inputs else fp_inputs
         block.to(home)
         entry = BlockReport(
-            i,
-            f"{prefix}.{i}",
-            result.rtn_loss,
-            result.first_loss,
-            result.best_loss,
-            final,
-            result.steps,
+            i, f"{prefix}.{i}", result.rtn_loss, result.first_loss, result.best_loss, final, result.steps,
             result.seconds,
-        )
+        )  # fmt: skip
         report.blocks.append(entry)
-        if state is not None:
+        if parallel:
+            RunState.write_block(Path(state_dir), i, block)
+        elif state is not None:
             state.save_block(i, block, dataclasses.asdict(entry), fp_inputs, q_inputs)
             if stream is not None:
                 stream.release(i, state.block_file(i))
@@ -307,18 +327,31 @@ def run(
         bar.update(1)
         log.info(
             "block %d/%d: loss rtn %.4g -> final %.4g (best step %.4g) in %.1f s",
-            i + 1,
-            len(blocks),
-            result.rtn_loss,
-            final,
-            result.best_loss,
-            result.seconds,
-        )
+            i + 1, len(blocks), result.rtn_loss, final, result.best_loss, result.seconds,
+        )  # fmt: skip
+    if parallel:
+        report.blocks = _gather_blocks(report.blocks, blocks, state, cfg.act, size)
     bar.close()
     model.config.quantization_config = quantization_config(model, cfg, prefix, report)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_gb = peak_rss_gb()
     return report
+
+
+def _gather_blocks(
+    mine: list[BlockReport], blocks: nn.ModuleList, state: RunState | None, act: ActScheme | None, size: int
+) -> list[BlockReport]:
+    """After a block-parallel loop: every rank's block reports (in block order), and on rank 0 the blocks
+    that the other ranks tuned, read back from the run folder."""
+    gathered: list[list[BlockReport] | None] = [None] * size
+    torch.distributed.all_gather_object(gathered, mine)  # also waits until every rank has written its blocks
+    every = sorted((b for part in gathered for b in part or []), key=lambda b: b.index)
+    if state is not None:
+        own = {b.index for b in mine}
+        for b in every:
+            if b.index not in own:
+                state.restore_block(b.index, blocks[b.index], act)
+    return every
 
 
 def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report: RunReport) -> dict[str, Any]:
@@ -347,6 +380,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "use_best": tune.use_best,
             "seed": tune.seed,
             "amp": tune.amp,
+            **({} if tune.quant_inputs else {"quant_inputs": False}),
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,

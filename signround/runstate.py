@@ -95,6 +95,21 @@ class RunState:
     def block_file(self, index: int) -> Path:
         return self.folder / f"block_{index:04d}.safetensors"
 
+    @staticmethod
+    def write_block(folder: Path, index: int, block: nn.Module) -> Path:
+        """Write block ``index``'s tensors (packed layers' schemes in the metadata) to ``folder`` without
+        touching ``run.json`` (block-parallel ranks; not resumable)."""
+        schemes = {
+            name: json.dumps(module.scheme.to_dict())
+            for name, module in block.named_modules()
+            if isinstance(module, QuantLinear)
+        }
+        path = folder / f"block_{index:04d}.safetensors"
+        # Every tensor of the block, not only the packed layers: smoothing changes its norms, and streamed
+        # (--low-memory) runs assemble the checkpoint from these files.
+        _atomic_save({key: value.cpu() for key, value in block.state_dict().items()}, path, metadata=schemes)
+        return path
+
     def save_block(
         self,
         index: int,
@@ -105,15 +120,7 @@ class RunState:
     ) -> None:
         """Persist block ``index`` (already packed) and the next block's inputs (None: runs without
         calibration data), then mark it done."""
-        schemes = {
-            name: json.dumps(module.scheme.to_dict())
-            for name, module in block.named_modules()
-            if isinstance(module, QuantLinear)
-        }
-        # Every tensor of the block, not only the packed layers: smoothing changes its norms, and streamed
-        # (--low-memory) runs assemble the checkpoint from these files.
-        tensors = {key: value.cpu() for key, value in block.state_dict().items()}
-        _atomic_save(tensors, self.block_file(index), metadata=schemes)
+        self.write_block(self.folder, index, block)
         if q_inputs is not None:
             inputs = {"q_inputs": q_inputs.cpu()}
             if fp_inputs is not q_inputs:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from signround import dist
 from signround.act.calibrate import quantized_inputs
 from signround.calib.capture import block_output
 from signround.config import ActScheme, QuantScheme, TuneConfig
@@ -92,6 +93,7 @@ def tune_block(
     on_step: StepCallback | None = None,
     act: ActScheme | None = None,
     act_scales: dict[str, torch.Tensor] | None = None,
+    data_parallel: bool = False,
 ) -> BlockResult:
     """Learn rounding and clipping for the linears of ``block`` named in ``schemes``.
 
@@ -107,11 +109,14 @@ def tune_block(
         act: quantize the inputs of the tuned linears with this scheme in every forward (the loss stays the
             MSE against the float block's ``targets``), so the weights adapt to the activation error.
         act_scales: static per-channel input scales ``{name: [in]}`` for ``act.granularity == "channel"``.
+        data_parallel: in a torch.distributed run, compute this rank's share of each batch and sum the
+            gradients over ranks before the sign step (:mod:`signround.dist`); every rank ends equal.
 
     Returns:
         A :class:`BlockResult` with codes, scales and zero points of each layer.
     """
     t0 = time.perf_counter()
+    size = dist.world()[1] if data_parallel else 1
     linears = block_linears(block)
     learn = cfg.iters > 0
     tunables = {name: TunableWeight.from_linear(linears[name], s, learn) for name, s in schemes.items()}
@@ -134,12 +139,25 @@ def tune_block(
             gen = torch.Generator().manual_seed(seed)
             n = inputs.shape[0]
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
+            params = [p for t in tunables.values() for p in (t.v, t.min_factor, t.max_factor)]
             for step in range(cfg.iters):
                 idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(inputs.device)
-                with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
-                loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
-                value = loss.item()
+                if size == 1:
+                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                        out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
+                    loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
+                    value = loss.item()
+                else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
+                    mine = dist.shard(idx)
+                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                        out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
+                    denominator = idx.numel() * targets[0].numel()
+                    loss = torch.nn.functional.mse_loss(out.float(), targets[mine].float(), reduction="sum")
+                    loss = loss / denominator
+                    loss.backward()
+                    total = loss.detach().reshape(1).clone()
+                    dist.all_reduce_sum([p.grad for p in params if p.grad is not None] + [total])
+                    value = total.item()
                 if not math.isfinite(value):
                     raise SignRoundError(
                         f"the tuning loss became {value} at step {step}; the inputs or weights are not finite "
@@ -149,7 +167,8 @@ def tune_block(
                 if value < best_loss:
                     best_loss, best_step = value, step
                     best_state = {name: t.snapshot() for name, t in tunables.items()}
-                loss.backward()
+                if size == 1:
+                    loss.backward()
                 sign_step([t.v for t in tunables.values()], linear_decay(lr, step, cfg.iters))
                 sign_step(
                     [p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
