@@ -245,8 +245,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``signround: error: ...``, exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"signround: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for causal LMs")
+    parser = _Parser(prog="signround", description="SignRound weight quantization for causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_export(sub)
@@ -543,7 +551,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already reported in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(message)s",

@@ -84,6 +84,14 @@ def test_unsupported_architecture(capsys, tmp_path, tokenizer, calib_jsonl):
         (["--batch-size", "0"], "batch size"),
         (["--nsamples", "0"], "nsamples"),
         (["--layer-config", "{bad"], "JSON"),
+        # unknown format names
+        (["--format", "gguf:q9_k"], "unknown format"),
+        (["--data-type", "int5"], "invalid choice"),
+        # conflicting options
+        (["--smooth"], "add --act-bits"),
+        (["--serve-bits", "3", "--avg-bits", "3.5"], "drop it or the mixed-precision options"),
+        (["--block-parallel", "--fp-inputs"], "torchrun"),
+        (["--low-memory", "--format", "gptq"], "--low-memory writes the native format"),
     ],
 )
 def test_bad_options(capsys, tmp_path, model_dir, calib_jsonl, flags, match):
