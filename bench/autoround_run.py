@@ -166,7 +166,7 @@ def main() -> None:
         report["auto_scheme"]["search_seconds"] = time.perf_counter() - t0
     ar.quantize()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peak = peak_rss_gb()
     tmp.cleanup()
     if args.auto_scheme is not None:
         report["layer_bits"] = decided_bits(ar)
@@ -190,6 +190,16 @@ def main() -> None:
         )
     )
     print(f"auto-round done in {seconds:.1f} s, peak RSS {peak:.2f} GB -> {args.output}")
+
+
+def peak_rss_gb() -> float:
+    """``VmHWM`` in GB (as signround's report): ``ru_maxrss`` would include the launching process's peak,
+    which Linux carries into a child across fork and exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 against one that holds the model, on synthetic LLaMA-shaped models of one width at 1x and 2x depth, and
 on SmolLM2-135M next to auto-round 0.16.1 (bench environment) at the same settings.
 
-Every run is a separate process (the peak RSS is its own ``ru_maxrss``, from signround's ``--report``).
+Every run is a separate process (the peak RSS is its own ``VmHWM``, from signround's ``--report``).
 The synthetic models have random weights (saved to safetensors first, with SmolLM2's tokenizer); their
 quality means nothing, only memory is measured. Finished rows in ``--work`` are reused.
 
@@ -97,7 +97,7 @@ def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"SignRound W4G128 asym, {args.nsamples} x {args.seqlen} calibration tokens (C4 sample), batch "
         f"{args.batch_size}, {args.iters} iterations per block, float32 on CPU. Peak RSS = the process's "
-        "`ru_maxrss` when tuning ends (loading and tuning; the checkpoint write that follows is not counted, for "
+        "`VmHWM` when tuning ends (loading and tuning; the checkpoint write that follows is not counted, for "
         "either tool). Synthetic models: LLaMA-shaped, hidden "
         f"{args.hidden}, intermediate {args.intermediate}, 16 heads / 4 kv heads, SmolLM2's vocabulary, random "
         "weights in safetensors.",

@@ -12,7 +12,7 @@ Public API::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from signround._version import __version__
 from signround.config import (
@@ -27,12 +27,42 @@ from signround.config import (
     parse_layer_config,
 )
 from signround.errors import SignRoundError
-from signround.eval.harness import TaskScore, evaluate_tasks, format_scores
-from signround.eval.ppl import PplResult, perplexity
-from signround.export import save
-from signround.mixed import Allocation, MixedSpec, allocate_bits
-from signround.model.load import load_model
-from signround.pipeline import RunReport, run
+
+# The heavier parts (pipeline, evaluation, exporters, the MILP allocator) load on first use, so a process
+# that imports one module of signround does not pay for all of them (about 140 MB of RSS: scipy, gguf, ...).
+_LAZY = {
+    "TaskScore": "signround.eval.harness",
+    "evaluate_tasks": "signround.eval.harness",
+    "format_scores": "signround.eval.harness",
+    "PplResult": "signround.eval.ppl",
+    "perplexity": "signround.eval.ppl",
+    "save": "signround.export",
+    "Allocation": "signround.mixed",
+    "MixedSpec": "signround.mixed",
+    "allocate_bits": "signround.mixed",
+    "load_model": "signround.model.load",
+    "RunReport": "signround.pipeline",
+    "run": "signround.pipeline",
+}
+
+if TYPE_CHECKING:
+    from signround.eval.harness import TaskScore, evaluate_tasks, format_scores
+    from signround.eval.ppl import PplResult, perplexity
+    from signround.export import save
+    from signround.mixed import Allocation, MixedSpec, allocate_bits
+    from signround.model.load import load_model
+    from signround.pipeline import RunReport, run
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'signround' has no attribute {name!r}")
+
 
 PRESETS: dict[str, QuantScheme] = {
     "W4A16": QuantScheme(bits=4, group_size=128, sym=True),
@@ -119,6 +149,8 @@ def quantize(
         from signround.pipeline import resolve_tokens
 
         data = resolve_tokens(model, tokenizer, cfg.calib, data)
+        from signround.mixed import allocate_bits
+
         alloc = allocate_bits(model, data, cfg, mixed, progress=progress)
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + alloc.rules())
     choice = None
@@ -130,6 +162,8 @@ def quantize(
         data = resolve_tokens(model, tokenizer, cfg.calib, data)
         choice = choose_formats(model, data, candidates)
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + choice.rules())
+    from signround.pipeline import run
+
     run(model, tokenizer, cfg, data=data, device=device, progress=progress)
     if alloc is not None:
         model.config.quantization_config["mixed_precision"] = alloc.to_config()

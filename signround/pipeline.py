@@ -9,6 +9,7 @@ summary live here, nowhere else.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import resource
@@ -88,9 +89,39 @@ class RunReport:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GB (Linux reports KiB)."""
+    """Peak resident memory of this process so far, in GB: ``VmHWM`` of ``/proc/self/status`` on Linux.
+
+    Not ``ru_maxrss``: Linux carries a parent's high-water mark into a child across fork and exec, so a
+    process started by a large one (a benchmark driver) would report at least the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib * 1024 / 1e9 if sys.platform != "darwin" else kib / 1e9
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere. Called once per
+    block, so the float weights and activations a finished block freed leave the process's RSS."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def resolve_tokens(model: nn.Module, tokenizer: Any, calib: CalibConfig, data: Any) -> torch.Tensor:
@@ -163,6 +194,7 @@ def _rtn_without_data(
         if stream is not None and state is not None:
             state.save_block(i, block, dataclasses.asdict(report.blocks[-1]), None, None)
             stream.release(i, state.block_file(i))
+        release_freed_memory()
     return report
 
 
@@ -225,11 +257,12 @@ def run(
             "block-parallel tuning needs blocks tuned on float inputs (--fp-inputs) and a run folder, and "
             "cannot resume or stream (--low-memory)"
         )
-    if stream is not None and state_dir is None:
+    streamed = stream is not None and not stream.keep  # blocks are freed once persisted (--low-memory)
+    if streamed and state_dir is None:
         raise SignRoundError("a streamed (--low-memory) run keeps its finished blocks in a run folder; give state_dir")
     if not cfg.needs_calibration:
         state = None
-        if stream is not None:  # rounding needs no data and takes seconds per block: a resumed run starts over
+        if streamed:  # rounding needs no data and takes seconds per block: a resumed run starts over
             shutil.rmtree(Path(state_dir), ignore_errors=True)
             no_tokens = torch.zeros(0, dtype=torch.long)
             state = RunState(Path(state_dir), fingerprint(_settings(model, cfg), no_tokens), False)
@@ -256,9 +289,11 @@ def run(
     if state is not None and state.done:
         log.info("resuming: %d of %d blocks were finished in %s", state.done, len(blocks), state.folder)
         for i in range(state.done):
-            state.restore_block(i, blocks[i], cfg.act)  # the packed structure only, for a streamed block
-            if stream is not None:
+            state.restore_block(i, blocks[i], cfg.act)  # the packed structure only, for a block on meta
+            if streamed:
                 stream.packed[i] = state.block_file(i)
+            elif stream is not None:  # blocks loaded on demand: the finished ones come back whole
+                state.load_block(i, blocks[i])
         report.blocks = [BlockReport(**r) for r in state.reports]
         fp_inputs, q_inputs = state.load_inputs()
     elif state is not None:
@@ -321,8 +356,9 @@ def run(
             RunState.write_block(Path(state_dir), i, block)
         elif state is not None:
             state.save_block(i, block, dataclasses.asdict(entry), fp_inputs, q_inputs)
-            if stream is not None:
+            if streamed:
                 stream.release(i, state.block_file(i))
+        release_freed_memory()
         bar.set_postfix_str(f"loss rtn {result.rtn_loss:.3g} -> {final:.3g}")
         bar.update(1)
         log.info(

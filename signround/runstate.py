@@ -158,6 +158,11 @@ class RunState:
         if device.type != "meta":
             block.load_state_dict(load_file(str(path)), strict=True)
 
+    def load_block(self, index: int, block: nn.Module) -> None:
+        """Fill a block that :meth:`restore_block` left on the meta device with block ``index``'s saved
+        tensors (a resumed run whose blocks are loaded on demand)."""
+        block.load_state_dict(load_file(str(self.block_file(index))), strict=True, assign=True)
+
     def load_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fp_inputs, q_inputs)`` of block ``done``."""
         tensors = load_file(str(self.folder / "inputs.safetensors"))

@@ -60,16 +60,22 @@ class SafetensorsIndex:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in wanted:
+                        # a copy: get_tensor's result is a view of the file's memory map, which would stay
+                        # mapped (and resident) for as long as any tensor read through it lives
                         t = f.get_tensor(name)
-                        out[name] = t.to(dtype) if t.is_floating_point() else t
+                        out[name] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
             except (SafetensorError, OSError) as exc:
                 raise SignRoundError(f"cannot read {path.name}: {exc}; the model files are corrupt") from None
         return out
 
 
-def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, BlockStream]:
+def load_skeleton(
+    folder: str | Path, dtype: torch.dtype = torch.float32, keep: bool = False
+) -> tuple[nn.Module, Any, BlockStream]:
     """``(model, tokenizer, stream)``: the model with its blocks' parameters on the meta device and every
-    other tensor loaded; ``stream`` loads and releases blocks (see :class:`BlockStream`).
+    other tensor loaded; ``stream`` loads and releases blocks (see :class:`BlockStream`). With ``keep`` the
+    finished blocks stay in memory (the default quantize path: a block's float weights are read only when
+    its turn comes, and freed once it is packed; nothing is memory-mapped, so freed weights leave the RSS).
 
     Raises:
         SignRoundError: not an HF safetensors folder, or its weights do not fit its config.
@@ -98,7 +104,7 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> tup
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise SignRoundError(f"weights in {folder} do not fit its config: {what}")
     model.eval()
-    return model, _from_pretrained_tokenizer(str(path)), BlockStream(index, prefix, blocks, dtype)
+    return model, _from_pretrained_tokenizer(str(path)), BlockStream(index, prefix, blocks, dtype, keep)
 
 
 class BlockStream:
@@ -108,13 +114,17 @@ class BlockStream:
         prefix: the blocks' qualified name (``model.layers``).
         packed: where each finished block's packed tensors were persisted (block index -> safetensors file,
             keys relative to the block), for writers that assemble the checkpoint block by block.
+        keep: finished blocks stay in memory (loaded on demand only); the pipeline never releases them.
     """
 
-    def __init__(self, index: SafetensorsIndex, prefix: str, blocks: nn.ModuleList, dtype: torch.dtype) -> None:
+    def __init__(
+        self, index: SafetensorsIndex, prefix: str, blocks: nn.ModuleList, dtype: torch.dtype, keep: bool = False
+    ) -> None:
         self.index = index
         self.prefix = prefix
         self.blocks = blocks
         self.dtype = dtype
+        self.keep = keep
         self.packed: dict[int, Path] = {}
 
     def materialize(self, i: int) -> nn.Module:

@@ -61,6 +61,31 @@ def test_streamed_run_equals_the_in_memory_run(tmp_path, sharded, monkeypatch, e
     assert ref_model.config.quantization_config["modules"] == low_model.config.quantization_config["modules"]
 
 
+def test_default_run_reads_each_block_when_its_turn_comes(tmp_path, sharded, monkeypatch):
+    """Without --low-memory a float safetensors folder is still loaded block by block (never memory-mapped
+    whole); the finished blocks stay in memory. The result equals the Python API's run on a whole model."""
+    model, calib = sharded
+    later_loaded = []
+    original = BlockStream.materialize
+
+    def spy(self, i):
+        assert self.keep
+        later_loaded.append(any(p.device.type != "meta" for b in self.blocks[i:] for p in b.parameters()))
+        return original(self, i)
+
+    monkeypatch.setattr(BlockStream, "materialize", spy)
+    assert main(argv(model, tmp_path / "cli", calib)) == 0
+    assert later_loaded == [False] * 4  # block i and the ones after it were still on the meta device
+
+    whole, tokenizer = signround.load_model(str(model))
+    scheme = signround.QuantScheme(bits=4, group_size=32)
+    signround.quantize(whole, tokenizer, scheme, str(calib), iters=3, nsamples=4, seqlen=32, batch_size=2)
+    signround.save(whole, tokenizer, tmp_path / "api")
+    cli, _ = logits(tmp_path / "cli")
+    api, _ = logits(tmp_path / "api")
+    assert torch.equal(cli, api)
+
+
 def test_low_memory_refuses_what_needs_the_whole_model(tmp_path, sharded, capsys):
     model, calib = sharded
     for extra, match in [
