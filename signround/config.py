@@ -33,7 +33,9 @@ class DType(str, enum.Enum):
     ``mxfp4`` (OCP MX: e2m1 elements, power-of-two scale per 32 weights) and ``nvfp4`` (e2m1 elements,
     e4m3 scale per 16 weights times one float32 scale per tensor); see :mod:`signround.formats.fp`.
     ``bitmod`` is a per-group mixture of 4-bit grids (INT4 asymmetric and FP4 variants), see
-    :mod:`signround.formats.bitmod`.
+    :mod:`signround.formats.bitmod`. ``q4_k`` is llama.cpp's Q4_K structure (4-bit codes in groups of 32,
+    6-bit group scales and minimums under float16 factors per 256 weights), see
+    :mod:`signround.formats.kquant`.
     """
 
     INT = "int"
@@ -47,6 +49,7 @@ class DType(str, enum.Enum):
     MXFP4 = "mxfp4"
     NVFP4 = "nvfp4"
     BITMOD = "bitmod"
+    Q4_K = "q4_k"
 
     @property
     def is_float(self) -> bool:
@@ -76,8 +79,9 @@ _FLOAT_BITS = {
     DType.MXFP4: 4,
     DType.NVFP4: 4,
     DType.BITMOD: 4,
+    DType.Q4_K: 4,
 }
-_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16}
+_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32}
 
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
