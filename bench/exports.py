@@ -9,7 +9,8 @@ Checkpoints: W4G128 asym SignRound (the quality benchmark's, reused from --work 
 need another grid: W4G64 for auto_round and gptq (auto-round's CPU kernels need groups that divide the
 width, and read GPTQ on CPU only when symmetric), W4G64 sym/asym for compressed-tensors (same), W4G32
 sym/asym and W8G32 sym for GGUF. The point is reader agreement, not tuning quality. A reader that fails is
-recorded with its error.
+recorded with its error. ``gguf:q4_k`` is written by ``quantize --data-type q4_k --format native,gguf:q4_k``
+itself (tuned on Q4_K's structure; SmolLM2's 576-wide rows get the Q5_0 fallback), RTN and SignRound.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ CHECKS = [
     ("W4G32-sym", "rtn", 4, 32, True, "gguf:q4_0", "gguf", "main"),
     ("W4G32-asym", "rtn", 4, 32, False, "gguf:q4_1", "gguf", "main"),
     ("W8G32-sym", "rtn", 8, 32, True, "gguf:q8_0", "gguf", "main"),
+    # tuned on the type's own structure: quantize writes the file (its Q5_0 fallback layers need the format)
+    ("Q4_K", "rtn", 4, 32, False, "gguf:q4_k", "gguf", "main"),
+    ("Q4_K", "signround", 4, 32, False, "gguf:q4_k", "gguf", "main"),
 ]
+TUNED_FOR = {"gguf:q4_k": ["--data-type", "q4_k"]}  # formats written by quantize itself, with these flags
 
 
 def read(folder: Path, reader: str, python: str, out: Path, windows: int) -> tuple[dict, torch.Tensor]:
@@ -64,13 +69,25 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--work", required=True, help="folder for checkpoints and reader results (reused)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "exports.md"))
+    p.add_argument("--formats", default=None, help="comma-separated formats to check (default: every row)")
     args = p.parse_args()
+    only = set(args.formats.split(",")) if args.formats else None
     recipe, work = recipe_from(args), Path(args.work)
     rows = []
     for label, method, bits, group, sym, fmt, reader, python in CHECKS:
+        if only is not None and fmt not in only:
+            continue
         src = work / f"{label}-{method}"
-        signround_quantize(recipe, bits, group, sym, method, args.iters if method == "signround" else 0, src, [])
-        exported = work / "exports" / f"{label}-{method}-{fmt.replace(':', '-')}"
+        iters = args.iters if method == "signround" else 0
+        if fmt in TUNED_FOR:
+            both = work / f"{label}-{method}-{fmt.replace(':', '-')}"
+            signround_quantize(
+                recipe, bits, group, sym, method, iters, both, [*TUNED_FOR[fmt], "--format", f"native,{fmt}"]
+            )
+            src, exported = both / "native", both / fmt.replace(":", "-")
+        else:
+            signround_quantize(recipe, bits, group, sym, method, iters, src, [])
+            exported = work / "exports" / f"{label}-{method}-{fmt.replace(':', '-')}"
         if not exported.exists():
             sh([sys.executable, "-m", "signround.cli", "export", "--model", str(src), "--format", fmt,
                 "--output", str(exported), "--quiet"])  # fmt: skip
@@ -89,7 +106,7 @@ def main() -> None:
     lines = [
         "# Exports read back by third-party readers (SmolLM2-135M)",
         "",
-        f"Command: `python bench/exports.py --work {args.work} --max-windows {args.max_windows}`",
+        f"Command: `python {' '.join(['bench/exports.py', *sys.argv[1:]])}`",
         "",
         f"Perplexity: wikitext-2 test, seqlen 2048, the first {args.max_windows} windows, scored by signround's "
         "perplexity code on the model each reader built. Logit difference: max |theirs − ours| over the first 128 "
