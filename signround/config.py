@@ -34,8 +34,8 @@ class DType(str, enum.Enum):
     e4m3 scale per 16 weights times one float32 scale per tensor); see :mod:`signround.formats.fp`.
     ``bitmod`` is a per-group mixture of 4-bit grids (INT4 asymmetric and FP4 variants), see
     :mod:`signround.formats.bitmod`. ``q4_k`` is llama.cpp's Q4_K structure (4-bit codes in groups of 32,
-    6-bit group scales and minimums under float16 factors per 256 weights), see
-    :mod:`signround.formats.kquant`.
+    6-bit group scales and minimums under float16 factors per 256 weights), ``q2_k`` its Q2_K structure
+    (2-bit codes in groups of 16, 4-bit scales and minimums), see :mod:`signround.formats.kquant`.
     """
 
     INT = "int"
@@ -50,6 +50,7 @@ class DType(str, enum.Enum):
     NVFP4 = "nvfp4"
     BITMOD = "bitmod"
     Q4_K = "q4_k"
+    Q2_K = "q2_k"
 
     @property
     def is_float(self) -> bool:
@@ -80,8 +81,9 @@ _FLOAT_BITS = {
     DType.NVFP4: 4,
     DType.BITMOD: 4,
     DType.Q4_K: 4,
+    DType.Q2_K: 2,
 }
-_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32}
+_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32, DType.Q2_K: 16}
 
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128

@@ -23,11 +23,11 @@ One file ``model-<qtype>.gguf`` per export. Supported ``qtype``s (:data:`GGUF_TY
   inexact step** of the export. Its error is at most ``2^-11 * |m|`` (half an fp16 ulp; at most
   ``2^-25`` absolute where ``|m| < 2^-14`` is subnormal), added to every weight of that group.
 
-* ``q4_k``: layers tuned on llama.cpp's Q4_K structure (``--data-type q4_k``, :mod:`signround.formats.kquant`)
-  become Q4_K blocks holding the same codes, 6-bit scales and minimums and fp16 super-block factors; layers
-  whose rows are not a multiple of 256 weights carry the W5G32-sym grid (:data:`KQUANT_FALLBACK`) and become
-  Q5_0 blocks, as llama.cpp's quantizer does. Both decode bit for bit; byte layouts in
-  :mod:`signround.export.gguf_kquant`.
+* ``q4_k`` / ``q2_k``: layers tuned on llama.cpp's Q4_K / Q2_K structure (``--data-type q4_k|q2_k``,
+  :mod:`signround.formats.kquant`) become blocks of that type holding the same codes, scales, minimums and
+  fp16 super-block factors; layers whose rows are not a multiple of 256 weights carry the type's fallback
+  grid (W5G32-sym as Q5_0, as llama.cpp's quantizer does / W4G32-sym as Q4_0) and become those blocks. All
+  decode bit for bit; the table and byte layouts are in :mod:`signround.export.gguf_kquant`.
 
   Only ``QuantLinear`` layers are blocks. Everything else in the file stays float: embeddings, the output
   head (written only when not tied to the embeddings, as llama.cpp does), decoder linears a layer config
@@ -45,7 +45,6 @@ readers (llama.cpp, transformers' GGUF loader) expect it and transformers undoes
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,15 +55,16 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
 from torch import nn
 
-from signround.config import DType, LayerRule, QuantScheme
+from signround.config import QuantScheme
 from signround.errors import SignRoundError
-from signround.export.gguf_kquant import QK_K, encode_q4_k, encode_q5_0
+from signround.export import gguf_kquant as kquant
+from signround.export.gguf_kquant import KQUANTS
 from signround.export.gguf_tokenizer import add_tokenizer
 from signround.pack.packed import QuantLinear
 
 log = logging.getLogger("signround")
 
-GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q4_1", "q4_k")
+GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q4_1", *KQUANTS)
 BLOCK = 32  # elements per ggml block, and the group size every block type here requires
 
 
@@ -88,12 +88,8 @@ _FILE_TYPES = {
     "q8_0": LlamaFileType.MOSTLY_Q8_0,
     "q4_0": LlamaFileType.MOSTLY_Q4_0,
     "q4_1": LlamaFileType.MOSTLY_Q4_1,
-    "q4_k": LlamaFileType.MOSTLY_Q4_K_S,
+    **{name: kind.file_type for name, kind in KQUANTS.items()},
 }
-# gguf:q4_k: layers tuned on Q4_K's own structure (``--data-type q4_k``); a row whose length is not a
-# multiple of 256 cannot be a Q4_K row, and llama.cpp's quantizer writes such tensors as Q5_0 instead,
-# which here is the W5G32-sym integer grid (the pipeline's ``kquant_fallback_rules`` assigns it).
-KQUANT_FALLBACK = QuantScheme(bits=5, group_size=32, sym=True)
 
 
 def _check_qtype(qtype: str) -> None:
@@ -102,19 +98,17 @@ def _check_qtype(qtype: str) -> None:
 
 
 def _run_hint(qtype: str) -> str:
-    if qtype == "q4_k":
-        return "run `signround quantize --data-type q4_k --format gguf:q4_k`"
+    if qtype in KQUANTS:
+        return kquant.run_hint(qtype)
     grid = _GRIDS[qtype]
     sym = " --sym" if grid.sym else ""
     return f"run `signround quantize --bits {grid.bits} --group-size {BLOCK}{sym} --format gguf:{qtype}`"
 
 
 def _fits(scheme: QuantScheme, qtype: str, in_features: int | None = None) -> bool:
-    """Whether ``qtype`` stores ``scheme`` exactly (for ``q4_k``, at this input width when given)."""
-    if qtype == "q4_k":
-        if scheme.dtype is DType.Q4_K:
-            return in_features is None or in_features % QK_K == 0
-        return scheme == KQUANT_FALLBACK
+    """Whether ``qtype`` stores ``scheme`` exactly (for a K-quant, at this input width when given)."""
+    if qtype in KQUANTS:
+        return kquant.fits(scheme, qtype, in_features)
     grid = _GRIDS[qtype]
     return (
         not scheme.dtype.is_float and scheme.bits == grid.bits and scheme.sym == grid.sym and scheme.group_size == BLOCK
@@ -122,16 +116,8 @@ def _fits(scheme: QuantScheme, qtype: str, in_features: int | None = None) -> bo
 
 
 def _mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int | None = None) -> SignRoundError:
-    if qtype == "q4_k":
-        if scheme.dtype is DType.Q4_K:
-            return SignRoundError(
-                f"gguf:q4_k stores Q4_K rows of a multiple of {QK_K} weights; {what} has {in_features}; "
-                f"quantize it as {KQUANT_FALLBACK.name} (Q5_0), which `--format gguf:q4_k` does by itself"
-            )
-        return SignRoundError(
-            f"gguf:q4_k stores Q4_K layers (and {KQUANT_FALLBACK.name} as Q5_0); {what} is {scheme.name}; "
-            f"{_run_hint(qtype)}"
-        )
+    if qtype in KQUANTS:
+        return kquant.mismatch(qtype, what, scheme, in_features)
     grid = _GRIDS[qtype]
     if scheme.dtype.is_float:
         return SignRoundError(
@@ -239,8 +225,8 @@ def _linear_tensor(
     """``(array, raw_dtype)`` for one linear's weight: blocks for a ``QuantLinear`` under a block qtype
     (its scheme already checked by :func:`_check_model`), else F16 (``raw_dtype`` None). Rows reordered
     by ``perm`` when given."""
-    if isinstance(layer, QuantLinear) and qtype == "q4_k":
-        return _kquant_tensor(layer, perm)
+    if isinstance(layer, QuantLinear) and qtype in KQUANTS:
+        return _kquant_tensor(layer, qtype, perm)
     if isinstance(layer, QuantLinear) and qtype != "f16":
         codes = layer.codes().cpu().numpy()
         scales = layer.scales.detach().cpu().numpy()
@@ -263,16 +249,20 @@ def _linear_tensor(
     return (weight[perm] if perm is not None else weight), None
 
 
-def _kquant_tensor(layer: QuantLinear, perm: np.ndarray | None) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """A gguf:q4_k layer: Q4_K blocks from its stored scales, minimums and factors, or Q5_0 for the
-    fallback grid. Every stored tensor is per row, so ``perm`` reorders them all alike."""
+def _kquant_tensor(layer: QuantLinear, qtype: str, perm: np.ndarray | None) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """A gguf K-quant layer: the type's blocks from its stored scales, minimums and factors, or the
+    fallback's (Q5_0 / Q4_0) for the fallback grid. Every stored tensor is per row, so ``perm`` reorders
+    them all alike."""
+    kind = KQUANTS[qtype]
     rows = perm if perm is not None else slice(None)
     codes = layer.codes().cpu().numpy()[rows]
-    if layer.scheme.dtype is DType.Q4_K:
-        part = {n: layer.get_buffer(n).detach().cpu().numpy()[rows] for n in ("scales", "mins", "d", "dmin")}
-        data = encode_q4_k(codes, part["scales"], part["mins"], part["d"], part["dmin"])
-        return data, GGMLQuantizationType.Q4_K
-    return encode_q5_0(codes, layer.scales.detach().cpu().numpy()[rows]), GGMLQuantizationType.Q5_0
+    if layer.scheme.dtype is kind.dtype:
+        stored = {n: layer.get_buffer(n).detach().cpu().numpy()[rows] for n in ("scales", "mins", "d", "dmin")}
+        return kquant.encode_kquant(qtype, codes, stored), kind.ggml
+    scales = layer.scales.detach().cpu().numpy()[rows]
+    if kind.fallback_ggml is GGMLQuantizationType.Q5_0:
+        return kquant.encode_q5_0(codes, scales), kind.fallback_ggml
+    return encode_q4_0(codes, scales), kind.fallback_ggml
 
 
 def _rope(config: Any) -> float:
@@ -367,16 +357,6 @@ def _check_model(model: Any, qtype: str) -> None:
                 f"{name} has {layer.in_features} input features, not a multiple of {BLOCK}; "
                 f"gguf:{qtype} blocks cannot hold its partial last group"
             )
-
-
-def kquant_fallback_rules(planned: Iterable[Any]) -> tuple[LayerRule, ...]:
-    """For ``--format gguf:q4_k``: a rule giving every planned Q4_K layer whose input width is not a
-    multiple of 256 the Q5_0 grid (:data:`KQUANT_FALLBACK`), as llama.cpp's quantizer does."""
-    return tuple(
-        LayerRule(pattern=re.escape(p.name) + "$", scheme=KQUANT_FALLBACK)
-        for p in planned
-        if p.scheme.dtype is DType.Q4_K and p.in_features % QK_K
-    )
 
 
 def check_gguf_plan(model: Any, planned: Iterable[Any], qtype: str) -> None:

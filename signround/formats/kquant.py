@@ -1,14 +1,15 @@
-"""llama.cpp's K-quant grids with a float minimum (Q4_K's structure), tuned as SignRound tunes any grid.
+"""llama.cpp's K-quant grids with a float minimum (Q4_K's and Q2_K's structure), tuned as SignRound tunes
+any grid.
 
-A row is cut into groups of ``g`` weights (32 for Q4_K) and groups into super-blocks of ``n`` (8 for
-Q4_K: 256 weights). A weight decodes to
+A row is cut into groups of ``g`` weights (32 for Q4_K, 16 for Q2_K) and groups into super-blocks of ``n``
+(8 for Q4_K, 16 for Q2_K: 256 weights). A weight decodes to
 
     ``w = (d * sc) * q - (dmin * m)``
 
-with ``q`` the ``bits``-bit code of the weight, ``sc`` and ``m`` the group's ``scale_bits``-bit integer
-scale and minimum (6 bits for Q4_K) and ``d``, ``dmin`` the super-block's float16 factors; the product
-and the difference are float32, as llama.cpp's dequantization computes them. Unlike the ``int`` grid,
-the minimum is not an integer number of steps.
+with ``q`` the ``bits``-bit code of the weight (4 / 2), ``sc`` and ``m`` the group's ``scale_bits``-bit
+integer scale and minimum (6 bits for Q4_K, 4 for Q2_K) and ``d``, ``dmin`` the super-block's float16
+factors; the product and the difference are float32, as llama.cpp's dequantization computes them.
+Unlike the ``int`` grid, the minimum is not an integer number of steps.
 
 Quantization (my reading of llama.cpp's ``quantize_row_q4_K``, with plain min/max extremes in place of
 its per-group search, which SignRound's clipping factors replace): per group, ``s = (max*b - min*a) /
@@ -184,3 +185,4 @@ class KQuantFormat:
 
 
 Q4_K = KQuantFormat(bits=4, group=32, scale_bits=6, per_super=8)
+Q2_K = KQuantFormat(bits=2, group=16, scale_bits=4, per_super=16)

@@ -251,7 +251,7 @@ def test_check_gguf_compatible():
         check_gguf_compatible([SCHEMES["q4_0"]], "q4_1")
     with pytest.raises(SignRoundError, match="unknown gguf type 'q5_k'"):
         check_gguf_compatible([], "q5_k")
-    assert GGUF_TYPES == ("f16", "q8_0", "q4_0", "q4_1", "q4_k")
+    assert GGUF_TYPES == ("f16", "q8_0", "q4_0", "q4_1", "q4_k", "q2_k")
     check_gguf_compatible([signround.QuantScheme(dtype="q4_k"), signround.QuantScheme(bits=5, group_size=32, sym=True)],
                           "q4_k")  # fmt: skip
     with pytest.raises(SignRoundError, match=r"gguf:q4_k stores Q4_K layers .* W4G32-asym; run .*--data-type q4_k"):

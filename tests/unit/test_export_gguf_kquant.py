@@ -1,5 +1,6 @@
-"""Q4_K: the grid (two-level scales, exact storage), its GGUF bytes against the gguf package's own
-decoder, and a tuned tiny model written as gguf:q4_k that transformers' GGUF loader reads back."""
+"""K-quants (Q4_K, Q2_K): the grids (two-level scales, exact storage), their GGUF bytes against the gguf
+package's own decoder, and tuned tiny models written as gguf:q4_k / gguf:q2_k that transformers' GGUF
+loader reads back."""
 
 from __future__ import annotations
 
@@ -14,44 +15,51 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import signround
 from signround.cli import main
-from signround.config import DType, QuantScheme
-from signround.export.gguf_export import KQUANT_FALLBACK, rope_permutation
-from signround.export.gguf_kquant import encode_q4_k, encode_q5_0
+from signround.config import QuantScheme
+from signround.export.gguf_export import rope_permutation
+from signround.export.gguf_kquant import KQUANTS, encode_kquant, encode_q2_k, encode_q4_k, encode_q5_0
 from signround.formats import get_format, int_affine
-from signround.formats.kquant import Q4_K
+from signround.formats.kquant import Q2_K, Q4_K
 from signround.pack.packed import QuantLinear
 from signround.primitives import from_groups, to_groups
 from tests.conftest import VOCAB, build_tokenizer, corpus
 
+FORMATS = {"q4_k": Q4_K, "q2_k": Q2_K}
 
-def _grid(out=16, width=512, seed=0):
+
+def _grid(fmt=Q4_K, out=16, width=512, seed=0):
     torch.manual_seed(seed)
-    wg = to_groups(torch.randn(out, width) * 0.02, 32)
-    wmin, wmax = Q4_K.group_minmax(wg)
+    wg = to_groups(torch.randn(out, width) * 0.02, fmt.group)
+    wmin, wmax = fmt.group_minmax(wg)
     a = torch.rand_like(wmin) * 0.4 + 0.6
     b = torch.rand_like(wmin) * 0.4 + 0.6
-    scale, zero = Q4_K.compute_qparams(wmin, wmax, 4, True, a, b)
+    scale, zero = fmt.compute_qparams(wmin, wmax, fmt.bits, True, a, b)
     v = (torch.rand_like(wg) - 0.5) * 0.8
     return wg, scale, zero, v
 
 
-def test_scheme_fixes_width_and_group():
-    s = QuantScheme(dtype="q4_k")
-    assert (s.bits, s.group_size, s.dtype) == (4, 32, DType.Q4_K) and get_format(s.dtype) is Q4_K
-    assert Q4_K.group_bits(s) == 16  # 4.5 bits per weight with the codes, as llama.cpp's Q4_K
+@pytest.mark.parametrize("name,bits,group,bpw", [("q4_k", 4, 32, 4.5), ("q2_k", 2, 16, 2.625)])
+def test_scheme_fixes_width_and_group(name, bits, group, bpw):
+    s = QuantScheme(dtype=name)
+    fmt = get_format(s.dtype)
+    assert (s.bits, s.group_size) == (bits, group) and fmt is FORMATS[name]
+    assert s.bits + fmt.group_bits(s) / group == bpw  # llama.cpp's bits per weight for the type
 
 
-@pytest.mark.parametrize("width", [512, 576])  # 576: a partial last super-block (18 groups = 2 x 8 + 2)
-def test_two_level_parameters_are_stored_exactly(width):
-    wg, scale, zero, v = _grid(width=width)
-    stored = Q4_K.to_stored(scale, zero, None)
+@pytest.mark.parametrize("name,width", [("q4_k", 512), ("q4_k", 576), ("q2_k", 512), ("q2_k", 592)])
+def test_two_level_parameters_are_stored_exactly(name, width):
+    """576 / 592: a partial last super-block (native checkpoints only)."""
+    fmt = FORMATS[name]
+    wg, scale, zero, v = _grid(fmt, width=width)
+    stored = fmt.to_stored(scale, zero, None)
     assert stored["d"].dtype == torch.float16 and stored["scales"].dtype == torch.uint8
-    assert int(stored["scales"].max()) <= 63 and int(stored["mins"].max()) <= 63
+    assert int(stored["scales"].max()) <= fmt.smax and int(stored["mins"].max()) <= fmt.smax
     assert stored["d"].shape == (16, -(-width // 256))
-    s2, z2 = Q4_K.from_stored(stored, None)
+    s2, z2 = fmt.from_stored(stored, None)
     assert torch.equal(s2, scale) and torch.equal(z2, zero)
-    codes = Q4_K.quantize_codes(wg, scale, zero, 4, v)
-    assert torch.equal(Q4_K.dequantize_codes(codes, s2, z2), Q4_K.fake_quant(wg, scale, zero, 4, v))
+    codes = fmt.quantize_codes(wg, scale, zero, fmt.bits, v)
+    assert int(codes.max()) <= fmt.qmax
+    assert torch.equal(fmt.dequantize_codes(codes, s2, z2), fmt.fake_quant(wg, scale, zero, fmt.bits, v))
 
 
 def test_minimum_is_not_tied_to_the_step():
@@ -61,31 +69,44 @@ def test_minimum_is_not_tied_to_the_step():
     assert not torch.equal(steps, steps.round())
 
 
-def test_gradients_reach_offsets_and_clipping():
-    wg, _, _, v = _grid()
-    wmin, wmax = Q4_K.group_minmax(wg)
+@pytest.mark.parametrize("name", ["q4_k", "q2_k"])
+def test_gradients_reach_offsets_and_clipping(name):
+    fmt = FORMATS[name]
+    wg, _, _, v = _grid(fmt)
+    wmin, wmax = fmt.group_minmax(wg)
     a = torch.full_like(wmin, 0.9, requires_grad=True)
     b = torch.full_like(wmin, 0.9, requires_grad=True)
     v = v.clone().requires_grad_()
-    scale, zero = Q4_K.compute_qparams(wmin, wmax, 4, True, a, b)
-    (Q4_K.fake_quant(wg, scale, zero, 4, v) - wg).pow(2).sum().backward()
+    scale, zero = fmt.compute_qparams(wmin, wmax, fmt.bits, True, a, b)
+    (fmt.fake_quant(wg, scale, zero, fmt.bits, v) - wg).pow(2).sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (a, b, v))
 
 
-def test_q4_k_bytes_decode_exactly_with_the_gguf_package():
-    wg, scale, zero, v = _grid(out=8, width=768)
-    codes = from_groups(Q4_K.quantize_codes(wg, scale, zero, 4, v), 768).numpy()
-    st = {k: t.numpy() for k, t in Q4_K.to_stored(scale, zero, None).items()}
-    raw = encode_q4_k(codes, st["scales"], st["mins"], st["d"], st["dmin"])
-    assert raw.shape == (8, 3 * 144)
-    want = from_groups(Q4_K.dequantize_codes(torch.from_numpy(codes).reshape(8, 24, 32), scale, zero), 768)
-    np.testing.assert_array_equal(dequantize(raw, GGMLQuantizationType.Q4_K), want.numpy())
-    # every bit of the 6-bit scale packing: the extremes 0 and 63 in every position
-    sc = np.tile(np.array([0, 63, 21, 42, 63, 0, 37, 26], np.uint8), (1, 1))
-    m = sc[:, ::-1].copy()
+@pytest.mark.parametrize("name", ["q4_k", "q2_k"])
+def test_k_quant_bytes_decode_exactly_with_the_gguf_package(name):
+    fmt, ggml = FORMATS[name], KQUANTS[name].ggml
+    wg, scale, zero, v = _grid(fmt, out=8, width=768)
+    codes = from_groups(fmt.quantize_codes(wg, scale, zero, fmt.bits, v), 768).numpy()
+    st = {k: t.numpy() for k, t in fmt.to_stored(scale, zero, None).items()}
+    raw = encode_kquant(name, codes, st)
+    assert raw.shape == (8, 3 * {"q4_k": 144, "q2_k": 84}[name])
+    want = from_groups(fmt.dequantize_codes(torch.from_numpy(codes).reshape(8, -1, fmt.group), scale, zero), 768)
+    np.testing.assert_array_equal(dequantize(raw, ggml), want.numpy())
+
+
+def test_every_bit_of_the_scale_packing():
+    """The extremes 0 and max of the scales and minimums in every position of a super-block."""
     one = np.ones((1, 1), np.float16)
+    sc = np.array([[0, 63, 21, 42, 63, 0, 37, 26]], np.uint8)
+    m = sc[:, ::-1].copy()
     got = dequantize(encode_q4_k(np.ones((1, 256), np.uint8), sc, m, one, one), GGMLQuantizationType.Q4_K)
     np.testing.assert_array_equal(got.reshape(8, 32)[:, 0], sc[0].astype(np.float32) - m[0])
+    sc = np.array([[0, 15, 5, 10, 15, 0, 7, 8, 1, 14, 3, 12, 9, 6, 11, 4]], np.uint8)
+    m = sc[:, ::-1].copy()
+    codes = np.tile(np.arange(4, dtype=np.uint8), 64).reshape(1, 256)
+    got = dequantize(encode_q2_k(codes, sc, m, one, one), GGMLQuantizationType.Q2_K).reshape(16, 16)
+    want = codes.reshape(16, 16).astype(np.float32) * sc[0, :, None] - m[0, :, None]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_q5_0_bytes_decode_exactly_with_the_gguf_package():
@@ -118,25 +139,28 @@ def wide(tmp_path_factory):
     return root, tok
 
 
-def test_tuned_q4_k_model_reads_back_through_transformers(wide, capsys):
+@pytest.mark.parametrize("qtype", ["q4_k", "q2_k"])
+def test_tuned_k_quant_model_reads_back_through_transformers(wide, qtype):
+    """down_proj (288-wide rows) gets the type's fallback grid; every other layer the K-quant."""
     root, tok = wide
-    out = root / "out"
+    kind = KQUANTS[qtype]
+    out = root / f"out-{qtype}"
     # fmt: off
-    assert main(["quantize", "--model", str(root / "model"), "--data-type", "q4_k", "--format", "native,gguf:q4_k",
+    assert main(["quantize", "--model", str(root / "model"), "--data-type", qtype, "--format", f"native,gguf:{qtype}",
                  "--dataset", str(root / "calib.jsonl"), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
                  "--iters", "3", "--output", str(out), "--quiet"]) == 0
     # fmt: on
     ours, _ = signround.load_model(str(out / "native"))
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
-    assert {m.scheme for n, m in layers.items() if n.endswith("down_proj")} == {KQUANT_FALLBACK}
-    assert {m.scheme.dtype for n, m in layers.items() if not n.endswith("down_proj")} == {DType.Q4_K}
+    assert {m.scheme for n, m in layers.items() if n.endswith("down_proj")} == {kind.fallback}
+    assert {m.scheme.dtype for n, m in layers.items() if not n.endswith("down_proj")} == {kind.dtype}
 
-    (path,) = (out / "gguf-q4_k").glob("*.gguf")
+    (path,) = (out / f"gguf-{qtype}").glob("*.gguf")
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     for i in range(2):
         q = tensors[f"blk.{i}.attn_q.weight"]
-        assert q.tensor_type == GGMLQuantizationType.Q4_K
-        assert tensors[f"blk.{i}.ffn_down.weight"].tensor_type == GGMLQuantizationType.Q5_0
+        assert q.tensor_type == kind.ggml
+        assert tensors[f"blk.{i}.ffn_down.weight"].tensor_type == kind.fallback_ggml
         hf_rows = np.empty((256, 256), np.float32)
         hf_rows[rope_permutation(256, 4)] = dequantize(q.data, q.tensor_type)
         want = layers[f"model.layers.{i}.self_attn.q_proj"].dequantize().numpy()
