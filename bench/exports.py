@@ -9,9 +9,9 @@ Checkpoints: W4G128 asym SignRound (the quality benchmark's, reused from --work 
 need another grid: W4G64 for auto_round and gptq (auto-round's CPU kernels need groups that divide the
 width, and read GPTQ on CPU only when symmetric), W4G64 sym/asym for compressed-tensors (same), W4G32
 sym/asym and W8G32 sym for GGUF. The point is reader agreement, not tuning quality. A reader that fails is
-recorded with its error. ``gguf:q4_k`` / ``gguf:q2_k`` are written by ``quantize --data-type q4_k --format native,gguf:q4_k``
-itself (tuned on the type's structure; SmolLM2's 576-wide rows get the Q5_0 / Q4_0 fallback), RTN and
-SignRound.
+recorded with its error. ``gguf:q4_k`` / ``gguf:q2_k`` are written by ``quantize --data-type q4_k
+--format native,gguf:q4_k`` itself (tuned on the type's structure; SmolLM2's 576-wide rows get the Q5_0 /
+Q4_0 fallback), RTN and SignRound.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ CHECKS = [
     ("Q2_K", "rtn", 2, 16, False, "gguf:q2_k", "gguf", "main"),
     ("Q2_K", "signround", 2, 16, False, "gguf:q2_k", "gguf", "main"),
 ]
-TUNED_FOR = {"gguf:q4_k": ["--data-type", "q4_k"], "gguf:q2_k": ["--data-type", "q2_k"]}  # formats written by quantize itself, with these flags
+# formats written by quantize itself, with these flags
+TUNED_FOR = {"gguf:q4_k": ["--data-type", "q4_k"], "gguf:q2_k": ["--data-type", "q2_k"]}
 
 
 def read(folder: Path, reader: str, python: str, out: Path, windows: int) -> tuple[dict, torch.Tensor]:
