@@ -36,7 +36,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--group-size",
         type=int,
         default=None,
-        help="weights per scale along the input dim; -1 = per channel (default 128; mxfp4, q4_k: 32; nvfp4, q2_k: 16)",
+        help="weights per scale along the input dim; -1 = per channel (default 128; mxfp4, q4_k: 32; nvfp4, q2_k, "
+        "q6_k: 16)",
     )
     p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
     p.add_argument(
@@ -44,9 +45,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         choices=[d.value for d in DType],
         default="int",
         help="weight number format (default int); the others fix their own width and symmetry: fp* / mxfp4 / "
-        "nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids, q4_k / q2_k = llama.cpp's "
-        "K-quant structures, for --format gguf:q4_k / gguf:q2_k (docs/formats.md); --dtype is the model's "
-        "compute dtype",
+        "nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids, q4_k / q2_k / q6_k = "
+        "llama.cpp's K-quant structures, for --format gguf:q4_k|q2_k|q6_k|q4_k_m (docs/formats.md); --dtype is "
+        "the model's compute dtype",
     )
     p.add_argument(
         "--serve-bits",
@@ -366,14 +367,13 @@ def _quantize(args: argparse.Namespace) -> int:
         choice = choose_formats(model, tokens, search)
         log.info("format search: %s", ", ".join(f"{k} x{v}" for k, v in choice.counts().items()))
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + choice.rules())
-    from signround.export.gguf_kquant import KQUANTS, fallback_rules
+    from signround.export.gguf_kquant import KQUANTS, MIXES, format_rules
 
-    for qtype in [f.split(":", 1)[1] for f in formats if f.split(":", 1)[-1] in KQUANTS]:
-        rules = fallback_rules(plan(model, cfg), qtype)
-        if rules:
-            kind = KQUANTS[qtype]
-            log.info("gguf:%s: %d layers whose width is not a multiple of 256 use %s (%s), %s", qtype, len(rules),
-                     kind.fallback_ggml.name, kind.fallback.name, kind.why)  # fmt: skip
+    for qtype in [f.split(":", 1)[1] for f in formats if f.split(":", 1)[-1] in (*KQUANTS, *MIXES)]:
+        rules = format_rules(plan(model, cfg), qtype, int(model.config.num_hidden_layers))
+        if rules:  # the mix's per-layer types, then the fallbacks for rows llama.cpp cannot hold as K-quants
+            log.info("gguf:%s: per-layer types and fallbacks: %s", qtype,
+                     ", ".join(f"{r.pattern.rstrip('$')}: {r.scheme.name}" for r in rules))  # fmt: skip
             cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + rules)
     export.check_formats(model, plan(model, cfg), formats, allow_partial_groups=args.allow_partial_groups)
     log.info("quantizing %s to %s with %s (%d iters)", args.model, scheme.name, tune.method.value, tune.iters)

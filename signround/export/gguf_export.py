@@ -23,10 +23,12 @@ One file ``model-<qtype>.gguf`` per export. Supported ``qtype``s (:data:`GGUF_TY
   inexact step** of the export. Its error is at most ``2^-11 * |m|`` (half an fp16 ulp; at most
   ``2^-25`` absolute where ``|m| < 2^-14`` is subnormal), added to every weight of that group.
 
-* ``q4_k`` / ``q2_k``: layers tuned on llama.cpp's Q4_K / Q2_K structure (``--data-type q4_k|q2_k``,
+* ``q4_k`` / ``q2_k`` / ``q6_k`` (and the ``q4_k_m`` mix of Q4_K and Q6_K layers): layers tuned on
+  llama.cpp's K-quant structures (``--data-type q4_k|q2_k|q6_k``,
   :mod:`signround.formats.kquant`) become blocks of that type holding the same codes, scales, minimums and
   fp16 super-block factors; layers whose rows are not a multiple of 256 weights carry the type's fallback
-  grid (W5G32-sym as Q5_0, as llama.cpp's quantizer does / W4G32-sym as Q4_0) and become those blocks. All
+  grid (W5G32-sym as Q5_0 and W8G32-sym as Q8_0, as llama.cpp's quantizer does / W4G32-sym as Q4_0) and
+  become those blocks. All
   decode bit for bit; the table and byte layouts are in :mod:`signround.export.gguf_kquant`.
 
   Only ``QuantLinear`` layers are blocks. Everything else in the file stays float: embeddings, the output
@@ -58,13 +60,14 @@ from torch import nn
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
 from signround.export import gguf_kquant as kquant
-from signround.export.gguf_kquant import KQUANTS
+from signround.export.gguf_kquant import KQUANTS, MIXES
 from signround.export.gguf_tokenizer import add_tokenizer
 from signround.pack.packed import QuantLinear
 
 log = logging.getLogger("signround")
 
-GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q4_1", *KQUANTS)
+GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q4_1", *KQUANTS, *MIXES)
+_KTYPES = (*KQUANTS, *MIXES)  # written from layers tuned on K-quant grids (:mod:`signround.export.gguf_kquant`)
 BLOCK = 32  # elements per ggml block, and the group size every block type here requires
 
 
@@ -89,6 +92,7 @@ _FILE_TYPES = {
     "q4_0": LlamaFileType.MOSTLY_Q4_0,
     "q4_1": LlamaFileType.MOSTLY_Q4_1,
     **{name: kind.file_type for name, kind in KQUANTS.items()},
+    **{name: mix[2] for name, mix in MIXES.items()},
 }
 
 
@@ -98,7 +102,7 @@ def _check_qtype(qtype: str) -> None:
 
 
 def _run_hint(qtype: str) -> str:
-    if qtype in KQUANTS:
+    if qtype in _KTYPES:
         return kquant.run_hint(qtype)
     grid = _GRIDS[qtype]
     sym = " --sym" if grid.sym else ""
@@ -107,7 +111,7 @@ def _run_hint(qtype: str) -> str:
 
 def _fits(scheme: QuantScheme, qtype: str, in_features: int | None = None) -> bool:
     """Whether ``qtype`` stores ``scheme`` exactly (for a K-quant, at this input width when given)."""
-    if qtype in KQUANTS:
+    if qtype in _KTYPES:
         return kquant.fits(scheme, qtype, in_features)
     grid = _GRIDS[qtype]
     return (
@@ -116,7 +120,7 @@ def _fits(scheme: QuantScheme, qtype: str, in_features: int | None = None) -> bo
 
 
 def _mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int | None = None) -> SignRoundError:
-    if qtype in KQUANTS:
+    if qtype in _KTYPES:
         return kquant.mismatch(qtype, what, scheme, in_features)
     grid = _GRIDS[qtype]
     if scheme.dtype.is_float:
@@ -225,7 +229,7 @@ def _linear_tensor(
     """``(array, raw_dtype)`` for one linear's weight: blocks for a ``QuantLinear`` under a block qtype
     (its scheme already checked by :func:`_check_model`), else F16 (``raw_dtype`` None). Rows reordered
     by ``perm`` when given."""
-    if isinstance(layer, QuantLinear) and qtype in KQUANTS:
+    if isinstance(layer, QuantLinear) and qtype in _KTYPES:
         return _kquant_tensor(layer, qtype, perm)
     if isinstance(layer, QuantLinear) and qtype != "f16":
         codes = layer.codes().cpu().numpy()
@@ -250,19 +254,23 @@ def _linear_tensor(
 
 
 def _kquant_tensor(layer: QuantLinear, qtype: str, perm: np.ndarray | None) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """A gguf K-quant layer: the type's blocks from its stored scales, minimums and factors, or the
-    fallback's (Q5_0 / Q4_0) for the fallback grid. Every stored tensor is per row, so ``perm`` reorders
-    them all alike."""
-    kind = KQUANTS[qtype]
+    """A gguf K-quant layer: its type's blocks from its stored scales (minimums) and factors, or the
+    fallback's (Q5_0 / Q4_0 / Q8_0) for a fallback grid. Every stored tensor is per row, so ``perm``
+    reorders them all alike."""
+    name, fallback = kquant.kind_of(layer.scheme, qtype)
+    kind = KQUANTS[name]
     rows = perm if perm is not None else slice(None)
     codes = layer.codes().cpu().numpy()[rows]
-    if layer.scheme.dtype is kind.dtype:
-        stored = {n: layer.get_buffer(n).detach().cpu().numpy()[rows] for n in ("scales", "mins", "d", "dmin")}
-        return kquant.encode_kquant(qtype, codes, stored), kind.ggml
+    if not fallback:
+        stored = {n: layer.get_buffer(n).detach().cpu().numpy()[rows] for n in layer.qparam_names}
+        return kquant.encode_kquant(name, codes, stored), kind.ggml
     scales = layer.scales.detach().cpu().numpy()[rows]
-    if kind.fallback_ggml is GGMLQuantizationType.Q5_0:
-        return kquant.encode_q5_0(codes, scales), kind.fallback_ggml
-    return encode_q4_0(codes, scales), kind.fallback_ggml
+    encode = {
+        GGMLQuantizationType.Q5_0: kquant.encode_q5_0,
+        GGMLQuantizationType.Q4_0: encode_q4_0,
+        GGMLQuantizationType.Q8_0: encode_q8_0,
+    }[kind.fallback_ggml]
+    return encode(codes, scales), kind.fallback_ggml
 
 
 def _rope(config: Any) -> float:

@@ -1,5 +1,6 @@
 """GGUF K-quant types: which of our grids each holds, the fallback for rows that are not a multiple of
-256 weights, and the byte layouts (llama.cpp's ``block_q4_K``, ``block_q2_K``, ``block_q5_0``). Encoders
+256 weights, the q4_k_m mix, and the byte layouts (llama.cpp's ``block_q4_K``, ``block_q2_K``,
+``block_q6_K``, ``block_q5_0``). Encoders
 are pure numpy: arrays in, raw rows ``uint8 [out, blocks * bytes]`` out.
 
 ``q4_k`` (144 bytes per 256 weights; :mod:`signround.formats.kquant` describes the grid):
@@ -24,6 +25,16 @@ Decoded: weight ``i`` of group ``j`` is ``d * sc[j] * q - dmin * m[j]`` (float32
 
 Decoded: ``d * sc[j] * q - dmin * m[j]``.
 
+``q6_k`` (210 bytes per 256 weights; groups of 16; symmetric, :class:`signround.formats.kquant.SymKQuantFormat`):
+
+* bytes 0-127: ``ql[128]``, the low 4 bits of the codes: per 128 weights 64 bytes, byte ``l`` (0..31) =
+  weight ``l`` | weight ``l + 64`` << 4, byte ``32 + l`` = weight ``l + 32`` | weight ``l + 96`` << 4;
+* bytes 128-191: ``qh[64]``, the top 2 bits: per 128 weights 32 bytes, byte ``l`` holding those of weights
+  ``l``, ``+32``, ``+64``, ``+96`` in bits 0-1, 2-3, 4-5, 6-7;
+* bytes 192-207: ``scales[16]`` int8; bytes 208-209: fp16 ``d``.
+
+Decoded: ``d * sc[j] * (q - 32)``. Its fallback for other row lengths is Q8_0 (W8G32-sym), as llama.cpp's.
+
 ``q5_0`` (22 bytes per 32 weights; llama.cpp's fallback for Q4_K rows whose length is not a multiple
 of 256; our W5G32-sym ``int`` grid, code = ggml's ``q``):
 
@@ -37,7 +48,6 @@ Decoded: ``d * (q - 16)``, exactly our ``scale * (code - zero)`` with ``zero = 1
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,43 +83,94 @@ KQUANTS: dict[str, KQuantType] = {
         QuantScheme(bits=4, group_size=32, sym=True), GGMLQuantizationType.Q4_0,
         "where llama.cpp's quantizer picks IQ4_NL, a non-linear 4-bit grid signround does not tune",
     ),
+    "q6_k": KQuantType(
+        DType.Q6_K, GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K,
+        QuantScheme(bits=8, group_size=32, sym=True), GGMLQuantizationType.Q8_0, "as llama.cpp's quantizer does",
+    ),
 }  # fmt: skip
+
+# Mixes: (the base type every layer is tuned for, the type some layers get, file type). q4_k_m follows my
+# reading of llama.cpp's ``llama_tensor_get_type`` for Q4_K_M: attn_v and ffn_down of the layers
+# ``use_more_bits`` picks are Q6_K, every other linear Q4_K (the output head, which llama.cpp makes Q6_K,
+# is kept float here, as the embeddings are).
+MIXES: dict[str, tuple[str, str, LlamaFileType]] = {"q4_k_m": ("q4_k", "q6_k", LlamaFileType.MOSTLY_Q4_K_M)}
+MORE_BITS_LAYERS = ("self_attn.v_proj", "mlp.down_proj")
+
+
+def members(qtype: str) -> tuple[str, ...]:
+    """The K-quant types a ``gguf:<qtype>`` file holds (one, or a mix's two)."""
+    return MIXES[qtype][:2] if qtype in MIXES else (qtype,)
 
 
 def run_hint(qtype: str) -> str:
-    return f"run `signround quantize --data-type {qtype} --format gguf:{qtype}`"
+    return f"run `signround quantize --data-type {members(qtype)[0]} --format gguf:{qtype}`"
 
 
 def fits(scheme: QuantScheme, qtype: str, in_features: int | None) -> bool:
     """Whether ``gguf:qtype`` stores ``scheme`` exactly at this input width (any width when None)."""
-    kind = KQUANTS[qtype]
-    if scheme.dtype is kind.dtype:
-        return in_features is None or in_features % QK_K == 0
-    return scheme == kind.fallback
+    for name in members(qtype):
+        kind = KQUANTS[name]
+        if scheme.dtype is kind.dtype:
+            return in_features is None or in_features % QK_K == 0
+        if scheme == kind.fallback:
+            return True
+    return False
 
 
 def mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int | None) -> SignRoundError:
-    kind = KQUANTS[qtype]
-    fallback = f"{kind.fallback.name} ({kind.fallback_ggml.name})"
-    if scheme.dtype is kind.dtype:
-        return SignRoundError(
-            f"gguf:{qtype} stores {kind.ggml.name} rows of a multiple of {QK_K} weights; {what} has {in_features}; "
-            f"quantize it as {fallback}, which `--format gguf:{qtype}` does by itself"
-        )
-    return SignRoundError(
-        f"gguf:{qtype} stores {kind.ggml.name} layers (and {fallback}); {what} is {scheme.name}; {run_hint(qtype)}"
-    )
+    kinds = [KQUANTS[name] for name in members(qtype)]
+    for kind in kinds:
+        if scheme.dtype is kind.dtype:
+            return SignRoundError(
+                f"gguf:{qtype} stores {kind.ggml.name} rows of a multiple of {QK_K} weights; {what} has "
+                f"{in_features}; quantize it as {kind.fallback.name} ({kind.fallback_ggml.name}), which "
+                f"`--format gguf:{qtype}` does by itself"
+            )
+    held = ", ".join(f"{k.ggml.name} (and {k.fallback.name} as {k.fallback_ggml.name})" for k in kinds)
+    return SignRoundError(f"gguf:{qtype} stores {held} layers; {what} is {scheme.name}; {run_hint(qtype)}")
 
 
-def fallback_rules(planned: Iterable[Any], qtype: str) -> tuple[LayerRule, ...]:
-    """For ``--format gguf:<qtype>``: a rule giving each planned layer of the type's grid whose input width
-    is not a multiple of 256 the fallback grid."""
-    kind = KQUANTS[qtype]
-    return tuple(
-        LayerRule(pattern=re.escape(p.name) + "$", scheme=kind.fallback)
-        for p in planned
-        if p.scheme.dtype is kind.dtype and p.in_features % QK_K
-    )
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits in the _M mixes: the first and last eighth of
+    the layers and every third one in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def format_rules(planned: list[Any], qtype: str, n_layers: int) -> tuple[LayerRule, ...]:
+    """For ``--format gguf:<qtype>``: the mix's per-layer types (layers ``model.layers.<i>.<...>``), then the
+    fallback grid for every planned K-quant layer whose input width is not a multiple of 256."""
+    rules: list[LayerRule] = []
+    if qtype in MIXES:
+        base, more, _ = MIXES[qtype]
+        upgrade = QuantScheme(dtype=KQUANTS[more].dtype.value)
+        for p in planned:
+            layer = re.search(r"\.(\d+)\.(.+)$", p.name)
+            if (
+                p.scheme.dtype is KQUANTS[base].dtype
+                and layer
+                and layer.group(2) in MORE_BITS_LAYERS
+                and use_more_bits(int(layer.group(1)), n_layers)
+            ):
+                rules.append(LayerRule(pattern=re.escape(p.name) + "$", scheme=upgrade))
+    chosen = {r.pattern: r.scheme for r in rules}
+    for p in planned:
+        scheme = chosen.get(re.escape(p.name) + "$", p.scheme)
+        for name in members(qtype):
+            kind = KQUANTS[name]
+            if scheme.dtype is kind.dtype and p.in_features % QK_K:
+                rules.append(LayerRule(pattern=re.escape(p.name) + "$", scheme=kind.fallback))
+    return tuple(rules)
+
+
+def kind_of(scheme: QuantScheme, qtype: str) -> tuple[str, bool]:
+    """``(member type, is_fallback)`` of a layer's scheme in a ``gguf:<qtype>`` file."""
+    for name in members(qtype):
+        kind = KQUANTS[name]
+        if scheme.dtype is kind.dtype:
+            return name, False
+        if scheme == kind.fallback:
+            return name, True
+    raise SignRoundError(f"gguf:{qtype} does not store {scheme.name}")
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
@@ -156,8 +217,28 @@ def encode_q2_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
     return np.ascontiguousarray(blocks.reshape(out_features, -1))
 
 
+def encode_q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q6_K rows ``uint8 [out, in / 256 * 210]`` from codes ``uint8 [out, in]`` (0..63, zero 32), signed
+    group scales ``int8 [out, in / 16]`` and factors ``float16 [out, in / 256]``."""
+    out_features, in_features = codes.shape
+    if in_features % QK_K:
+        raise ValueError(f"Q6_K rows hold multiples of {QK_K} weights, not {in_features}")
+    n = in_features // QK_K
+    q = codes.reshape(out_features, n, 2, 4, 32)  # chunk of 128 = four slices of 32
+    low, high = q & np.uint8(15), q >> np.uint8(4)
+    ql = np.concatenate([low[:, :, :, 0] | (low[:, :, :, 2] << 4), low[:, :, :, 1] | (low[:, :, :, 3] << 4)], axis=-1)
+    shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 1, 1, 4, 1)
+    qh = np.bitwise_or.reduce(high << shifts, axis=3).astype(np.uint8)
+    parts = [ql.reshape(out_features, n, 128), qh.reshape(out_features, n, 64)]
+    parts += [sc.astype(np.int8).view(np.uint8).reshape(out_features, n, 16), _fp16_bytes(d)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_features, -1))
+
+
 def encode_kquant(qtype: str, codes: np.ndarray, stored: dict[str, np.ndarray]) -> np.ndarray:
-    """Rows of ``qtype``'s own block type from a layer's codes and stored ``scales``/``mins``/``d``/``dmin``."""
+    """Rows of ``qtype``'s own block type from a layer's codes and stored tensors (``scales``, ``d`` and,
+    for the grids with a minimum, ``mins``, ``dmin``)."""
+    if qtype == "q6_k":
+        return encode_q6_k(codes, stored["scales"], stored["d"])
     encoder = {"q4_k": encode_q4_k, "q2_k": encode_q2_k}[qtype]
     return encoder(codes, stored["scales"], stored["mins"], stored["d"], stored["dmin"])
 

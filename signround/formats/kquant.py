@@ -186,3 +186,107 @@ class KQuantFormat:
 
 Q4_K = KQuantFormat(bits=4, group=32, scale_bits=6, per_super=8)
 Q2_K = KQuantFormat(bits=2, group=16, scale_bits=4, per_super=16)
+
+
+@dataclass(frozen=True)
+class SymKQuantFormat:
+    """A symmetric K-quant grid (Q6_K's structure): ``w = (d * sc) * (q - 2^(bits-1))`` with ``q`` the
+    ``bits``-bit code, ``sc`` a signed ``scale_bits``-bit integer per group of ``group`` and ``d`` a float16
+    factor per super-block of ``per_super`` groups.
+
+    Per group, the scale is the full-range one of the ``int`` grid (the larger-magnitude extreme, times
+    the clipping factor, lands on code 0 and the scale carries its sign); per super-block ``d = fp16(max
+    |s| / (2^(scale_bits-1) - 1))`` and ``sc = round(s / d)`` (straight-through). In the shared signature
+    ``scale`` is ``d * sc`` and ``zero`` is ``2^(bits-1)``. Stored: ``scales`` int8 ``[out, groups]``, ``d``
+    float16 ``[out, super-blocks]``.
+    """
+
+    bits: int
+    group: int
+    scale_bits: int
+    per_super: int
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def smax(self) -> int:
+        return 2 ** (self.scale_bits - 1) - 1
+
+    @property
+    def half(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    def group_minmax(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return group_minmax(wg)
+
+    def compute_qparams(
+        self,
+        wmin: torch.Tensor,
+        wmax: torch.Tensor,
+        bits: int,
+        sym: bool,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if min_factor is not None:
+            wmin = wmin * min_factor.clamp(0, 1)
+        if max_factor is not None:
+            wmax = wmax * max_factor.clamp(0, 1)
+        s = torch.where(-wmin > wmax, wmin, wmax) / -self.half
+        groups = s.shape[1]
+        sb = _super_blocks(s, self.per_super)
+        d = (sb.abs().amax(dim=-1) / self.smax).to(torch.float16).to(s.dtype)
+        sc = round_ste(sb / d.clamp(min=TINY).unsqueeze(-1)).clamp(-self.smax, self.smax)
+        scale = (d.unsqueeze(-1) * sc).reshape(s.shape[0], -1)[:, :groups]
+        return scale, torch.full_like(scale, float(self.half))
+
+    def _safe(self, scale: torch.Tensor) -> torch.Tensor:
+        return torch.where(scale == 0, torch.ones_like(scale), scale).unsqueeze(-1)
+
+    def fake_quant(
+        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(q - 2^(bits-1)) * scale`` with ``q = clamp(round(w / scale + v) + 2^(bits-1))``; a group whose
+        scale rounded to 0 decodes to 0."""
+        x = wg / self._safe(scale)
+        if v is not None:
+            x = x + v
+        q = (round_ste(x) + self.half).clamp(0, self.qmax)
+        return (q - self.half) * scale.unsqueeze(-1)
+
+    @torch.no_grad()
+    def quantize_codes(
+        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = wg / self._safe(scale)
+        if v is not None:
+            x = x + v
+        return (torch.round(x) + self.half).clamp(0, self.qmax).to(torch.uint8)
+
+    def dequantize_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (codes.float() - self.half) * scale.unsqueeze(-1)
+
+    def group_bits(self, scheme: Any) -> int:
+        return self.scale_bits + 16 // self.per_super
+
+    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        supers = -(-groups // self.per_super)
+        return {"scales": ((out_features, groups), torch.int8), "d": ((out_features, supers), torch.float16)}
+
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+        """Exact: the largest ``|d * sc|`` of a super-block fixes ``d`` (see :meth:`KQuantFormat.factorize`)."""
+        values = scale.detach().float()
+        magnitude = KQuantFormat(self.bits, self.group, self.scale_bits - 1, self.per_super)
+        d, ints = magnitude.factorize(values.abs())
+        signed = torch.where(values < 0, -ints.to(torch.int16), ints.to(torch.int16)).to(torch.int8)
+        return {"scales": signed, "d": d}
+
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        d = stored["d"].float().repeat_interleave(self.per_super, dim=1)[:, : stored["scales"].shape[1]]
+        scale = d * stored["scales"].float()
+        return scale, torch.full_like(scale, float(self.half))
+
+
+Q6_K = SymKQuantFormat(bits=6, group=16, scale_bits=8, per_super=16)

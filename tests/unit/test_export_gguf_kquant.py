@@ -19,12 +19,13 @@ from signround.config import QuantScheme
 from signround.export.gguf_export import rope_permutation
 from signround.export.gguf_kquant import KQUANTS, encode_kquant, encode_q2_k, encode_q4_k, encode_q5_0
 from signround.formats import get_format, int_affine
-from signround.formats.kquant import Q2_K, Q4_K
+from signround.formats.kquant import Q2_K, Q4_K, Q6_K
 from signround.pack.packed import QuantLinear
 from signround.primitives import from_groups, to_groups
 from tests.conftest import VOCAB, build_tokenizer, corpus
 
-FORMATS = {"q4_k": Q4_K, "q2_k": Q2_K}
+FORMATS = {"q4_k": Q4_K, "q2_k": Q2_K, "q6_k": Q6_K}
+BLOCK_BYTES = {"q4_k": 144, "q2_k": 84, "q6_k": 210}
 
 
 def _grid(fmt=Q4_K, out=16, width=512, seed=0):
@@ -38,7 +39,7 @@ def _grid(fmt=Q4_K, out=16, width=512, seed=0):
     return wg, scale, zero, v
 
 
-@pytest.mark.parametrize("name,bits,group,bpw", [("q4_k", 4, 32, 4.5), ("q2_k", 2, 16, 2.625)])
+@pytest.mark.parametrize("name,bits,group,bpw", [("q4_k", 4, 32, 4.5), ("q2_k", 2, 16, 2.625), ("q6_k", 6, 16, 6.5625)])
 def test_scheme_fixes_width_and_group(name, bits, group, bpw):
     s = QuantScheme(dtype=name)
     fmt = get_format(s.dtype)
@@ -46,14 +47,17 @@ def test_scheme_fixes_width_and_group(name, bits, group, bpw):
     assert s.bits + fmt.group_bits(s) / group == bpw  # llama.cpp's bits per weight for the type
 
 
-@pytest.mark.parametrize("name,width", [("q4_k", 512), ("q4_k", 576), ("q2_k", 512), ("q2_k", 592)])
+@pytest.mark.parametrize(
+    "name,width", [("q4_k", 512), ("q4_k", 576), ("q2_k", 512), ("q2_k", 592), ("q6_k", 512), ("q6_k", 592)]
+)
 def test_two_level_parameters_are_stored_exactly(name, width):
     """576 / 592: a partial last super-block (native checkpoints only)."""
     fmt = FORMATS[name]
     wg, scale, zero, v = _grid(fmt, width=width)
     stored = fmt.to_stored(scale, zero, None)
-    assert stored["d"].dtype == torch.float16 and stored["scales"].dtype == torch.uint8
-    assert int(stored["scales"].max()) <= fmt.smax and int(stored["mins"].max()) <= fmt.smax
+    assert stored["d"].dtype == torch.float16
+    assert stored["scales"].dtype == (torch.int8 if name == "q6_k" else torch.uint8)
+    assert all(int(stored[k].int().abs().max()) <= fmt.smax for k in ("scales", "mins") if k in stored)
     assert stored["d"].shape == (16, -(-width // 256))
     s2, z2 = fmt.from_stored(stored, None)
     assert torch.equal(s2, scale) and torch.equal(z2, zero)
@@ -69,7 +73,7 @@ def test_minimum_is_not_tied_to_the_step():
     assert not torch.equal(steps, steps.round())
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q2_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k"])
 def test_gradients_reach_offsets_and_clipping(name):
     fmt = FORMATS[name]
     wg, _, _, v = _grid(fmt)
@@ -82,14 +86,14 @@ def test_gradients_reach_offsets_and_clipping(name):
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (a, b, v))
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q2_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k"])
 def test_k_quant_bytes_decode_exactly_with_the_gguf_package(name):
     fmt, ggml = FORMATS[name], KQUANTS[name].ggml
     wg, scale, zero, v = _grid(fmt, out=8, width=768)
     codes = from_groups(fmt.quantize_codes(wg, scale, zero, fmt.bits, v), 768).numpy()
     st = {k: t.numpy() for k, t in fmt.to_stored(scale, zero, None).items()}
     raw = encode_kquant(name, codes, st)
-    assert raw.shape == (8, 3 * {"q4_k": 144, "q2_k": 84}[name])
+    assert raw.shape == (8, 3 * BLOCK_BYTES[name])
     want = from_groups(fmt.dequantize_codes(torch.from_numpy(codes).reshape(8, -1, fmt.group), scale, zero), 768)
     np.testing.assert_array_equal(dequantize(raw, ggml), want.numpy())
 
@@ -139,42 +143,81 @@ def wide(tmp_path_factory):
     return root, tok
 
 
-@pytest.mark.parametrize("qtype", ["q4_k", "q2_k"])
-def test_tuned_k_quant_model_reads_back_through_transformers(wide, qtype):
-    """down_proj (288-wide rows) gets the type's fallback grid; every other layer the K-quant."""
-    root, tok = wide
-    kind = KQUANTS[qtype]
+def _quantize(root, qtype, data_type):
     out = root / f"out-{qtype}"
     # fmt: off
-    assert main(["quantize", "--model", str(root / "model"), "--data-type", qtype, "--format", f"native,gguf:{qtype}",
-                 "--dataset", str(root / "calib.jsonl"), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
-                 "--iters", "3", "--output", str(out), "--quiet"]) == 0
+    assert main(["quantize", "--model", str(root / "model"), "--data-type", data_type, "--format",
+                 f"native,gguf:{qtype}", "--dataset", str(root / "calib.jsonl"), "--nsamples", "4", "--seqlen", "32",
+                 "--batch-size", "2", "--iters", "3", "--output", str(out), "--quiet"]) == 0
     # fmt: on
     ours, _ = signround.load_model(str(out / "native"))
-    layers = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
-    assert {m.scheme for n, m in layers.items() if n.endswith("down_proj")} == {kind.fallback}
-    assert {m.scheme.dtype for n, m in layers.items() if not n.endswith("down_proj")} == {kind.dtype}
-
     (path,) = (out / f"gguf-{qtype}").glob("*.gguf")
-    tensors = {t.name: t for t in GGUFReader(path).tensors}
-    for i in range(2):
-        q = tensors[f"blk.{i}.attn_q.weight"]
-        assert q.tensor_type == kind.ggml
-        assert tensors[f"blk.{i}.ffn_down.weight"].tensor_type == kind.fallback_ggml
-        hf_rows = np.empty((256, 256), np.float32)
-        hf_rows[rope_permutation(256, 4)] = dequantize(q.data, q.tensor_type)
-        want = layers[f"model.layers.{i}.self_attn.q_proj"].dequantize().numpy()
-        np.testing.assert_array_equal(hf_rows, want)  # bit exact, rows in llama.cpp's rotary order undone
-        down = tensors[f"blk.{i}.ffn_down.weight"]
-        want = layers[f"model.layers.{i}.mlp.down_proj"].dequantize().numpy()
-        np.testing.assert_array_equal(dequantize(down.data, down.tensor_type), want)
+    return ours, path
 
+
+def _file_types(ours, path) -> dict[str, str]:
+    """Each linear's block type in the file, after checking that it decodes bit for bit to our layer."""
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    heads = {"q_proj": 4, "k_proj": 2}
+    types = {}
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        i, short = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+        t = tensors[f"blk.{i}.{names[short]}.weight"]
+        got = dequantize(t.data, t.tensor_type)
+        if short in heads:  # rows in llama.cpp's rotary order, undone
+            hf = np.empty_like(got)
+            hf[rope_permutation(layer.out_features, heads[short])] = got
+            got = hf
+        np.testing.assert_array_equal(got, layer.dequantize().numpy(), err_msg=name)
+        types[f"{i}.{short}"] = t.tensor_type.name
+    return types
+
+
+def _logits_match(ours, path, tok):
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])
     with torch.no_grad():
         got, want = hf(ids).logits, ours(ids).logits
     # the only difference: the file's embeddings are f16
     assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q2_k", "q6_k"])
+def test_tuned_k_quant_model_reads_back_through_transformers(wide, qtype):
+    """down_proj (288-wide rows) gets the type's fallback grid; every other layer the K-quant."""
+    root, tok = wide
+    kind = KQUANTS[qtype]
+    ours, path = _quantize(root, qtype, qtype)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
+    assert {m.scheme for n, m in layers.items() if n.endswith("down_proj")} == {kind.fallback}
+    assert {m.scheme.dtype for n, m in layers.items() if not n.endswith("down_proj")} == {kind.dtype}
+    types = _file_types(ours, path)
+    assert {t for k, t in types.items() if k.endswith("down_proj")} == {kind.fallback_ggml.name}
+    assert {t for k, t in types.items() if not k.endswith("down_proj")} == {kind.ggml.name}
+    _logits_match(ours, path, tok)
+
+
+def test_q4_k_m_mix_follows_llama_cpp(wide):
+    """Of 2 layers, use_more_bits picks layer 1: its v_proj becomes Q6_K and its down_proj Q6_K's fallback
+    Q8_0 (288-wide rows); layer 0's down_proj gets Q4_K's fallback Q5_0; everything else Q4_K."""
+    root, tok = wide
+    ours, path = _quantize(root, "q4_k_m", "q4_k")
+    types = _file_types(ours, path)
+    special = {"1.v_proj": "Q6_K", "1.down_proj": "Q8_0", "0.down_proj": "Q5_0"}
+    assert types == {k: special.get(k, "Q4_K") for k in types}
+    assert GGUFReader(path).fields["general.file_type"].contents() == 15  # LlamaFileType.MOSTLY_Q4_K_M
+    _logits_match(ours, path, tok)
+
+
+def test_use_more_bits_matches_llama_cpp_rule():
+    from signround.export.gguf_kquant import use_more_bits
+
+    # 32 layers: the first and last 4, and every third from layer 6
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
 
 
 def test_export_refuses_a_q4_k_layer_of_another_width(wide, tmp_path, capsys):
