@@ -35,8 +35,8 @@ class DType(str, enum.Enum):
     ``bitmod`` is a per-group mixture of 4-bit grids (INT4 asymmetric and FP4 variants), see
     :mod:`signround.formats.bitmod`. ``q4_k`` is llama.cpp's Q4_K structure (4-bit codes in groups of 32,
     6-bit group scales and minimums under float16 factors per 256 weights), ``q2_k`` its Q2_K structure
-    (2-bit codes in groups of 16, 4-bit scales and minimums), ``q6_k`` its symmetric Q6_K structure
-    (6-bit codes in groups of 16, int8 scales), see :mod:`signround.formats.kquant`.
+    (2-bit codes in groups of 16, 4-bit scales and minimums), ``q6_k`` / ``q3_k`` its symmetric Q6_K /
+    Q3_K structures (6- / 3-bit codes in groups of 16, signed 8- / 6-bit scales), see :mod:`signround.formats.kquant`.
     """
 
     INT = "int"
@@ -53,6 +53,7 @@ class DType(str, enum.Enum):
     Q4_K = "q4_k"
     Q2_K = "q2_k"
     Q6_K = "q6_k"
+    Q3_K = "q3_k"
 
     @property
     def is_float(self) -> bool:
@@ -85,8 +86,9 @@ _FLOAT_BITS = {
     DType.Q4_K: 4,
     DType.Q2_K: 2,
     DType.Q6_K: 6,
+    DType.Q3_K: 3,
 }
-_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32, DType.Q2_K: 16, DType.Q6_K: 16}
+_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32, DType.Q2_K: 16, DType.Q6_K: 16, DType.Q3_K: 16}
 
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128

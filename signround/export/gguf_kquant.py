@@ -1,6 +1,6 @@
 """GGUF K-quant types: which of our grids each holds, the fallback for rows that are not a multiple of
 256 weights, the q4_k_m mix, and the byte layouts (llama.cpp's ``block_q4_K``, ``block_q2_K``,
-``block_q6_K``, ``block_q5_0``). Encoders
+``block_q6_K``, ``block_q3_K``, ``block_q5_0``). Encoders
 are pure numpy: arrays in, raw rows ``uint8 [out, blocks * bytes]`` out.
 
 ``q4_k`` (144 bytes per 256 weights; :mod:`signround.formats.kquant` describes the grid):
@@ -34,6 +34,17 @@ Decoded: ``d * sc[j] * q - dmin * m[j]``.
 * bytes 192-207: ``scales[16]`` int8; bytes 208-209: fp16 ``d``.
 
 Decoded: ``d * sc[j] * (q - 32)``. Its fallback for other row lengths is Q8_0 (W8G32-sym), as llama.cpp's.
+
+``q3_k`` (110 bytes per 256 weights; groups of 16; symmetric):
+
+* bytes 0-31: ``hmask[32]``, bit 2 of each code: weight ``i``'s in byte ``i % 32``, bit ``i // 32``;
+* bytes 32-95: ``qs[64]``, the low two bits, laid out as Q2_K's ``qs``;
+* bytes 96-107: ``scales[12]``, the sixteen 6-bit scales biased by 32 (``sc + 32``): low nibbles of groups
+  0-7 in the low nibbles of bytes 0-7, of groups 8-15 in their high nibbles; the top two bits of group
+  ``j`` in byte ``8 + j % 4``, bits ``2 * (j // 4)``;
+* bytes 108-109: fp16 ``d``.
+
+Decoded: ``d * sc[j] * (q - 4)``. Fallback: Q4_0 (W4G32-sym), where llama.cpp picks IQ4_NL.
 
 ``q5_0`` (22 bytes per 32 weights; llama.cpp's fallback for Q4_K rows whose length is not a multiple
 of 256; our W5G32-sym ``int`` grid, code = ggml's ``q``):
@@ -86,6 +97,11 @@ KQUANTS: dict[str, KQuantType] = {
     "q6_k": KQuantType(
         DType.Q6_K, GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K,
         QuantScheme(bits=8, group_size=32, sym=True), GGMLQuantizationType.Q8_0, "as llama.cpp's quantizer does",
+    ),
+    "q3_k": KQuantType(
+        DType.Q3_K, GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S,
+        QuantScheme(bits=4, group_size=32, sym=True), GGMLQuantizationType.Q4_0,
+        "where llama.cpp's quantizer picks IQ4_NL, a non-linear 4-bit grid signround does not tune",
     ),
 }  # fmt: skip
 
@@ -234,11 +250,35 @@ def encode_q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_features, -1))
 
 
+def encode_q3_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q3_K rows ``uint8 [out, in / 256 * 110]`` from codes ``uint8 [out, in]`` (0..7, zero 4), signed
+    group scales ``int8 [out, in / 16]`` (-32..31) and factors ``float16 [out, in / 256]``."""
+    out_features, in_features = codes.shape
+    if in_features % QK_K:
+        raise ValueError(f"Q3_K rows hold multiples of {QK_K} weights, not {in_features}")
+    n = in_features // QK_K
+    q = codes.reshape(out_features, n, QK_K)
+    high = (q >> np.uint8(2)) & np.uint8(1)  # weight j's bit 2 -> hmask[j % 32], bit j // 32
+    hmask = np.bitwise_or.reduce(high.reshape(out_features, n, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=2)
+    low = (q & np.uint8(3)).reshape(out_features, n, 2, 4, 32)
+    shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 1, 1, 4, 1)
+    qs = np.bitwise_or.reduce(low << shifts, axis=3).reshape(out_features, n, 64)
+    biased = (sc.astype(np.int16) + 32).astype(np.uint8).reshape(out_features, n, 16)  # 6 bits each
+    scales = np.zeros((out_features, n, 12), dtype=np.uint8)
+    scales[..., 0:8] = (biased[..., 0:8] & 15) | ((biased[..., 8:16] & 15) << 4)
+    top = biased >> 4  # group j's top two bits -> byte 8 + j % 4, bits 2 * (j // 4)
+    scales[..., 8:12] = np.bitwise_or.reduce(
+        top.reshape(out_features, n, 4, 4) << (np.arange(4, dtype=np.uint8) * 2)[:, None], axis=2
+    )
+    blocks = np.concatenate([hmask.astype(np.uint8), qs.astype(np.uint8), scales, _fp16_bytes(d)], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(out_features, -1))
+
+
 def encode_kquant(qtype: str, codes: np.ndarray, stored: dict[str, np.ndarray]) -> np.ndarray:
     """Rows of ``qtype``'s own block type from a layer's codes and stored tensors (``scales``, ``d`` and,
     for the grids with a minimum, ``mins``, ``dmin``)."""
-    if qtype == "q6_k":
-        return encode_q6_k(codes, stored["scales"], stored["d"])
+    if qtype in ("q6_k", "q3_k"):
+        return {"q6_k": encode_q6_k, "q3_k": encode_q3_k}[qtype](codes, stored["scales"], stored["d"])
     encoder = {"q4_k": encode_q4_k, "q2_k": encode_q2_k}[qtype]
     return encoder(codes, stored["scales"], stored["mins"], stored["d"], stored["dmin"])
 

@@ -30,7 +30,7 @@ from signround.config import DType
 from signround.formats import int_affine
 from signround.formats.bitmod import BitMoDFormat
 from signround.formats.fp import E1M2, E2M1, E2M3, E3M0, E3M2, E4M3, E5M2, FloatFormat
-from signround.formats.kquant import Q2_K, Q4_K, Q6_K
+from signround.formats.kquant import Q2_K, Q3_K, Q4_K, Q6_K
 from signround.formats.mx import MXFP4Format
 from signround.formats.nvfp4 import NVFP4Format
 
@@ -64,3 +64,4 @@ register_format(DType.BITMOD, BitMoDFormat())
 register_format(DType.Q4_K, Q4_K)
 register_format(DType.Q2_K, Q2_K)
 register_format(DType.Q6_K, Q6_K)
+register_format(DType.Q3_K, Q3_K)

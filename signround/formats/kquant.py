@@ -190,7 +190,7 @@ Q2_K = KQuantFormat(bits=2, group=16, scale_bits=4, per_super=16)
 
 @dataclass(frozen=True)
 class SymKQuantFormat:
-    """A symmetric K-quant grid (Q6_K's structure): ``w = (d * sc) * (q - 2^(bits-1))`` with ``q`` the
+    """A symmetric K-quant grid (Q6_K's and Q3_K's structure): ``w = (d * sc) * (q - 2^(bits-1))`` with ``q`` the
     ``bits``-bit code, ``sc`` a signed ``scale_bits``-bit integer per group of ``group`` and ``d`` a float16
     factor per super-block of ``per_super`` groups.
 
@@ -290,3 +290,4 @@ class SymKQuantFormat:
 
 
 Q6_K = SymKQuantFormat(bits=6, group=16, scale_bits=8, per_super=16)
+Q3_K = SymKQuantFormat(bits=3, group=16, scale_bits=6, per_super=16)

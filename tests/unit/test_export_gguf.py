@@ -251,10 +251,11 @@ def test_check_gguf_compatible():
         check_gguf_compatible([SCHEMES["q4_0"]], "q4_1")
     with pytest.raises(SignRoundError, match="unknown gguf type 'q5_k'"):
         check_gguf_compatible([], "q5_k")
-    assert GGUF_TYPES == ("f16", "q8_0", "q4_0", "q4_1", "q4_k", "q2_k")
+    assert GGUF_TYPES == ("f16", "q8_0", "q4_0", "q4_1", "q4_k", "q2_k", "q6_k", "q3_k", "q4_k_m")
     check_gguf_compatible([signround.QuantScheme(dtype="q4_k"), signround.QuantScheme(bits=5, group_size=32, sym=True)],
                           "q4_k")  # fmt: skip
-    with pytest.raises(SignRoundError, match=r"gguf:q4_k stores Q4_K layers .* W4G32-asym; run .*--data-type q4_k"):
+    wanted = r"gguf:q4_k stores Q4_K \(and W5G32-sym as Q5_0\) layers; .* W4G32-asym; run .*--data-type q4_k"
+    with pytest.raises(SignRoundError, match=wanted):
         check_gguf_compatible([SCHEMES["q4_1"]], "q4_k")
 
 

@@ -19,13 +19,13 @@ from signround.config import QuantScheme
 from signround.export.gguf_export import rope_permutation
 from signround.export.gguf_kquant import KQUANTS, encode_kquant, encode_q2_k, encode_q4_k, encode_q5_0
 from signround.formats import get_format, int_affine
-from signround.formats.kquant import Q2_K, Q4_K, Q6_K
+from signround.formats.kquant import Q2_K, Q3_K, Q4_K, Q6_K
 from signround.pack.packed import QuantLinear
 from signround.primitives import from_groups, to_groups
 from tests.conftest import VOCAB, build_tokenizer, corpus
 
-FORMATS = {"q4_k": Q4_K, "q2_k": Q2_K, "q6_k": Q6_K}
-BLOCK_BYTES = {"q4_k": 144, "q2_k": 84, "q6_k": 210}
+FORMATS = {"q4_k": Q4_K, "q2_k": Q2_K, "q6_k": Q6_K, "q3_k": Q3_K}
+BLOCK_BYTES = {"q4_k": 144, "q2_k": 84, "q6_k": 210, "q3_k": 110}
 
 
 def _grid(fmt=Q4_K, out=16, width=512, seed=0):
@@ -39,7 +39,10 @@ def _grid(fmt=Q4_K, out=16, width=512, seed=0):
     return wg, scale, zero, v
 
 
-@pytest.mark.parametrize("name,bits,group,bpw", [("q4_k", 4, 32, 4.5), ("q2_k", 2, 16, 2.625), ("q6_k", 6, 16, 6.5625)])
+@pytest.mark.parametrize(
+    "name,bits,group,bpw",
+    [("q4_k", 4, 32, 4.5), ("q2_k", 2, 16, 2.625), ("q6_k", 6, 16, 6.5625), ("q3_k", 3, 16, 3.4375)],
+)
 def test_scheme_fixes_width_and_group(name, bits, group, bpw):
     s = QuantScheme(dtype=name)
     fmt = get_format(s.dtype)
@@ -48,7 +51,8 @@ def test_scheme_fixes_width_and_group(name, bits, group, bpw):
 
 
 @pytest.mark.parametrize(
-    "name,width", [("q4_k", 512), ("q4_k", 576), ("q2_k", 512), ("q2_k", 592), ("q6_k", 512), ("q6_k", 592)]
+    "name,width",
+    [("q4_k", 512), ("q4_k", 576), ("q2_k", 512), ("q2_k", 592), ("q6_k", 512), ("q6_k", 592), ("q3_k", 512)],
 )
 def test_two_level_parameters_are_stored_exactly(name, width):
     """576 / 592: a partial last super-block (native checkpoints only)."""
@@ -56,7 +60,7 @@ def test_two_level_parameters_are_stored_exactly(name, width):
     wg, scale, zero, v = _grid(fmt, width=width)
     stored = fmt.to_stored(scale, zero, None)
     assert stored["d"].dtype == torch.float16
-    assert stored["scales"].dtype == (torch.int8 if name == "q6_k" else torch.uint8)
+    assert stored["scales"].dtype == (torch.int8 if name in ("q6_k", "q3_k") else torch.uint8)
     assert all(int(stored[k].int().abs().max()) <= fmt.smax for k in ("scales", "mins") if k in stored)
     assert stored["d"].shape == (16, -(-width // 256))
     s2, z2 = fmt.from_stored(stored, None)
@@ -73,7 +77,7 @@ def test_minimum_is_not_tied_to_the_step():
     assert not torch.equal(steps, steps.round())
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k", "q3_k"])
 def test_gradients_reach_offsets_and_clipping(name):
     fmt = FORMATS[name]
     wg, _, _, v = _grid(fmt)
@@ -86,7 +90,7 @@ def test_gradients_reach_offsets_and_clipping(name):
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (a, b, v))
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k", "q3_k"])
 def test_k_quant_bytes_decode_exactly_with_the_gguf_package(name):
     fmt, ggml = FORMATS[name], KQUANTS[name].ggml
     wg, scale, zero, v = _grid(fmt, out=8, width=768)
@@ -186,7 +190,7 @@ def _logits_match(ours, path, tok):
     assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("qtype", ["q4_k", "q2_k", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q2_k", "q6_k", "q3_k"])
 def test_tuned_k_quant_model_reads_back_through_transformers(wide, qtype):
     """down_proj (288-wide rows) gets the type's fallback grid; every other layer the K-quant."""
     root, tok = wide
