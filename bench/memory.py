@@ -118,6 +118,38 @@ def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
         if key in by and ref in by:
             lines.append(f"- SmolLM2-135M, {tool} / auto-round peak RSS = {by[key] / by[ref]:.3f}")
     (results / "memory.md").write_text("\n".join(lines) + "\n")
+    plot(rows, results / "memory.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak RSS bars per model, one bar per tool."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tools = list(dict.fromkeys(r["tool"] for r in rows))
+    colors = {"signround": "tab:blue", "signround --low-memory": "tab:cyan", "auto-round 0.16.1": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(tools)
+    for k, tool in enumerate(tools):
+        xs = [
+            m + k * width
+            for m, model in enumerate(models)
+            if any(r["model"] == model and r["tool"] == tool for r in rows)
+        ]
+        ys = [r["peak_rss_gb"] for model in models for r in rows if r["model"] == model and r["tool"] == tool]
+        ax.bar(xs, ys, width, label=tool, color=colors.get(tool))
+    ax.set_xticks([m + width * (len(tools) - 1) / 2 for m in range(len(models))], models)
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_title("Peak memory of a quantization run (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
