@@ -77,6 +77,7 @@ def main() -> None:
     args = p.parse_args()
     only = set(args.formats.split(",")) if args.formats else None
     recipe, work = recipe_from(args), Path(args.work)
+    (work / "exports").mkdir(parents=True, exist_ok=True)  # reader results land there for every row
     rows = []
     for label, method, bits, group, sym, fmt, reader, python in CHECKS:
         if only is not None and fmt not in only:
