@@ -252,12 +252,12 @@ def run(
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):
         raise SignRoundError("no layer is left to quantize; check --layer-config")
-    if block_parallel and (cfg.tune.quant_inputs or state_dir is None or resume or stream is not None):
+    streamed = stream is not None and not stream.keep  # blocks are freed once persisted (--low-memory)
+    if block_parallel and (cfg.tune.quant_inputs or state_dir is None or resume or streamed):
         raise SignRoundError(
             "block-parallel tuning needs blocks tuned on float inputs (--fp-inputs) and a run folder, and "
             "cannot resume or stream (--low-memory)"
         )
-    streamed = stream is not None and not stream.keep  # blocks are freed once persisted (--low-memory)
     if streamed and state_dir is None:
         raise SignRoundError("a streamed (--low-memory) run keeps its finished blocks in a run folder; give state_dir")
     if not cfg.needs_calibration:
