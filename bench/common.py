@@ -110,3 +110,16 @@ def recipe_from(args) -> Recipe:
 
 def parse_configs(spec: str) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",") if pair]
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'); no plot", file=sys.stderr)
+        return None
+    return plt

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, Recipe, autoround_quantize, config_name, signround_eval, signround_quantize  # noqa: E402
+from common import DATA, ROOT, Recipe, autoround_quantize, config_name, pyplot, signround_eval, signround_quantize  # noqa: E402
 
 BUDGETS = {"light": 50, "default": 200}
 
@@ -102,12 +102,8 @@ def yield_rows(args: argparse.Namespace, rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """ppl vs bits per tool (one panel per budget and mode) and quantization-time bars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     panels = sorted({(r["budget"], r["config"].split("-")[-1]) for r in rows if r["tool"] != "float"})
     if not panels:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_recipe_args, recipe_from, sh, signround_eval  # noqa: E402
+from common import ROOT, add_recipe_args, pyplot, recipe_from, sh, signround_eval  # noqa: E402
 
 # (label, --data-type, bits, group size, methods, extra flags). W4G32 asym is lossless on SmolLM2 (its GGUF
 # is on that grid), so no integer row uses group 32. GRIDS_4 run first, then Double Rounding (SignRound),
@@ -174,13 +174,8 @@ def write(args, command: str, float_ppl: float, rows: list[dict], double: list[d
 
 
 def plot(rows: list[dict], float_ppl: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"rtn": "o", "signround": "s"}

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, Recipe, autoround_quantize, signround_quantize  # noqa: E402
+from common import DATA, ROOT, Recipe, autoround_quantize, pyplot, signround_quantize  # noqa: E402
 
 
 def synthetic(work: Path, layers: int, hidden: int, intermediate: int) -> Path:
@@ -123,12 +123,8 @@ def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Peak RSS bars per model, one bar per tool."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
     tools = list(dict.fromkeys(r["tool"] for r in rows))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_recipe_args, recipe_from, signround_eval, signround_quantize  # noqa: E402
+from common import ROOT, add_recipe_args, pyplot, recipe_from, signround_eval, signround_quantize  # noqa: E402
 
 OPTIONS = (2, 3, 4, 8)
 KINDS = ("block", "block-mse", "fisher")
@@ -224,13 +224,8 @@ def render(args, command, rows, agree, sens) -> str:
 
 
 def plot(sens, allocations, rows, args) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plots", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     results = ROOT / "bench" / "results"
     label = next((k for k in allocations if k.startswith("ilp-3.0")), next(iter(allocations)))

@@ -257,7 +257,10 @@ def _kquant_tensor(layer: QuantLinear, qtype: str, perm: np.ndarray | None) -> t
     """A gguf K-quant layer: its type's blocks from its stored scales (minimums) and factors, or the
     fallback's (Q5_0 / Q4_0 / Q8_0) for a fallback grid. Every stored tensor is per row, so ``perm``
     reorders them all alike."""
-    name, fallback = kquant.kind_of(layer.scheme, qtype)
+    match = kquant.kind_of(layer.scheme, qtype)
+    if match is None:  # _check_model refused such a layer before any tensor was built
+        raise SignRoundError(f"gguf:{qtype} does not store {layer.scheme.name}")
+    name, fallback = match
     kind = KQUANTS[name]
     rows = perm if perm is not None else slice(None)
     codes = layer.codes().cpu().numpy()[rows]

@@ -122,26 +122,34 @@ def run_hint(qtype: str) -> str:
     return f"run `signround quantize --data-type {members(qtype)[0]} --format gguf:{qtype}`"
 
 
-def fits(scheme: QuantScheme, qtype: str, in_features: int | None) -> bool:
-    """Whether ``gguf:qtype`` stores ``scheme`` exactly at this input width (any width when None)."""
+def kind_of(scheme: QuantScheme, qtype: str) -> tuple[str, bool] | None:
+    """``(member type, is_fallback)`` of a layer's scheme in a ``gguf:<qtype>`` file, None when the file
+    cannot hold it."""
     for name in members(qtype):
         kind = KQUANTS[name]
         if scheme.dtype is kind.dtype:
-            return in_features is None or in_features % QK_K == 0
+            return name, False
         if scheme == kind.fallback:
-            return True
-    return False
+            return name, True
+    return None
+
+
+def fits(scheme: QuantScheme, qtype: str, in_features: int | None) -> bool:
+    """Whether ``gguf:qtype`` stores ``scheme`` exactly at this input width (any width when None)."""
+    match = kind_of(scheme, qtype)
+    return match is not None and (match[1] or in_features is None or in_features % QK_K == 0)
 
 
 def mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int | None) -> SignRoundError:
+    match = kind_of(scheme, qtype)
+    if match is not None and not match[1]:  # the type's own grid on a row it cannot hold
+        kind = KQUANTS[match[0]]
+        return SignRoundError(
+            f"gguf:{qtype} stores {kind.ggml.name} rows of a multiple of {QK_K} weights; {what} has "
+            f"{in_features}; quantize it as {kind.fallback.name} ({kind.fallback_ggml.name}), which "
+            f"`--format gguf:{qtype}` does by itself"
+        )
     kinds = [KQUANTS[name] for name in members(qtype)]
-    for kind in kinds:
-        if scheme.dtype is kind.dtype:
-            return SignRoundError(
-                f"gguf:{qtype} stores {kind.ggml.name} rows of a multiple of {QK_K} weights; {what} has "
-                f"{in_features}; quantize it as {kind.fallback.name} ({kind.fallback_ggml.name}), which "
-                f"`--format gguf:{qtype}` does by itself"
-            )
     held = ", ".join(f"{k.ggml.name} (and {k.fallback.name} as {k.fallback_ggml.name})" for k in kinds)
     return SignRoundError(f"gguf:{qtype} stores {held} layers; {what} is {scheme.name}; {run_hint(qtype)}")
 
@@ -153,45 +161,50 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def format_rules(planned: list[Any], qtype: str, n_layers: int) -> tuple[LayerRule, ...]:
-    """For ``--format gguf:<qtype>``: the mix's per-layer types (layers ``model.layers.<i>.<...>``), then the
-    fallback grid for every planned K-quant layer whose input width is not a multiple of 256."""
+    """For ``--format gguf:<qtype>``: one rule per layer whose scheme the file needs changed: the mix's
+    upgraded layers (layers ``model.layers.<i>.<...>``), and the fallback grid for every K-quant layer whose
+    input width is not a multiple of 256."""
     rules: list[LayerRule] = []
-    if qtype in MIXES:
-        base, more, _ = MIXES[qtype]
-        upgrade = QuantScheme(dtype=KQUANTS[more].dtype.value)
-        for p in planned:
-            layer = re.search(r"\.(\d+)\.(.+)$", p.name)
-            if (
-                p.scheme.dtype is KQUANTS[base].dtype
-                and layer
-                and layer.group(2) in MORE_BITS_LAYERS
-                and use_more_bits(int(layer.group(1)), n_layers)
-            ):
-                rules.append(LayerRule(pattern=re.escape(p.name) + "$", scheme=upgrade))
-    chosen = {r.pattern: r.scheme for r in rules}
+    base, more = (KQUANTS[t] for t in MIXES[qtype][:2]) if qtype in MIXES else (None, None)
     for p in planned:
-        scheme = chosen.get(re.escape(p.name) + "$", p.scheme)
-        for name in members(qtype):
-            kind = KQUANTS[name]
-            if scheme.dtype is kind.dtype and p.in_features % QK_K:
-                rules.append(LayerRule(pattern=re.escape(p.name) + "$", scheme=kind.fallback))
+        scheme = p.scheme
+        layer = re.search(r"\.(\d+)\.(.+)$", p.name)
+        if (
+            base is not None
+            and scheme.dtype is base.dtype
+            and layer
+            and layer.group(2) in MORE_BITS_LAYERS
+            and use_more_bits(int(layer.group(1)), n_layers)
+        ):
+            scheme = QuantScheme(dtype=more.dtype.value)
+        match = kind_of(scheme, qtype)
+        if match is not None and not match[1] and p.in_features % QK_K:
+            scheme = KQUANTS[match[0]].fallback
+        if scheme != p.scheme:
+            rules.append(LayerRule(pattern=re.escape(p.name) + "$", scheme=scheme))
     return tuple(rules)
-
-
-def kind_of(scheme: QuantScheme, qtype: str) -> tuple[str, bool]:
-    """``(member type, is_fallback)`` of a layer's scheme in a ``gguf:<qtype>`` file."""
-    for name in members(qtype):
-        kind = KQUANTS[name]
-        if scheme.dtype is kind.dtype:
-            return name, False
-        if scheme == kind.fallback:
-            return name, True
-    raise SignRoundError(f"gguf:{qtype} does not store {scheme.name}")
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
     """``float16 [...]`` -> little-endian bytes ``uint8 [..., 2]``."""
     return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(*x.shape, 2)
+
+
+def _super_blocks_of(codes: np.ndarray, block: str) -> int:
+    """Super-blocks per row of ``codes [out, in]``; refuses rows that are not a multiple of 256 weights."""
+    if codes.shape[1] % QK_K:
+        raise ValueError(f"{block} rows hold multiples of {QK_K} weights, not {codes.shape[1]}")
+    return codes.shape[1] // QK_K
+
+
+def _two_bit_planes(x: np.ndarray) -> np.ndarray:
+    """2-bit values ``uint8 [out, n, 256]`` -> ``uint8 [out, n, 64]``: per 128 values 32 bytes, byte ``l``
+    holding values ``l``, ``+32``, ``+64``, ``+96`` in bits 0-1, 2-3, 4-5, 6-7 (Q2_K's and Q3_K's ``qs``,
+    Q6_K's ``qh``)."""
+    out_features, n, _ = x.shape
+    shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 1, 1, 4, 1)
+    planes = np.bitwise_or.reduce(x.reshape(out_features, n, 2, 4, 32) << shifts, axis=3)
+    return planes.reshape(out_features, n, 64).astype(np.uint8)
 
 
 def pack_k4_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -207,10 +220,7 @@ def pack_k4_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
 def encode_q4_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
     """Q4_K rows ``uint8 [out, in / 256 * 144]`` from codes ``uint8 [out, in]`` (0..15), group scales and
     minimums ``uint8 [out, in / 32]`` (0..63) and super-block factors ``float16 [out, in / 256]``."""
-    out_features, in_features = codes.shape
-    if in_features % QK_K:
-        raise ValueError(f"Q4_K rows hold multiples of {QK_K} weights, not {in_features}")
-    n = in_features // QK_K
+    out_features, n = codes.shape[0], _super_blocks_of(codes, "Q4_K")
     q = codes.reshape(out_features, n, 4, 2, 32)  # chunk of 64 = two halves of 32
     qs = (q[:, :, :, 0, :] | (q[:, :, :, 1, :] << np.uint8(4))).reshape(out_features, n, 128)
     scales = pack_k4_scales(sc.reshape(out_features, n, 8), m.reshape(out_features, n, 8))
@@ -221,13 +231,8 @@ def encode_q4_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
 def encode_q2_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
     """Q2_K rows ``uint8 [out, in / 256 * 84]`` from codes ``uint8 [out, in]`` (0..3), group scales and
     minimums ``uint8 [out, in / 16]`` (0..15) and super-block factors ``float16 [out, in / 256]``."""
-    out_features, in_features = codes.shape
-    if in_features % QK_K:
-        raise ValueError(f"Q2_K rows hold multiples of {QK_K} weights, not {in_features}")
-    n = in_features // QK_K
-    q = codes.reshape(out_features, n, 2, 4, 32)  # chunk of 128 = four slices of 32
-    shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 1, 1, 4, 1)
-    qs = np.bitwise_or.reduce(q << shifts, axis=3).reshape(out_features, n, 64).astype(np.uint8)
+    out_features, n = codes.shape[0], _super_blocks_of(codes, "Q2_K")
+    qs = _two_bit_planes(codes.reshape(out_features, n, QK_K))
     scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << 4)).reshape(out_features, n, 16)
     blocks = np.concatenate([scales, qs, _fp16_bytes(d), _fp16_bytes(dmin)], axis=-1)
     return np.ascontiguousarray(blocks.reshape(out_features, -1))
@@ -236,16 +241,11 @@ def encode_q2_k(codes: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
 def encode_q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Q6_K rows ``uint8 [out, in / 256 * 210]`` from codes ``uint8 [out, in]`` (0..63, zero 32), signed
     group scales ``int8 [out, in / 16]`` and factors ``float16 [out, in / 256]``."""
-    out_features, in_features = codes.shape
-    if in_features % QK_K:
-        raise ValueError(f"Q6_K rows hold multiples of {QK_K} weights, not {in_features}")
-    n = in_features // QK_K
-    q = codes.reshape(out_features, n, 2, 4, 32)  # chunk of 128 = four slices of 32
-    low, high = q & np.uint8(15), q >> np.uint8(4)
+    out_features, n = codes.shape[0], _super_blocks_of(codes, "Q6_K")
+    q = codes.reshape(out_features, n, QK_K)
+    low = (q & np.uint8(15)).reshape(out_features, n, 2, 4, 32)  # chunk of 128 = four slices of 32
     ql = np.concatenate([low[:, :, :, 0] | (low[:, :, :, 2] << 4), low[:, :, :, 1] | (low[:, :, :, 3] << 4)], axis=-1)
-    shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 1, 1, 4, 1)
-    qh = np.bitwise_or.reduce(high << shifts, axis=3).astype(np.uint8)
-    parts = [ql.reshape(out_features, n, 128), qh.reshape(out_features, n, 64)]
+    parts = [ql.reshape(out_features, n, 128), _two_bit_planes(q >> np.uint8(4))]
     parts += [sc.astype(np.int8).view(np.uint8).reshape(out_features, n, 16), _fp16_bytes(d)]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_features, -1))
 
@@ -253,16 +253,11 @@ def encode_q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
 def encode_q3_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Q3_K rows ``uint8 [out, in / 256 * 110]`` from codes ``uint8 [out, in]`` (0..7, zero 4), signed
     group scales ``int8 [out, in / 16]`` (-32..31) and factors ``float16 [out, in / 256]``."""
-    out_features, in_features = codes.shape
-    if in_features % QK_K:
-        raise ValueError(f"Q3_K rows hold multiples of {QK_K} weights, not {in_features}")
-    n = in_features // QK_K
+    out_features, n = codes.shape[0], _super_blocks_of(codes, "Q3_K")
     q = codes.reshape(out_features, n, QK_K)
     high = (q >> np.uint8(2)) & np.uint8(1)  # weight j's bit 2 -> hmask[j % 32], bit j // 32
     hmask = np.bitwise_or.reduce(high.reshape(out_features, n, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=2)
-    low = (q & np.uint8(3)).reshape(out_features, n, 2, 4, 32)
-    shifts = (np.arange(4, dtype=np.uint8) * 2).reshape(1, 1, 1, 4, 1)
-    qs = np.bitwise_or.reduce(low << shifts, axis=3).reshape(out_features, n, 64)
+    qs = _two_bit_planes(q & np.uint8(3))
     biased = (sc.astype(np.int16) + 32).astype(np.uint8).reshape(out_features, n, 16)  # 6 bits each
     scales = np.zeros((out_features, n, 12), dtype=np.uint8)
     scales[..., 0:8] = (biased[..., 0:8] & 15) | ((biased[..., 8:16] & 15) << 4)
@@ -270,7 +265,7 @@ def encode_q3_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
     scales[..., 8:12] = np.bitwise_or.reduce(
         top.reshape(out_features, n, 4, 4) << (np.arange(4, dtype=np.uint8) * 2)[:, None], axis=2
     )
-    blocks = np.concatenate([hmask.astype(np.uint8), qs.astype(np.uint8), scales, _fp16_bytes(d)], axis=-1)
+    blocks = np.concatenate([hmask.astype(np.uint8), qs, scales, _fp16_bytes(d)], axis=-1)
     return np.ascontiguousarray(blocks.reshape(out_features, -1))
 
 

@@ -121,8 +121,7 @@ class BitMoDFormat:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale [out, groups], zero [out, groups, 2])`` (see the module), differentiable in the factors."""
         a_scale, a_zero = int_affine.compute_qparams(wmin, wmax, BITS, False, min_factor, max_factor)
-        lo_w = wmin if min_factor is None else wmin * min_factor.clamp(0, 1)
-        hi_w = wmax if max_factor is None else wmax * max_factor.clamp(0, 1)
+        lo_w, hi_w = int_affine.clip_extremes(wmin, wmax, min_factor, max_factor)
         table = _group_tables(types)
         affine = types == AFFINE
         # int4's table starts at 0: give its (unused) branch a finite divisor so no NaN reaches the gradient

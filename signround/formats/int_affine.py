@@ -31,6 +31,18 @@ def group_minmax(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
 
 
+def clip_extremes(
+    wmin: torch.Tensor, wmax: torch.Tensor, min_factor: torch.Tensor | None, max_factor: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SignRound's clipping: the group extremes ``[out, groups]`` times their factors clamped to [0, 1]
+    (None: unclipped)."""
+    if min_factor is not None:
+        wmin = wmin * min_factor.clamp(0, 1)
+    if max_factor is not None:
+        wmax = wmax * max_factor.clamp(0, 1)
+    return wmin, wmax
+
+
 def compute_qparams(
     wmin: torch.Tensor,
     wmax: torch.Tensor,
@@ -51,10 +63,7 @@ def compute_qparams(
         ``(scale, zero)``, both ``[out, groups]`` float32; ``scale`` holds float16-representable values,
         ``zero`` holds integers in ``[0, 2^bits-1]`` (rounded with a straight-through gradient).
     """
-    if min_factor is not None:
-        wmin = wmin * min_factor.clamp(0, 1)
-    if max_factor is not None:
-        wmax = wmax * max_factor.clamp(0, 1)
+    wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
     maxq = 2**bits - 1
     if sym:
         half = 2 ** (bits - 1)

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from signround.formats.int_affine import group_minmax
+from signround.formats.int_affine import clip_extremes, group_minmax
 from signround.primitives import round_ste
 
 # Division guard for a group whose scale rounded to 0 (its codes are then all 0 or all max).
@@ -49,6 +49,54 @@ def _super_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     return x.reshape(out, -1, n)
+
+
+def two_level(values: torch.Tensor, n: int, smax: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(factor [out, S] float16-valued float32, ints [out, groups])`` for ``values [out, groups]`` in
+    super-blocks of ``n`` groups: ``factor = fp16(max |value| / smax)``, ``ints = round(values / factor)``
+    clamped to ``[0, smax]`` (``[-smax, smax]`` when ``signed``); straight-through, differentiable in
+    ``values``."""
+    groups = values.shape[1]
+    sb = _super_blocks(values, n)
+    factor = (sb.abs().amax(dim=-1) / smax).to(torch.float16).to(values.dtype)
+    ints = round_ste(sb / factor.clamp(min=TINY).unsqueeze(-1)).clamp(-smax if signed else 0, smax)
+    return factor, ints.reshape(values.shape[0], -1)[:, :groups]
+
+
+def expand(factor: torch.Tensor, ints: torch.Tensor, n: int) -> torch.Tensor:
+    """``factor [out, S] * ints [out, groups]`` -> ``[out, groups]`` float32 (exact: an fp16 times a small
+    integer), ``n`` groups per super-block."""
+    return factor.repeat_interleave(n, dim=1)[:, : ints.shape[1]] * ints
+
+
+def factorize(values: torch.Tensor, n: int, smax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(factor float16 [out, S], ints uint8 [out, groups])`` with ``factor * ints == values`` exactly, for
+    non-negative ``values`` that :func:`two_level` produced (each super-block's values are an fp16 times
+    integers in ``[0, smax]``). The factor is recovered from the super-block's largest value, whose integer
+    is the largest ``k <= smax`` leaving every quotient integral; any such pair decodes alike.
+
+    Raises:
+        ValueError: ``values`` is not of that form (not produced by a K-quant grid).
+    """
+    groups = values.shape[1]
+    sb = _super_blocks(values, n)
+    top = sb.amax(dim=-1)
+    factor = torch.zeros_like(top)
+    found = top == 0
+    for k in range(smax, 0, -1):
+        cand = (top / k).to(torch.float16).float()
+        q = sb / cand.clamp(min=TINY).unsqueeze(-1)
+        exact = (cand * k == top) & ((q == q.round()) & (q <= smax)).all(dim=-1)
+        exact &= (cand.unsqueeze(-1) * q.round() == sb).all(dim=-1)
+        take = exact & ~found
+        factor = torch.where(take, cand, factor)
+        found |= take
+        if bool(found.all()):
+            break
+    if not bool(found.all()):
+        raise ValueError("values are not float16 factors times small integers; not a K-quant grid")
+    ints = torch.where(factor.unsqueeze(-1) > 0, sb / factor.clamp(min=TINY).unsqueeze(-1), 0.0).round()
+    return factor.to(torch.float16), ints.reshape(values.shape[0], -1)[:, :groups].to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -72,22 +120,6 @@ class KQuantFormat:
     def group_minmax(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return group_minmax(wg)
 
-    def two_level(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(factor [out, S] float16-valued float32, ints [out, groups])`` for non-negative ``values
-        [out, groups]``: ``factor = fp16(max / smax)`` per super-block, ``ints = round(values / factor)``
-        clamped to ``[0, smax]`` (straight-through, differentiable in ``values``)."""
-        groups = values.shape[1]
-        sb = _super_blocks(values, self.per_super)
-        factor = (sb.amax(dim=-1) / self.smax).to(torch.float16).to(values.dtype)
-        ints = round_ste(sb / factor.clamp(min=TINY).unsqueeze(-1)).clamp(0, self.smax)
-        return factor, ints.reshape(values.shape[0], -1)[:, :groups]
-
-    def expand(self, factor: torch.Tensor, ints: torch.Tensor) -> torch.Tensor:
-        """``factor [out, S] * ints [out, groups]`` -> ``[out, groups]`` float32 (exact: an fp16 times a
-        small integer)."""
-        per_group = factor.repeat_interleave(self.per_super, dim=1)[:, : ints.shape[1]]
-        return per_group * ints
-
     def compute_qparams(
         self,
         wmin: torch.Tensor,
@@ -98,13 +130,10 @@ class KQuantFormat:
         max_factor: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s', mn')`` ``[out, groups]`` float32 (module docstring), differentiable in the factors."""
-        if min_factor is not None:
-            wmin = wmin * min_factor.clamp(0, 1)
-        if max_factor is not None:
-            wmax = wmax * max_factor.clamp(0, 1)
-        d, sc = self.two_level((wmax - wmin) / self.qmax)
-        dmin, m = self.two_level(-wmin)
-        return self.expand(d, sc), self.expand(dmin, m)
+        wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
+        d, sc = two_level((wmax - wmin) / self.qmax, self.per_super, self.smax)
+        dmin, m = two_level(-wmin, self.per_super, self.smax)
+        return expand(d, sc, self.per_super), expand(dmin, m, self.per_super)
 
     def fake_quant(
         self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
@@ -145,43 +174,14 @@ class KQuantFormat:
         }
 
     def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
-        d, sc = self.factorize(scale.detach().float())
-        dmin, m = self.factorize(zero.detach().float())
+        d, sc = factorize(scale.detach().float(), self.per_super, self.smax)
+        dmin, m = factorize(zero.detach().float(), self.per_super, self.smax)
         return {"scales": sc, "mins": m, "d": d, "dmin": dmin}
 
     def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.expand(stored["d"].float(), stored["scales"].float())
-        zero = self.expand(stored["dmin"].float(), stored["mins"].float())
+        scale = expand(stored["d"].float(), stored["scales"].float(), self.per_super)
+        zero = expand(stored["dmin"].float(), stored["mins"].float(), self.per_super)
         return scale, zero
-
-    def factorize(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(factor float16 [out, S], ints uint8 [out, groups])`` with ``factor * ints == values`` exactly,
-        for ``values`` that :meth:`two_level` produced (each super-block's values are an fp16 times
-        integers in ``[0, smax]``). The factor is recovered from the super-block's largest value, whose
-        integer is the largest ``k <= smax`` leaving every quotient integral; any such pair decodes alike.
-
-        Raises:
-            ValueError: ``values`` is not of that form (not produced by this format).
-        """
-        groups = values.shape[1]
-        sb = _super_blocks(values, self.per_super)
-        top = sb.amax(dim=-1)
-        factor = torch.zeros_like(top)
-        found = top == 0
-        for k in range(self.smax, 0, -1):
-            cand = (top / k).to(torch.float16).float()
-            q = sb / cand.clamp(min=TINY).unsqueeze(-1)
-            exact = (cand * k == top) & ((q == q.round()) & (q <= self.smax)).all(dim=-1)
-            exact &= (cand.unsqueeze(-1) * q.round() == sb).all(dim=-1)
-            take = exact & ~found
-            factor = torch.where(take, cand, factor)
-            found |= take
-            if bool(found.all()):
-                break
-        if not bool(found.all()):
-            raise ValueError("values are not float16 factors times small integers; not a K-quant grid")
-        ints = torch.where(factor.unsqueeze(-1) > 0, sb / factor.clamp(min=TINY).unsqueeze(-1), 0.0).round()
-        return factor.to(torch.float16), ints.reshape(values.shape[0], -1)[:, :groups].to(torch.uint8)
 
 
 Q4_K = KQuantFormat(bits=4, group=32, scale_bits=6, per_super=8)
@@ -230,16 +230,9 @@ class SymKQuantFormat:
         min_factor: torch.Tensor | None = None,
         max_factor: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if min_factor is not None:
-            wmin = wmin * min_factor.clamp(0, 1)
-        if max_factor is not None:
-            wmax = wmax * max_factor.clamp(0, 1)
-        s = torch.where(-wmin > wmax, wmin, wmax) / -self.half
-        groups = s.shape[1]
-        sb = _super_blocks(s, self.per_super)
-        d = (sb.abs().amax(dim=-1) / self.smax).to(torch.float16).to(s.dtype)
-        sc = round_ste(sb / d.clamp(min=TINY).unsqueeze(-1)).clamp(-self.smax, self.smax)
-        scale = (d.unsqueeze(-1) * sc).reshape(s.shape[0], -1)[:, :groups]
+        wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
+        d, sc = two_level(torch.where(-wmin > wmax, wmin, wmax) / -self.half, self.per_super, self.smax, signed=True)
+        scale = expand(d, sc, self.per_super)
         return scale, torch.full_like(scale, float(self.half))
 
     def _safe(self, scale: torch.Tensor) -> torch.Tensor:
@@ -276,16 +269,14 @@ class SymKQuantFormat:
         return {"scales": ((out_features, groups), torch.int8), "d": ((out_features, supers), torch.float16)}
 
     def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
-        """Exact: the largest ``|d * sc|`` of a super-block fixes ``d`` (see :meth:`KQuantFormat.factorize`)."""
+        """Exact: the largest ``|d * sc|`` of a super-block fixes ``d`` (see :func:`factorize`)."""
         values = scale.detach().float()
-        magnitude = KQuantFormat(self.bits, self.group, self.scale_bits - 1, self.per_super)
-        d, ints = magnitude.factorize(values.abs())
+        d, ints = factorize(values.abs(), self.per_super, self.smax)
         signed = torch.where(values < 0, -ints.to(torch.int16), ints.to(torch.int16)).to(torch.int8)
         return {"scales": signed, "d": d}
 
     def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        d = stored["d"].float().repeat_interleave(self.per_super, dim=1)[:, : stored["scales"].shape[1]]
-        scale = d * stored["scales"].float()
+        scale = expand(stored["d"].float(), stored["scales"].float(), self.per_super)
         return scale, torch.full_like(scale, float(self.half))
 
 
