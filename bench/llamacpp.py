@@ -4,12 +4,14 @@ where llama-cpp-python is built (it compiles llama.cpp; see bench/requirements-b
 
     bench/.venv-bench/bin/python bench/llamacpp.py --work /tmp/bench/llama --max-windows 10 \\
         --ours "signround Q4_K=/tmp/bench/exp/Q4_K-signround-gguf-q4_k/gguf-q4_k" \\
-        --ours "RTN Q4_K=/tmp/bench/exp/Q4_K-rtn-gguf-q4_k/gguf-q4_k"
+        --ours "RTN Q4_K=/tmp/bench/exp/Q4_K-rtn-gguf-q4_k/gguf-q4_k" --type Q4_K_S --type Q4_K_M
 
 Perplexity: llama.cpp's logits on the token windows signround's perplexity code builds (wikitext-2 test,
 the model's own HF tokenizer, seqlen 2048, the first ``--max-windows`` windows, every token but the first
-of a window scored). llama.cpp's quantizer gets ``--type`` (default Q4_K_S: the same per-tensor choices as
-``gguf:q4_k``, Q5_0 where a row is not a multiple of 256) and keeps the embeddings F16 as our files do.
+of a window scored). llama.cpp's quantizer gets each ``--type`` (default Q4_K_S) without an importance matrix
+and keeps the embeddings F16 as our files do; the table lists each file's per-tensor types so that files of
+the same types are compared (Q4_K_M matches ``gguf:q4_k_m``; Q4_K_S gives the first n/8 ``ffn_down`` Q5_K where
+``gguf:q4_k`` keeps Q4_K).
 Writes bench/results/llamacpp.md.
 """
 
@@ -76,9 +78,33 @@ def windows(model: str, max_windows: int) -> np.ndarray:
     return tokenize_windows(text, tokenizer, 2048, max_windows).numpy()
 
 
+def without_extra_buffers() -> None:
+    """Load models without llama.cpp's extra CPU buffer types (AMX / interleaved repacking).
+
+    On this machine's CPU (AMX_INT8 reported) llama.cpp repacks quantized tensors for AMX at load time and the
+    first forward then dies with a segmentation fault, for llama.cpp's own Q4_K_S file as much as for ours;
+    F16 files never take that path. ``use_extra_bufts = False`` keeps the plain CPU kernels (same math).
+    """
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+    if getattr(default, "_no_extra", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._no_extra = True
+    lib.llama_model_default_params = params
+
+
 def score(path: Path, wins: np.ndarray) -> tuple[float, str]:
     """(perplexity, greedy continuation of ``PROMPT``) from llama.cpp on ``path``."""
     from llama_cpp import Llama
+
+    without_extra_buffers()
 
     threads = os.cpu_count() or 1
     llm = Llama(str(path), n_ctx=2048, n_batch=512, logits_all=True, n_threads=threads, verbose=False)
@@ -96,35 +122,52 @@ def score(path: Path, wins: np.ndarray) -> tuple[float, str]:
     return math.exp(nll / count), text
 
 
-def tensor_types(path: Path) -> str:
+def file_info(path: Path) -> tuple[str, dict[str, str]]:
+    """(llama.cpp file type name, {tensor name: tensor type} of the decoder blocks) of a GGUF file."""
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(path)
+    field = reader.fields["general.file_type"]
+    ftype = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    types = {t.name: t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.")}
+    return ftype, types
+
+
+def type_counts(types: dict[str, str]) -> str:
     from collections import Counter
 
-    from gguf import GGUFReader
-
-    counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk."))
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()) if k != "F32")
+    counts = Counter(v for v in types.values() if v != "F32")
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--type", default="Q4_K_S", help="llama.cpp file type for its own quantizer (LLAMA_FTYPE_MOSTLY_*)")
+    p.add_argument("--type", action="append", default=[],
+                   help="llama.cpp file type(s) for its own quantizer (LLAMA_FTYPE_MOSTLY_*; repeatable; "
+                   "default Q4_K_S)")  # fmt: skip
     p.add_argument("--ours", action="append", default=[], metavar="LABEL=FOLDER", help="signround GGUF files to run")
     p.add_argument("--max-windows", type=int, default=10)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    types = args.type or ["Q4_K_S"]
     f16 = f16_export(args.model, work)
-    theirs = llama_quantize(f16, work / f"llamacpp-{args.type.lower()}.gguf", args.type)
-    files = [("float (signround gguf:f16)", f16), (f"llama.cpp quantizer {args.type} of that file", theirs)]
+    files = [("float (signround gguf:f16)", f16)]
+    for t in types:
+        files.append(
+            (f"llama.cpp quantizer {t} of that file", llama_quantize(f16, work / f"llamacpp-{t.lower()}.gguf", t))
+        )
     files += [(label, gguf_in(Path(folder))) for label, folder in (o.split("=", 1) for o in args.ours)]
     wins = windows(args.model, args.max_windows)
     rows = []
     for label, path in files:
         ppl, text = score(path, wins)
-        rows.append((label, path, ppl, text))
+        rows.append((label, path, ppl, text, *file_info(path)))
         print(f"{label}: ppl {ppl:.4f} | {text!r}", flush=True)
+    rows.sort(key=lambda r: r[4] != "F16")  # float first, then in the order given
+    theirs = {r[4]: r[5] for r in rows if r[0].startswith("llama.cpp")}
     command = "bench/.venv-bench/bin/python " + shlex.join(["bench/llamacpp.py", *sys.argv[1:]])
     lines = [
         "# signround's GGUF files in llama.cpp, next to llama.cpp's own quantizer",
@@ -133,16 +176,22 @@ def main() -> None:
         "",
         f"Model `{args.model}`. Perplexity computed from llama.cpp's logits (llama-cpp-python) on wikitext-2 test, "
         f"seqlen 2048, the first {len(wins)} windows, tokenized as signround's perplexity code does. llama.cpp's "
-        f"quantizer ran on signround's F16 export with file type {args.type}, embeddings kept F16 (as in our "
-        f"files). Greedy continuation of {PROMPT!r}, 20 tokens. CPU.",
+        f"quantizer ran on signround's F16 export with file type(s) {', '.join(types)}, embeddings kept F16 (as "
+        f"in our files), no importance matrix. Greedy continuation of {PROMPT!r}, 20 tokens. CPU, llama.cpp's "
+        "extra (AMX/repacked) buffer types off (they crash on this CPU; see `without_extra_buffers`).",
         "",
-        "| file | block types (decoder) | size MB | ppl (llama.cpp) | continuation |",
-        "|---|---|---:|---:|---|",
+        "Same types: decoder tensors whose GGUF type equals that of llama.cpp's file of the same file type.",
+        "",
+        "| file | file type | decoder tensor types | same types | size MB | ppl (llama.cpp) | continuation |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
-    for label, path, ppl, text in rows:
-        size = path.stat().st_size / 1e6
-        cont = text.replace("|", "/").replace("\n", " ").strip()
-        lines.append(f"| {label} | {tensor_types(path)} | {size:.1f} | {ppl:.4f} | {cont} |")
+    for ftype in dict.fromkeys(r[4] for r in rows):
+        for label, path, ppl, text, _, types in (r for r in rows if r[4] == ftype):
+            ref = theirs.get(ftype)
+            same = f"{sum(ref.get(k) == v for k, v in types.items())}/{len(types)}" if ref else ""
+            size = path.stat().st_size / 1e6
+            cont = text.replace("|", "/").replace("\n", " ").strip()
+            lines.append(f"| {label} | {ftype} | {type_counts(types)} | {same} | {size:.1f} | {ppl:.4f} | {cont} |")
     (ROOT / "bench" / "results" / "llamacpp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
