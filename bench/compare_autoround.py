@@ -26,8 +26,6 @@ BUDGETS = {"light": 50, "default": 200}
 def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]:
     windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
     ppl_flags = ["--ppl", args.ppl, "--seqlen", str(args.eval_seqlen), *windows]
-    eval_flags = ["--eval-ppl", args.ppl, "--eval-seqlen", str(args.eval_seqlen)]
-    eval_flags += ["--eval-max-windows", str(args.max_windows)] if args.max_windows else []
     base = {"nsamples": recipe.nsamples, "seqlen": recipe.seqlen, "eval_seqlen": args.eval_seqlen}
     float_ppl = signround_eval(recipe.model, work / "float-ppl.json", ppl_flags)
     rows = []
@@ -54,19 +52,21 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                 variants += [("signround", "signround", iters, True)] if args.amp else []
                 for tool, method, it, amp in variants:
                     tag = f"{name}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
-                    flags = eval_flags + (["--amp"] if amp else [])
-                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, flags)
+                    # quantize alone (its peak RSS is the quantization's, as auto-round's), then score the saved
+                    # checkpoint with the same `signround eval` call every tool's model gets
+                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, ["--amp"] if amp else [])
+                    ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
                     rows.append(
                         {
                             **base,
                             "config": name,
                             "budget": budget,
                             "tool": tool,
-                            "ppl": rep["ppl"]["ppl"],
+                            "ppl": ppl["ppl"],
                             "quant_seconds": rep["seconds"],
                             "peak_rss_gb": rep["peak_rss_gb"],
                             "iters": it,
-                            "eval_windows": rep["ppl"]["windows"],
+                            "eval_windows": ppl["windows"],
                             "amp": amp,
                         }
                     )
