@@ -6,14 +6,20 @@ fake quantization of all linears, forward, backward, and the signed update; meas
 analytic FLOP count (linears: 2·T·in·out forward, twice that backward; attention: 4·T·S·heads·head_dim
 forward for causal scores and values, twice that backward).
 
-    python bench/profile_step.py --tokens 8x256 --steps 20
+    python bench/profile_step.py --tokens 8x256 --steps 20 [--amp] [--out bench/results/profile.md]
+
+``--amp`` runs the forward under bfloat16 autocast (signround ``--amp``) and compares with the bfloat16 rate.
+``--out`` appends the printed lines, with the command, to a markdown file.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -51,6 +57,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--amp", action="store_true", help="forward under bfloat16 autocast, as signround --amp")
+    p.add_argument("--out", default=None, help="append the result to this markdown file")
     args = p.parse_args()
     batch, seqlen = (int(x) for x in args.tokens.split("x"))
     model, _ = load_model(args.model)
@@ -74,8 +82,9 @@ def main() -> None:
         t1 = time.perf_counter()
         weights = {f"{n}.weight": t.fake_quant_weight(x.dtype) for n, t in tunables.items()}
         t2 = time.perf_counter()
-        out = block_output(functional_call(block, weights, (x,), kwargs))
-        loss = torch.nn.functional.mse_loss(out, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+            out = block_output(functional_call(block, weights, (x,), kwargs))
+        loss = torch.nn.functional.mse_loss(out.float(), y)
         t3 = time.perf_counter()
         loss.backward()
         t4 = time.perf_counter()
@@ -90,12 +99,19 @@ def main() -> None:
     shapes = [(batch * seqlen, hidden, inter), (batch * seqlen, inter, hidden), (batch * seqlen, hidden, hidden)]
     fp32 = statistics.median(matmul_rate(*s, torch.float32) for s in shapes)
     bf16 = statistics.median(matmul_rate(*s, torch.bfloat16) for s in shapes)
-    print(f"one SignRound step on {args.model} block 0, {batch} x {seqlen} tokens, {torch.get_num_threads()} threads")
-    for k, v in med.items():
-        print(f"  {k:<9} {v * 1e3:8.1f} ms  {100 * v / total:5.1f}%")
-    print(f"  total     {total * 1e3:8.1f} ms; {flops / 1e9:.1f} GFLOP -> {flops / total / 1e9:.0f} GFLOP/s")
-    print(f"machine matmul rate on the block's shapes: float32 {fp32:.0f} GFLOP/s, bfloat16 {bf16:.0f} GFLOP/s")
-    print(f"step reaches {100 * flops / total / 1e9 / fp32:.0f}% of the float32 matmul rate")
+    ref, ref_name = (bf16, "bfloat16") if args.amp else (fp32, "float32")
+    mode = "bfloat16 autocast" if args.amp else "float32"
+    lines = [f"one SignRound step ({mode}) on {args.model} block 0, W{args.bits}G{args.group_size}, "
+             f"{batch} x {seqlen} tokens, {torch.get_num_threads()} threads"]  # fmt: skip
+    lines += [f"  {k:<9} {v * 1e3:8.1f} ms  {100 * v / total:5.1f}%" for k, v in med.items()]
+    lines.append(f"  total     {total * 1e3:8.1f} ms; {flops / 1e9:.1f} GFLOP -> {flops / total / 1e9:.0f} GFLOP/s")
+    lines.append(f"machine matmul rate on the block's shapes: float32 {fp32:.0f} GFLOP/s, bfloat16 {bf16:.0f} GFLOP/s")
+    lines.append(f"step reaches {100 * flops / total / 1e9 / ref:.0f}% of the {ref_name} matmul rate")
+    print("\n".join(lines))
+    if args.out:
+        command = "python " + shlex.join(["bench/profile_step.py", *sys.argv[1:]])
+        with Path(args.out).open("a") as f:
+            f.write(f"\n`{command}`\n\n```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":
