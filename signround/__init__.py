@@ -93,6 +93,7 @@ def quantize(
     act: ActScheme | None = None,
     smooth: bool = False,
     amp: bool = False,
+    loss: str = "relative",
     device: str | None = None,
     progress: bool = True,
 ) -> Any:
@@ -119,6 +120,8 @@ def quantize(
             ``ActScheme(bits=8)``; SignRound then tunes the weights with quantized inputs.
         smooth: with ``act``, fold searched per-channel smoothing scales into the norms / up_proj first.
         amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
+        loss: ``relative`` (per-token error relative to the float output's power; default) or ``mse``
+            (auto-round's objective); see :class:`TuneConfig`.
         device: where blocks are tuned (default CUDA if available).
 
     Returns:
@@ -136,7 +139,14 @@ def quantize(
         scheme=scheme,
         layer_rules=parse_layer_config(layer_config, scheme),
         tune=TuneConfig(
-            method=method, iters=iters, lr=lr, minmax_lr=minmax_lr, batch_size=batch_size, seed=seed, amp=amp
+            method=method,
+            iters=iters,
+            lr=lr,
+            minmax_lr=minmax_lr,
+            batch_size=batch_size,
+            seed=seed,
+            amp=amp,
+            loss=loss,
         ),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
         serve_bits=serve_bits,

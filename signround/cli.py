@@ -74,6 +74,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
     p.add_argument(
+        "--loss",
+        choices=["relative", "mse"],
+        default="relative",
+        help="tuning objective: per-token error relative to the float output (default) or auto-round's plain MSE",
+    )
+    p.add_argument(
         "--amp",
         action="store_true",
         help="tuning steps under bfloat16 autocast (faster on CPUs with avx512_bf16/AMX and on GPUs; see docs)",
@@ -301,6 +307,7 @@ def _quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         amp=args.amp,
         quant_inputs=not args.fp_inputs,
+        loss=args.loss,
     )
     cfg = QuantConfig(
         scheme=scheme,

@@ -39,7 +39,7 @@ from signround.model.lazy import BlockStream
 from signround.model.load import check_finite
 from signround.pack.packed import QuantLinear
 from signround.runstate import RunState, fingerprint
-from signround.tune.signround import BlockResult, LayerResult, tune_block
+from signround.tune.signround import BlockResult, LayerResult, output_loss, tune_block
 from signround.tune.wrapper import TunableWeight
 
 log = logging.getLogger("signround")
@@ -341,7 +341,7 @@ def run(
         steps.close()
         _replace_linears(block, result, cfg.act, scales)
         out = _run_block(block, x, kwargs, tune.batch_size)
-        final = torch.nn.functional.mse_loss(out.float(), targets.float()).item()
+        final = output_loss(out, targets, tune.loss, tune.batch_size)
         if result.steps == 0:  # plain RTN: its loss is the final loss, measured once above
             result = dataclasses.replace(result, rtn_loss=final, first_loss=final, best_loss=final, last_loss=final)
         fp_inputs = targets
@@ -416,6 +416,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "use_best": tune.use_best,
             "seed": tune.seed,
             "amp": tune.amp,
+            "loss": tune.loss,
             **({} if tune.quant_inputs else {"quant_inputs": False}),
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,

@@ -46,9 +46,10 @@ class LayerResult:
 class BlockResult:
     """What tuning one block produced.
 
-    ``rtn_loss`` is the block-output MSE of round-to-nearest over all calibration samples (NaN when
-    ``iters == 0``: the result *is* RTN, and the caller measures its loss once anyway); ``first_loss``,
-    ``best_loss`` and ``last_loss`` are per-step (one random batch each) losses of the tuning run.
+    Losses are :func:`token_errors` means (``cfg.loss``). ``rtn_loss`` is round-to-nearest's over all
+    calibration samples (NaN when ``iters == 0``: the result *is* RTN, and the caller measures its loss
+    once anyway); ``first_loss``, ``best_loss`` and ``last_loss`` are per-step (one random batch each)
+    losses of the tuning run.
     """
 
     layers: dict[str, LayerResult]
@@ -62,6 +63,30 @@ class BlockResult:
     losses: list[float] = field(default_factory=list)
 
 
+# A float output token whose mean square is below this counts as having mean square TINY_POWER.
+TINY_POWER = 1e-6
+
+
+def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Per-token error ``[..., seqlen]`` float32 of block outputs ``out`` against ``target`` (both
+    ``[..., seqlen, hidden]``): the mean squared error over the hidden dimension, divided by the target
+    token's mean square when ``loss == "relative"``. The tuning loss is the mean over tokens."""
+    target = target.float()
+    err = (out.float() - target).pow(2).mean(-1)
+    if loss == "relative":
+        err = err / target.pow(2).mean(-1).clamp(min=TINY_POWER)
+    return err
+
+
+def output_loss(out: torch.Tensor, targets: torch.Tensor, loss: str, batch_size: int) -> float:
+    """Mean :func:`token_errors` of block outputs ``out`` against ``targets`` (``[n, seqlen, hidden]``),
+    ``batch_size`` samples at a time (no full-size temporaries)."""
+    total = 0.0
+    for start in range(0, out.shape[0], batch_size):
+        total += token_errors(out[start : start + batch_size], targets[start : start + batch_size], loss).sum().item()
+    return total / targets[..., 0].numel()
+
+
 def block_mse(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -69,17 +94,17 @@ def block_mse(
     kwargs: dict[str, Any],
     batch_size: int,
     weights: dict[str, torch.Tensor] | None = None,
+    loss: str = "mse",
 ) -> float:
-    """Mean squared error of ``block`` (with ``weights`` substituted, if given) over all samples."""
+    """Mean over all samples' tokens of :func:`token_errors` of ``block`` (with ``weights`` substituted, if
+    given): the mean squared error for ``loss == "mse"``."""
     total = 0.0
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             x = inputs[start : start + batch_size]
             out = block_output(functional_call(block, weights or {}, (x,), kwargs))
-            total += torch.nn.functional.mse_loss(
-                out.float(), targets[start : start + batch_size].float(), reduction="sum"
-            ).item()
-    return total / targets.numel()
+            total += token_errors(out, targets[start : start + batch_size], loss).sum().item()
+    return total / targets[..., 0].numel()
 
 
 def tune_block(
@@ -132,7 +157,9 @@ def tune_block(
     try:
         stack.enter_context(quantized_inputs(block, list(schemes), act, act_scales))
         with torch.no_grad():
-            rtn_loss = block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights()) if learn else math.nan
+            rtn_loss = (
+                block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights(), cfg.loss) if learn else math.nan
+            )
         losses: list[float] = []
         best_loss, best_step, best_state = math.inf, -1, None
         if learn:
@@ -145,15 +172,14 @@ def tune_block(
                 if size == 1:
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
-                    loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
+                    loss = token_errors(out, targets[idx], cfg.loss).mean()
                     value = loss.item()
                 else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
                     mine = dist.shard(idx)
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
-                    denominator = idx.numel() * targets[0].numel()
-                    loss = torch.nn.functional.mse_loss(out.float(), targets[mine].float(), reduction="sum")
-                    loss = loss / denominator
+                    denominator = idx.numel() * targets[0, ..., 0].numel()
+                    loss = token_errors(out, targets[mine], cfg.loss).sum() / denominator
                     loss.backward()
                     total = loss.detach().reshape(1).clone()
                     dist.all_reduce_sum([p.grad for p in params if p.grad is not None] + [total])

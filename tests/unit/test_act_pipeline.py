@@ -94,9 +94,9 @@ def test_tuning_with_quantized_inputs_beats_rtn_under_the_same_inputs(granularit
     rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0, act=act, act_scales=scales)
     sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0, act=act, act_scales=scales)
     with quantized_inputs(block, list(schemes), act, scales):
-        loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn))
-        loss_sr = block_mse(block, x, y, kw, 8, _weights(sr))
-    loss_rtn_float_inputs = block_mse(block, x, y, kw, 8, _weights(rtn))
+        loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn), "relative")
+        loss_sr = block_mse(block, x, y, kw, 8, _weights(sr), "relative")
+    loss_rtn_float_inputs = block_mse(block, x, y, kw, 8, _weights(rtn), "relative")
     assert abs(loss_rtn - sr.rtn_loss) < 1e-6 * max(1.0, loss_rtn)  # tuning measured RTN with quantized inputs
     assert loss_rtn > loss_rtn_float_inputs  # 4-bit inputs add error
     assert loss_sr < 0.9 * loss_rtn

@@ -281,8 +281,8 @@ def test_signround_beats_rtn_on_fp4_block_output():
     block, x, y, kw, schemes = _block_setup(QuantScheme(dtype="fp4_e2m1", group_size=32))
     rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0)
     sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0)
-    loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn))
-    loss_sr = block_mse(block, x, y, kw, 8, _weights(sr))
+    loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn), "relative")
+    loss_sr = block_mse(block, x, y, kw, 8, _weights(sr), "relative")
     assert abs(loss_rtn - sr.rtn_loss) < 1e-6 * max(1.0, loss_rtn)  # the tuned run starts from the same RTN
     assert loss_sr < 0.9 * loss_rtn
     assert all(layer.codes.dtype == torch.uint8 and int(layer.codes.max()) < 16 for layer in sr.layers.values())

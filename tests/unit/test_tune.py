@@ -1,12 +1,14 @@
 import math
 
+import pytest
 import torch
 
 from signround.calib.capture import capture_block_inputs
 from signround.config import QuantScheme, TuneConfig
+from signround.errors import SignRoundError
 from signround.model.blocks import find_blocks, resolve_schemes
 from signround.pipeline import _run_block
-from signround.tune.signround import block_mse, tune_block
+from signround.tune.signround import block_mse, output_loss, token_errors, tune_block
 from tests.conftest import make_model
 
 
@@ -32,13 +34,14 @@ def _weights(block, result):
     return out
 
 
-def test_signround_beats_rtn_on_block_output():
+@pytest.mark.parametrize("loss", ["relative", "mse"])
+def test_signround_beats_rtn_on_block_output(loss):
     block, x, y, kw, schemes = _block_setup()
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0)
-    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0)
-    loss_rtn = block_mse(block, x, y, kw, 8, _weights(block, rtn))
-    loss_sr = block_mse(block, x, y, kw, 8, _weights(block, sr))
+    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0, loss=loss), seed=0)
+    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4, loss=loss), seed=0)
+    loss_rtn = block_mse(block, x, y, kw, 8, _weights(block, rtn), loss)
+    loss_sr = block_mse(block, x, y, kw, 8, _weights(block, sr), loss)
     # a tuning run measures the RTN loss it starts from; a plain RTN run leaves that to the caller
     assert abs(loss_rtn - sr.rtn_loss) < 1e-6 * max(1.0, loss_rtn)
     assert math.isnan(rtn.rtn_loss) and rtn.steps == 0
@@ -80,3 +83,21 @@ def test_amp_tuning_runs_in_bfloat16_and_still_beats_rtn():
     loss_amp = block_mse(block, x, y, kw, 8, _weights(block, amp))  # scored in float32
     assert loss_amp < 0.9 * loss_rtn
     assert all(layer.scale.dtype == torch.float16 for layer in amp.layers.values())
+
+
+def test_relative_loss_weighs_every_token_alike():
+    target = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    target[:, 0] *= 1000.0  # a token with massive activations, as at the attention-sink position
+    out = target * 1.1  # the same 10% error on every token
+    mse, rel = token_errors(out, target, "mse"), token_errors(out, target, "relative")
+    assert mse.shape == rel.shape == (2, 5)
+    assert torch.allclose(rel, torch.full_like(rel, 0.01), rtol=1e-4)
+    assert bool((mse[:, 0] > 1e5 * mse[:, 1:].max()).all())  # plain MSE: token 0 outweighs all others
+    assert torch.allclose(rel, mse / target.pow(2).mean(-1))
+    assert abs(output_loss(out, target, "relative", batch_size=1) - 0.01) < 1e-6
+    assert abs(output_loss(out, target, "mse", batch_size=1) - torch.nn.functional.mse_loss(out, target).item()) < 1e-3
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(SignRoundError, match="loss must be one of relative, mse"):
+        TuneConfig(loss="l1")
