@@ -122,6 +122,23 @@ def score(path: Path, wins: np.ndarray) -> tuple[float, str]:
     return math.exp(nll / count), text
 
 
+def cached_score(path: Path, wins: np.ndarray, work: Path) -> tuple[float, str]:
+    """:func:`score`, kept in ``work/scores`` per file (path, size, mtime) and token windows."""
+    import hashlib
+    import json
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode() + wins.tobytes()).hexdigest()
+    cache = work / "scores" / f"{key[:24]}.json"
+    if cache.is_file():
+        entry = json.loads(cache.read_text())
+        return entry["ppl"], entry["text"]
+    ppl, text = score(path, wins)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"file": str(path), "ppl": ppl, "text": text}))
+    return ppl, text
+
+
 def file_info(path: Path) -> tuple[str, dict[str, str]]:
     """(llama.cpp file type name, {tensor name: tensor type} of the decoder blocks) of a GGUF file."""
     from gguf import GGUFReader, LlamaFileType
@@ -163,7 +180,7 @@ def main() -> None:
     wins = windows(args.model, args.max_windows)
     rows = []
     for label, path in files:
-        ppl, text = score(path, wins)
+        ppl, text = cached_score(path, wins, work)
         rows.append((label, path, ppl, text, *file_info(path)))
         print(f"{label}: ppl {ppl:.4f} | {text!r}", flush=True)
     rows.sort(key=lambda r: r[4] != "F16")  # float first, then in the order given
