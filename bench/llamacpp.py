@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -150,6 +151,15 @@ def file_info(path: Path) -> tuple[str, dict[str, str]]:
     return ftype, types
 
 
+class Row(NamedTuple):
+    label: str
+    path: Path
+    ppl: float
+    text: str
+    ftype: str  # llama.cpp file type name, e.g. Q4_K_M
+    tensors: dict[str, str]  # decoder tensor name -> GGUF type name
+
+
 def type_counts(types: dict[str, str]) -> str:
     from collections import Counter
 
@@ -181,10 +191,13 @@ def main() -> None:
     rows = []
     for label, path in files:
         ppl, text = cached_score(path, wins, work)
-        rows.append((label, path, ppl, text, *file_info(path)))
+        rows.append(Row(label, path, ppl, text, *file_info(path)))
         print(f"{label}: ppl {ppl:.4f} | {text!r}", flush=True)
-    rows.sort(key=lambda r: r[4] != "F16")  # float first, then in the order given
-    theirs = {r[4]: r[5] for r in rows if r[0].startswith("llama.cpp")}
+    first = {}  # file type -> its first appearance (float first, then llama.cpp's types in --type order)
+    for r in rows:
+        first.setdefault(r.ftype, len(first))
+    rows.sort(key=lambda r: first[r.ftype])  # stable: within a file type, in the order given
+    theirs = {r.ftype: r.tensors for r in rows if r.label.startswith("llama.cpp")}
     command = "bench/.venv-bench/bin/python " + shlex.join(["bench/llamacpp.py", *sys.argv[1:]])
     lines = [
         "# signround's GGUF files in llama.cpp, next to llama.cpp's own quantizer",
@@ -202,13 +215,14 @@ def main() -> None:
         "| file | file type | decoder tensor types | same types | size MB | ppl (llama.cpp) | continuation |",
         "|---|---|---|---:|---:|---:|---|",
     ]
-    for ftype in dict.fromkeys(r[4] for r in rows):
-        for label, path, ppl, text, _, types in (r for r in rows if r[4] == ftype):
-            ref = theirs.get(ftype)
-            same = f"{sum(ref.get(k) == v for k, v in types.items())}/{len(types)}" if ref else ""
-            size = path.stat().st_size / 1e6
-            cont = text.replace("|", "/").replace("\n", " ").strip()
-            lines.append(f"| {label} | {ftype} | {type_counts(types)} | {same} | {size:.1f} | {ppl:.4f} | {cont} |")
+    for r in rows:
+        ref = theirs.get(r.ftype)
+        same = f"{sum(ref.get(k) == v for k, v in r.tensors.items())}/{len(r.tensors)}" if ref else ""
+        size = r.path.stat().st_size / 1e6
+        cont = r.text.replace("|", "/").replace("\n", " ").strip()
+        lines.append(
+            f"| {r.label} | {r.ftype} | {type_counts(r.tensors)} | {same} | {size:.1f} | {r.ppl:.4f} | {cont} |"
+        )
     (ROOT / "bench" / "results" / "llamacpp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from signround import dist
-from signround.config import DType
+from signround.config import LOSSES, DType
 from signround.errors import SignRoundError
 
 log = logging.getLogger("signround")
@@ -75,7 +75,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
     p.add_argument(
         "--loss",
-        choices=["relative", "mse"],
+        choices=LOSSES,
         default="relative",
         help="tuning objective: per-token error relative to the float output (default) or auto-round's plain MSE",
     )

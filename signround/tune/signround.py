@@ -67,15 +67,25 @@ class BlockResult:
 TINY_POWER = 1e-6
 
 
-def token_errors(out: torch.Tensor, target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+def token_weights(target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-token weights ``[..., seqlen]`` float32 of the tuning loss for float outputs ``target``
+    ``[..., seqlen, hidden]``: 1 for ``mse``; for ``relative``, 1 over the token's mean square (computed
+    without a full-size temporary)."""
+    if loss != "relative":
+        return torch.ones(target.shape[:-1], device=target.device)
+    power = torch.linalg.vector_norm(target, dim=-1, dtype=torch.float32).square() / target.shape[-1]
+    return 1.0 / power.clamp(min=TINY_POWER)
+
+
+def token_errors(
+    out: torch.Tensor, target: torch.Tensor, loss: str = "mse", weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token error ``[..., seqlen]`` float32 of block outputs ``out`` against ``target`` (both
-    ``[..., seqlen, hidden]``): the mean squared error over the hidden dimension, divided by the target
-    token's mean square when ``loss == "relative"``. The tuning loss is the mean over tokens."""
-    target = target.float()
-    err = (out.float() - target).pow(2).mean(-1)
-    if loss == "relative":
-        err = err / target.pow(2).mean(-1).clamp(min=TINY_POWER)
-    return err
+    ``[..., seqlen, hidden]``): the mean squared error over the hidden dimension, times
+    :func:`token_weights` (pass ``weights`` precomputed to skip that). The tuning loss is the mean over
+    tokens."""
+    err = (out.float() - target.float()).pow(2).mean(-1)
+    return err * (token_weights(target, loss) if weights is None else weights)
 
 
 def output_loss(out: torch.Tensor, targets: torch.Tensor, loss: str, batch_size: int) -> float:
@@ -163,6 +173,7 @@ def tune_block(
         losses: list[float] = []
         best_loss, best_step, best_state = math.inf, -1, None
         if learn:
+            per_token = token_weights(targets, cfg.loss)  # [n, seqlen], once per block
             gen = torch.Generator().manual_seed(seed)
             n = inputs.shape[0]
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
@@ -172,14 +183,14 @@ def tune_block(
                 if size == 1:
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
-                    loss = token_errors(out, targets[idx], cfg.loss).mean()
+                    loss = token_errors(out, targets[idx], weights=per_token[idx]).mean()
                     value = loss.item()
                 else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
                     mine = dist.shard(idx)
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
                     denominator = idx.numel() * targets[0, ..., 0].numel()
-                    loss = token_errors(out, targets[mine], cfg.loss).sum() / denominator
+                    loss = token_errors(out, targets[mine], weights=per_token[mine]).sum() / denominator
                     loss.backward()
                     total = loss.detach().reshape(1).clone()
                     dist.all_reduce_sum([p.grad for p in params if p.grad is not None] + [total])
