@@ -123,3 +123,26 @@ def pyplot():
         print("matplotlib is not installed (pip install -e '.[bench]'); no plot", file=sys.stderr)
         return None
     return plt
+
+
+def machine() -> str:
+    """One line naming the CPU the numbers came from: model, cores torch uses, its SIMD level, and whether
+    bfloat16 matmuls run natively (they decide what ``--amp`` is worth)."""
+    import os
+
+    import torch
+
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"native bfloat16 matmuls: {'yes' if bf16 else 'no'}"
+    )

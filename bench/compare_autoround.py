@@ -18,7 +18,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, Recipe, autoround_quantize, config_name, pyplot, signround_eval, signround_quantize  # noqa: E402
+from common import (  # noqa: E402
+    DATA,
+    ROOT,
+    Recipe,
+    autoround_quantize,
+    config_name,
+    machine,
+    pyplot,
+    signround_eval,
+    signround_quantize,
+)
 
 BUDGETS = {"light": 50, "default": 200}
 
@@ -162,6 +172,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"Command: `{args.command}`",
         "",
+        f"Machine: {args.machine}.",
+        "",
         f"Model `{args.model}`; calibration `{Path(args.dataset).name}`, {args.nsamples} x {args.seqlen} tokens, "
         f"batch {args.batch_size}, seed {args.seed}; budgets: "
         + ", ".join(f"{b} = {BUDGETS[b]} iters" for b in args.budgets.split(","))
@@ -222,6 +234,7 @@ def main() -> None:
     p.add_argument("--autoround-amp", action="store_true", help="also run auto-round with its bfloat16 autocast")
     args = p.parse_args()
     args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
+    args.machine = machine()
     unknown = set(args.budgets.split(",")) - set(BUDGETS)
     if unknown:
         raise SystemExit(f"unknown budget(s) {sorted(unknown)}; choose from {sorted(BUDGETS)}")

@@ -82,7 +82,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--amp",
         action="store_true",
-        help="tuning steps under bfloat16 autocast (faster on CPUs with avx512_bf16/AMX and on GPUs; see docs)",
+        help="tuning steps under bfloat16 autocast (faster on GPUs and CPUs with avx512_bf16/AMX, slower on others)",
     )
     _add_mixed_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

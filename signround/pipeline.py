@@ -45,6 +45,11 @@ from signround.tune.wrapper import TunableWeight
 log = logging.getLogger("signround")
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check: avx512_bf16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @dataclass
 class BlockReport:
     index: int
@@ -248,6 +253,11 @@ def run(
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_finite(model)
+    if cfg.tune.amp and dev.type == "cpu" and not native_bf16_cpu():
+        log.warning(
+            "--amp: this CPU has no native bfloat16 matmuls (avx512_bf16 or AMX); bfloat16 autocast runs several "
+            "times slower than float32 here, so drop --amp"
+        )
     prefix, blocks = find_blocks(model)
     plans = [resolve_schemes(f"{prefix}.{i}", block, cfg.scheme, cfg.layer_rules) for i, block in enumerate(blocks)]
     if not any(plans):

@@ -161,3 +161,15 @@ def test_rtn_needs_no_calibration_data(tokenizer, caplog):
     for name, layer in ref.layers.items():
         q = qmodel.model.layers[0].get_submodule(name)
         assert torch.equal(q.codes(), layer.codes) and torch.equal(q.scales, layer.scale.half())
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_warns_on_a_cpu_without_native_bfloat16(tokenizer, caplog, monkeypatch, native):
+    """--amp is a slowdown where bfloat16 matmuls are emulated: the run says so, and still runs."""
+    import signround.pipeline
+
+    monkeypatch.setattr(signround.pipeline, "native_bf16_cpu", lambda: native)
+    caplog.set_level("WARNING", logger="signround")
+    qmodel = quantize_tiny(tokenizer, iters=2, nsamples=4, amp=True)
+    assert qmodel is not None
+    assert ("no native bfloat16" in caplog.text) is not native
