@@ -94,6 +94,7 @@ def quantize(
     smooth: bool = False,
     amp: bool = False,
     loss: str = "relative",
+    init: str = "search",
     device: str | None = None,
     progress: bool = True,
 ) -> Any:
@@ -122,6 +123,8 @@ def quantize(
         amp: tuning steps under bfloat16 autocast (matmuls in bfloat16, everything else float32).
         loss: ``relative`` (per-token error relative to the float output's power; default) or ``mse``
             (auto-round's objective); see :class:`TuneConfig`.
+        init: ``search`` (clipping factors start at a grid search weighted by the inputs' power; default)
+            or ``none`` (unclipped, as auto-round).
         device: where blocks are tuned (default CUDA if available).
 
     Returns:
@@ -147,6 +150,7 @@ def quantize(
             seed=seed,
             amp=amp,
             loss=loss,
+            init=init,
         ),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
         serve_bits=serve_bits,

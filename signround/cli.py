@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from signround import dist
-from signround.config import LOSSES, DType
+from signround.config import INITS, LOSSES, DType
 from signround.errors import SignRoundError
 
 log = logging.getLogger("signround")
@@ -78,6 +78,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         choices=LOSSES,
         default="relative",
         help="tuning objective: per-token error relative to the float output (default) or auto-round's plain MSE",
+    )
+    p.add_argument(
+        "--init",
+        choices=INITS,
+        default="search",
+        help="clipping start: a grid search weighted by the inputs' mean square (default) or unclipped (none)",
     )
     p.add_argument(
         "--amp",
@@ -308,6 +314,7 @@ def _quantize(args: argparse.Namespace) -> int:
         amp=args.amp,
         quant_inputs=not args.fp_inputs,
         loss=args.loss,
+        init=args.init,
     )
     cfg = QuantConfig(
         scheme=scheme,

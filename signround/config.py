@@ -294,6 +294,7 @@ class ActScheme:
 
 
 LOSSES = ("relative", "mse")
+INITS = ("search", "none")
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,10 @@ class TuneConfig:
             so that the few tokens with massive activations (the attention-sink position) do not outweigh
             all others; ``mse``: the plain mean squared error of the paper and auto-round
             (bench/results/NOTES.md has the measurements behind the default).
+        init: where the clipping factors start. ``search`` (default): per group, the shrink ratio of the
+            extremes (1.0 down to 0.5) with the least weight error weighted by the inputs' mean square,
+            measured on the calibration inputs (llama.cpp's imatrix idea, :mod:`signround.tune.init`);
+            ``none``: unclipped (factors 1), as auto-round.
     """
 
     method: Method = Method.SIGNROUND
@@ -330,11 +335,14 @@ class TuneConfig:
     amp: bool = False
     quant_inputs: bool = True
     loss: str = "relative"
+    init: str = "search"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
         if self.loss not in LOSSES:
             raise SignRoundError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.init not in INITS:
+            raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.iters < 0:
             raise SignRoundError(f"iters must be >= 0, got {self.iters}")
         if self.method is Method.RTN:

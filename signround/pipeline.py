@@ -427,6 +427,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "seed": tune.seed,
             "amp": tune.amp,
             "loss": tune.loss,
+            "init": tune.init,
             **({} if tune.quant_inputs else {"quant_inputs": False}),
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,

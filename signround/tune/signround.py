@@ -26,6 +26,7 @@ from signround.calib.capture import block_output
 from signround.config import ActScheme, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
 from signround.model.blocks import block_linears
+from signround.tune.init import InputPower, init_clipping
 from signround.tune.optim import linear_decay, sign_step
 from signround.tune.wrapper import TunableWeight
 
@@ -166,10 +167,14 @@ def tune_block(
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(quantized_inputs(block, list(schemes), act, act_scales))
-        with torch.no_grad():
+        power = InputPower()
+        search = learn and cfg.init == "search"
+        with torch.no_grad(), power.recording({n: linears[n] for n in schemes}) if search else contextlib.nullcontext():
             rtn_loss = (
                 block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights(), cfg.loss) if learn else math.nan
             )
+        if search:  # the RTN pass recorded each linear's input power: start from the best clipping for it
+            init_clipping(tunables, power)
         losses: list[float] = []
         best_loss, best_step, best_state = math.inf, -1, None
         if learn:
