@@ -182,7 +182,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         " windows. Ratios are signround / auto-round at float32 (below 1 is better for signround). (amp) rows ran"
         " their tuning steps under bfloat16 autocast (signround `--amp`, auto-round `amp=True`); the others in"
         " float32. signround tunes against its default objective (per-token error relative to the float output,"
-        " `--loss relative`), auto-round against the plain MSE. Each model is quantized in its own process without"
+        " `--loss relative`) from clipping searched on the inputs' power (`--init search`), auto-round against"
+        " the plain MSE from unclipped groups. Each model is quantized in its own process without"
         " evaluation (peak RSS: VmHWM of that process), then scored by the same `signround eval` call.",
         "",
         "| config | budget | tool | ppl | excess over float | quant s | peak RSS GB "
