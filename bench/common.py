@@ -140,7 +140,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    from signround.pipeline import native_bf16_cpu
+
+    bf16 = native_bf16_cpu()
     return (
         f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from signround.formats import get_format
 from signround.primitives import to_groups
 from signround.tune.wrapper import TunableWeight
 
@@ -75,23 +74,17 @@ def search_clipping(t: TunableWeight, power: torch.Tensor | None, ratios: Sequen
     """The shrink ratio per group ``[out, groups]`` (one of ``ratios``) whose quantize-dequantize of ``t.wg``
     has the least error weighted by ``power`` (``[in]``, the inputs' mean square; None: unweighted), with
     both clipping factors set to that ratio and no rounding offset. Ties keep the earlier ratio (1.0 first)."""
-    fmt = get_format(t.scheme.dtype)
     if power is None:
         weight = torch.ones(t.wg.shape[1:], device=t.wg.device)
     else:
         weight = to_groups(power.reshape(1, -1).float(), t.scheme.group_size)[0]
     shape = t.stats[0].shape
-    best_ratio = torch.ones(shape, device=t.wg.device)
-    best_err = torch.full(shape, torch.inf, device=t.wg.device)
+    errors = []
     for r in ratios:
         factor = torch.full(shape, float(r), device=t.wg.device)
-        scale, zero = fmt.compute_qparams(*t.stats, t.scheme.bits, t.scheme.sym, factor, factor)
-        wq = fmt.fake_quant(t.wg, scale, zero, t.scheme.bits, None)
-        err = weighted_group_error(t.wg, wq, weight)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, factor, best_ratio)
-    return best_ratio
+        errors.append(weighted_group_error(t.wg, t.grouped_fake_quant(factor, factor), weight))
+    best = torch.stack(errors).argmin(0)  # the first minimum on ties
+    return torch.tensor(ratios, dtype=torch.float32, device=t.wg.device)[best]
 
 
 @torch.no_grad()

@@ -169,7 +169,7 @@ def tune_block(
         stack.enter_context(quantized_inputs(block, list(schemes), act, act_scales))
         power = InputPower()
         search = learn and cfg.init == "search"
-        with torch.no_grad(), power.recording({n: linears[n] for n in schemes}) if search else contextlib.nullcontext():
+        with torch.no_grad(), power.recording({n: linears[n] for n in schemes} if search else {}):
             rtn_loss = (
                 block_mse(block, inputs, targets, kwargs, cfg.batch_size, weights(), cfg.loss) if learn else math.nan
             )

@@ -53,16 +53,29 @@ class TunableWeight:
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.min_factor, self.max_factor]
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(
+        self, min_factor: torch.Tensor | None = None, max_factor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` per group for the given clipping factors ``[out, groups]`` (None: the learned ones)."""
         fmt = get_format(self.scheme.dtype)
-        return fmt.compute_qparams(*self.stats, self.scheme.bits, self.scheme.sym, self.min_factor, self.max_factor)
+        a = self.min_factor if min_factor is None else min_factor
+        b = self.max_factor if max_factor is None else max_factor
+        return fmt.compute_qparams(*self.stats, self.scheme.bits, self.scheme.sym, a, b)
+
+    def grouped_fake_quant(
+        self,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Quantize-dequantize of ``wg`` ``[out, groups, g]`` with the given clipping factors (None: the
+        learned ones) and rounding offsets ``v`` (None: plain rounding)."""
+        scale, zero = self.qparams(min_factor, max_factor)
+        return get_format(self.scheme.dtype).fake_quant(self.wg, scale, zero, self.scheme.bits, v)
 
     def fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized-dequantized weight ``[out, in]``, differentiable in ``v`` and the factors."""
-        fmt = get_format(self.scheme.dtype)
-        scale, zero = self.qparams()
-        wq = fmt.fake_quant(self.wg, scale, zero, self.scheme.bits, self.v)
-        return from_groups(wq, self.in_features).to(dtype)
+        return from_groups(self.grouped_fake_quant(v=self.v), self.in_features).to(dtype)
 
     @torch.no_grad()
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,13 +17,11 @@ def _tunable(bits, sym=False, dtype="int", out=16, inp=96, group=32, seed=0):
 
 
 def _error(t, ratio, power):
-    from signround.formats import get_format
     from signround.primitives import to_groups
 
-    fmt = get_format(t.scheme.dtype)
-    scale, zero = fmt.compute_qparams(*t.stats, t.scheme.bits, t.scheme.sym, ratio, ratio)
-    wq = fmt.fake_quant(t.wg, scale, zero, t.scheme.bits, None)
-    return weighted_group_error(t.wg, wq, to_groups(power.reshape(1, -1), t.scheme.group_size)[0])
+    return weighted_group_error(
+        t.wg, t.grouped_fake_quant(ratio, ratio), to_groups(power.reshape(1, -1), t.scheme.group_size)[0]
+    )
 
 
 @pytest.mark.parametrize(("bits", "sym", "dtype"), [(2, False, "int"), (3, True, "int"), (4, True, "fp4_e2m1")])
