@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--dataset", required=True, help="calibration .jsonl with a 'text' field")
     p.add_argument("--output", required=True)
     p.add_argument("--report", required=True)
+    p.add_argument("--no-save", action="store_true", help="skip writing the model (timing runs)")
     p.add_argument(
         "--amp", action="store_true", help="auto-round's bfloat16 autocast (its default where bf16 is supported)"
     )
@@ -167,20 +168,24 @@ def main() -> None:
     ar.quantize()
     seconds = time.perf_counter() - t0
     peak = peak_rss_gb()
+    # torch's CUDA allocator peak (auto-round tunes on cuda:0 when torch sees a GPU), as signround reports it
+    peak_gpu = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     tmp.cleanup()
     if args.auto_scheme is not None:
         report["layer_bits"] = decided_bits(ar)
         numel = {name: model.get_submodule(name).weight.numel() for name in report["layer_bits"]}
         code_bits = sum(bits * numel[name] for name, bits in report["layer_bits"].items())
         report["auto_scheme"]["weight_avg_bits"] = code_bits / sum(numel.values())  # scale/zero not counted
-    model = model.to(torch.float32)
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    if not args.no_save:
+        model = model.to(torch.float32)
+        model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
     Path(args.report).write_text(
         json.dumps(
             {
                 "seconds": seconds,
                 "peak_rss_gb": peak,
+                **({} if peak_gpu is None else {"peak_gpu_gb": peak_gpu}),
                 "tool": "auto-round",
                 "amp": args.amp,
                 "version": __import__("auto_round").__version__,

@@ -4,20 +4,31 @@ rows from a work folder (so a stopped benchmark resumes), and score every model 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-BENCH_PY = ROOT / "bench" / ".venv-bench" / "bin" / "python"
+# $SIGNROUND_DATA (as signround's own data lookup) and $SIGNROUND_BENCH_PY let a machine without the
+# ../shared checkout or the bench venv (a lent GPU machine) point at its copies.
+DATA = Path(os.environ.get("SIGNROUND_DATA") or ROOT.parent / "shared" / "data")
+BENCH_PY = Path(
+    shutil.which(os.environ.get("SIGNROUND_BENCH_PY", "")) or ROOT / "bench" / ".venv-bench" / "bin" / "python"
+)
 
 
 def sh(cmd: list[str]) -> None:
+    """Run ``cmd``; its stdout goes through, its stderr (progress bars, library logs) is shown only when it
+    fails (the last 40 lines), so a broken run says why."""
     print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, errors="replace")
+    if done.returncode != 0:
+        print("\n".join(done.stderr.splitlines()[-40:]), file=sys.stderr, flush=True)
+        raise subprocess.CalledProcessError(done.returncode, cmd)
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,7 @@ def signround_quantize(
 
 
 def autoround_quantize(
-    recipe: Recipe, bits: int, group: int, sym: bool, iters: int, out: Path, amp: bool = False
+    recipe: Recipe, bits: int, group: int, sym: bool, iters: int, out: Path, amp: bool = False, extra: tuple = ()
 ) -> dict:
     """Quantize with auto-round in the bench-only environment (once; reused); returns its JSON report.
     ``out`` receives auto-round's fake-quantized model as a float HF folder."""
@@ -81,7 +92,7 @@ def autoround_quantize(
                "--bits", str(bits), "--group-size", str(group), "--iters", str(iters), *recipe.flags(),
                "--output", str(out), "--report", str(report)]
         # fmt: on
-        sh(cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []))
+        sh(cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []) + list(extra))
     return json.loads(report.read_text())
 
 
@@ -128,8 +139,6 @@ def pyplot():
 def machine() -> str:
     """One line naming the CPU the numbers came from: model, cores torch uses, its SIMD level, and whether
     bfloat16 matmuls run natively (they decide what ``--amp`` is worth)."""
-    import os
-
     import torch
 
     model = "unknown CPU"

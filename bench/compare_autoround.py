@@ -35,9 +35,16 @@ BUDGETS = {"light": 50, "default": 200}
 
 def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]:
     windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
-    ppl_flags = ["--ppl", args.ppl, "--seqlen", str(args.eval_seqlen), *windows]
-    base = {"nsamples": recipe.nsamples, "seqlen": recipe.seqlen, "eval_seqlen": args.eval_seqlen}
+    device = ["--device", args.device] if args.device else []
+    ppl_flags = ["--ppl", args.ppl, "--seqlen", str(args.eval_seqlen), *windows, *device]
+    base = {
+        "nsamples": recipe.nsamples,
+        "seqlen": recipe.seqlen,
+        "eval_seqlen": args.eval_seqlen,
+        "device": args.device or "cpu",
+    }
     float_ppl = signround_eval(recipe.model, work / "float-ppl.json", ppl_flags)
+    gpu = (args.device or "cpu").startswith("cuda")
     rows = []
     for budget in args.budgets.split(","):
         iters = BUDGETS[budget]
@@ -58,13 +65,15 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
             bits, group = (int(x) for x in pair.split(":"))
             for sym in [m == "sym" for m in args.modes.split(",")]:
                 name = config_name(bits, group, sym)
-                variants = [("rtn", "rtn", 0, False), ("signround", "signround", iters, False)]
+                variants = [] if args.skip_rtn else [("rtn", "rtn", 0, False)]
+                variants += [("signround", "signround", iters, False)]
                 variants += [("signround", "signround", iters, True)] if args.amp else []
                 for tool, method, it, amp in variants:
                     tag = f"{name}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
                     # quantize alone (its peak RSS is the quantization's, as auto-round's), then score the saved
                     # checkpoint with the same `signround eval` call every tool's model gets
-                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, ["--amp"] if amp else [])
+                    flags = (["--amp"] if amp else []) + device
+                    rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, flags)
                     ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
                     rows.append(
                         {
@@ -75,12 +84,15 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                             "ppl": ppl["ppl"],
                             "quant_seconds": rep["seconds"],
                             "peak_rss_gb": rep["peak_rss_gb"],
+                            "peak_gpu_gb": rep.get("peak_gpu_gb"),
                             "iters": it,
                             "eval_windows": ppl["windows"],
                             "amp": amp,
                         }
                     )
-                for amp in (False, True) if args.autoround_amp else (False,):
+                # on a GPU auto-round runs as it does by default there (amp: bfloat16 model and autocast), as
+                # signround does (--dtype auto: a bfloat16 model on CUDA); on the CPU both default to float32
+                for amp in (False, True) if args.autoround_amp else (gpu,):
                     tag = f"{name}-autoround-{iters}" + ("-amp" if amp else "")
                     rep = autoround_quantize(recipe, bits, group, sym, iters, work / tag, amp)
                     ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
@@ -93,6 +105,7 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                             "ppl": ppl["ppl"],
                             "quant_seconds": rep["seconds"],
                             "peak_rss_gb": rep["peak_rss_gb"],
+                            "peak_gpu_gb": rep.get("peak_gpu_gb"),
                             "iters": iters,
                             "eval_windows": ppl["windows"],
                             "amp": amp,
@@ -104,10 +117,11 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
 
 def yield_rows(args: argparse.Namespace, rows: list[dict]) -> None:
     """Write the tables after every configuration, so a stopped run keeps what it finished."""
-    results = ROOT / "bench" / "results"
-    (results / "compare-autoround.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (results / "compare-autoround.md").write_text(render(rows, args))
-    plot(rows, results / "compare-autoround.png")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / f"{args.name}.md").write_text(render(rows, args))
+    plot(rows, results / f"{args.name}.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -167,6 +181,7 @@ def _find(rows: list[dict], config: str, budget: str, tool: str, amp: bool = Fal
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
+    gpu = (args.device or "cpu").startswith("cuda")
     lines = [
         "# signround vs auto-round 0.16.1 (same machine, data, settings; same perplexity code)",
         "",
@@ -179,29 +194,43 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         + ", ".join(f"{b} = {BUDGETS[b]} iters" for b in args.budgets.split(","))
         + f". Perplexity: {args.ppl}, seqlen {args.eval_seqlen}, "
         f"{'all' if not args.max_windows else f'first {args.max_windows}'}"
-        " windows. Ratios are signround / auto-round at float32 (below 1 is better for signround). (amp) rows ran"
-        " their tuning steps under bfloat16 autocast (signround `--amp`, auto-round `amp=True`); the others in"
-        " float32. signround tunes against its default objective (per-token error relative to the float output,"
+        " windows. "
+        + (
+            "On the GPU each tool runs as it does by default there: signround with a bfloat16 model (`--dtype"
+            " auto`), auto-round with `amp=True` (it casts the model to bfloat16 and autocasts); ratios are"
+            " signround / auto-round (amp), below 1 is better for signround. Evaluation is float32 on the GPU."
+            if gpu
+            else "Ratios are signround / auto-round at float32 (below 1 is better for signround). (amp) rows ran"
+            " their tuning steps under bfloat16 autocast (signround `--amp`, auto-round `amp=True`); the others in"
+            " float32."
+        )
+        + " signround tunes against its default objective (per-token error relative to the float output,"
         " `--loss relative`) from clipping searched on the inputs' power (`--init search`), auto-round against"
         " the plain MSE from unclipped groups. Each model is quantized in its own process without"
         " evaluation (peak RSS: VmHWM of that process), then scored by the same `signround eval` call.",
         "",
         "| config | budget | tool | ppl | excess over float | quant s | peak RSS GB "
-        "| excess ratio | time ratio | RSS ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        + ("| peak GPU GB " if gpu else "")
+        + "| excess ratio | time ratio | RSS ratio |"
+        + (" GPU mem ratio |" if gpu else ""),
+        "|---|---|---|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
     for r in rows:
         fp = _find(rows, "float", r["budget"], "float")
         excess = r["ppl"] - fp["ppl"] if fp and r["tool"] != "float" else None
-        ratios = ["", "", ""]
+        ratios = ["", "", ""] + ([""] if gpu else [])
         if r["tool"] == "signround":
-            ar = _find(rows, r["config"], r["budget"], "auto-round")  # auto-round at float32, its faster mode here
+            # on the CPU auto-round at float32 (its faster mode there), on the GPU with amp (its default there)
+            ar = _find(rows, r["config"], r["budget"], "auto-round", amp=gpu)
             if ar is not None and fp is not None:
                 ratios = [
                     f"{excess / (ar['ppl'] - fp['ppl']):.2f}",
                     f"{r['quant_seconds'] / ar['quant_seconds']:.2f}",
                     f"{r['peak_rss_gb'] / ar['peak_rss_gb']:.2f}",
                 ]
+                if gpu:
+                    mem = r.get("peak_gpu_gb"), ar.get("peak_gpu_gb")
+                    ratios.append(f"{mem[0] / mem[1]:.2f}" if all(mem) else "")
         cells = [
             r["config"],
             r["budget"],
@@ -210,6 +239,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             "" if excess is None else f"{excess:.3f}",
             "" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}",
             "" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}",
+            *([] if not gpu else ["" if r.get("peak_gpu_gb") is None else f"{r['peak_gpu_gb']:.2f}"]),
             *ratios,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -233,9 +263,19 @@ def main() -> None:
     p.add_argument("--work", default=None)
     p.add_argument("--amp", action="store_true", help="also run signround with --amp (bfloat16 autocast)")
     p.add_argument("--autoround-amp", action="store_true", help="also run auto-round with its bfloat16 autocast")
+    p.add_argument(
+        "--device", default=None, help="cuda: both tools quantize on the GPU with their GPU defaults (see the table)"
+    )
+    p.add_argument("--skip-rtn", action="store_true", help="no round-to-nearest rows (saves time on a lent GPU)")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder for the .md/.json/.png")
+    p.add_argument("--name", default="compare-autoround", help="file name stem of the results")
     args = p.parse_args()
     args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
     args.machine = machine()
+    if (args.device or "cpu").startswith("cuda"):
+        import torch
+
+        args.machine += f"; GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"
     unknown = set(args.budgets.split(",")) - set(BUDGETS)
     if unknown:
         raise SystemExit(f"unknown budget(s) {sorted(unknown)}; choose from {sorted(BUDGETS)}")

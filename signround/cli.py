@@ -241,6 +241,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (tasks use at least 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); float32 on either")
     p.add_argument(
         "--json", default=None, metavar="PATH", help='write {"ppl": ..., "windows": ..., "seqlen": ..., "tasks": [...]}'
     )
@@ -277,6 +278,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_device(spec: str | None) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N``; None means CUDA when it is available, else the CPU.
+
+    Raises:
+        SignRoundError: not a device torch knows, another kind, or a CUDA device this process cannot see.
+    """
+    import torch
+
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise SignRoundError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SignRoundError(f"--device {spec}: this torch sees no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise SignRoundError(f"--device {spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type != "cpu":
+        raise SignRoundError(f"--device {spec}: signround runs on cpu or cuda")
+    return str(dev)
+
+
 def compute_dtype(name: str, device: str | None):
     """The model dtype for ``--dtype``: ``auto`` is bfloat16 on CUDA and float32 on CPU (bfloat16 matmuls are
     faster on CPUs with avx512_bf16/AMX, but tuning quality in bfloat16 on CPU is not measured yet)."""
@@ -300,6 +326,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from signround.runstate import refuse_unresumed, run_dir_for
 
     # Validate everything cheap before loading anything.
+    args.device = resolve_device(args.device)
     scheme = QuantScheme(
         bits=args.bits, group_size=args.group_size, sym=True if args.sym else None, dtype=args.data_type
     )
@@ -419,6 +446,7 @@ def _quantize(args: argparse.Namespace) -> int:
     result = {
         "seconds": report.seconds,
         "peak_rss_gb": report.peak_rss_gb,
+        **({} if report.peak_gpu_gb is None else {"peak_gpu_gb": report.peak_gpu_gb}),
         "scheme": scheme.name,
         "blocks": [vars(b) for b in report.blocks],
     }
@@ -563,12 +591,14 @@ def _eval(args: argparse.Namespace) -> int:
     if ppl_text:
         resolve_text(ppl_text)
     tasks = parse_tasks(args.tasks) if args.tasks else []
+    device = resolve_device(args.device)
     if args.json:
         parent = Path(args.json).expanduser().parent
         if not parent.is_dir():
             raise SignRoundError(f"folder {parent} for --json does not exist")
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, bits=args.bits)
+    model.to(device)
     result: dict = {}
     if ppl_text:
         ppl = perplexity(

@@ -69,6 +69,7 @@ class RunReport:
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_gb: float = 0.0
+    peak_gpu_gb: float | None = None  # torch's CUDA allocator peak on the tuning device; None on the CPU
     nsamples: int = 0
     seqlen: int = 0
 
@@ -76,7 +77,7 @@ class RunReport:
         if self.blocks and self.nsamples == 0:
             return (
                 f"rounded {len(self.blocks)} blocks to nearest (no calibration data) in {self.seconds:.1f} s, "
-                f"peak memory {self.peak_rss_gb:.2f} GB"
+                f"peak memory {self.peak_rss_gb:.2f} GB{self._gpu()}"
             )
         lines = [
             f"{'block':>5}  {'rtn loss':>10}  {'first':>10}  {'best':>10}  {'final':>10}  {'steps':>5}  {'sec':>6}"
@@ -88,9 +89,17 @@ class RunReport:
             )
         lines.append(
             f"quantized {len(self.blocks)} blocks on {self.nsamples} x {self.seqlen} calibration tokens in "
-            f"{self.seconds:.1f} s, peak memory {self.peak_rss_gb:.2f} GB"
+            f"{self.seconds:.1f} s, peak memory {self.peak_rss_gb:.2f} GB{self._gpu()}"
         )
         return "\n".join(lines)
+
+    def _gpu(self) -> str:
+        return "" if self.peak_gpu_gb is None else f", peak GPU memory {self.peak_gpu_gb:.2f} GB"
+
+
+def peak_gpu_gb(dev: torch.device) -> float | None:
+    """Peak bytes torch's CUDA allocator held on ``dev`` since the run began, in GB; None off CUDA."""
+    return torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
 
 
 def peak_rss_gb() -> float:
@@ -253,6 +262,8 @@ def run(
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_finite(model)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     if cfg.tune.amp and dev.type == "cpu" and not native_bf16_cpu():
         log.warning(
             "--amp: this CPU has no native bfloat16 matmuls (avx512_bf16 or AMX); bfloat16 autocast runs several "
@@ -280,6 +291,7 @@ def run(
         model.config.quantization_config = quantization_config(model, cfg, prefix, report)
         report.seconds = time.perf_counter() - t0
         report.peak_rss_gb = peak_rss_gb()
+        report.peak_gpu_gb = peak_gpu_gb(dev)
         return report
     state_path = Path(state_dir) if state_dir is not None else None
     tokens = RunState.saved_tokens(state_path) if state_path is not None and resume else None
@@ -381,6 +393,7 @@ def run(
     model.config.quantization_config = quantization_config(model, cfg, prefix, report)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_gb = peak_rss_gb()
+    report.peak_gpu_gb = peak_gpu_gb(dev)
     return report
 
 

@@ -26,7 +26,7 @@ def bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if bool((c < 0).any()) or bool((c >= 2**bits).any()):
         raise ValueError(f"codes must lie in [0, 2^{bits})")
-    shifts = torch.arange(bits, dtype=torch.int64).reshape(-1, *([1] * c.dim()))
+    shifts = torch.arange(bits, dtype=torch.int64, device=c.device).reshape(-1, *([1] * c.dim()))
     return ((c.unsqueeze(0) >> shifts) & 1).to(torch.float64)
 
 
@@ -34,7 +34,7 @@ def bitplane_matmul(a: torch.Tensor, w: torch.Tensor, a_bits: int, w_bits: int) 
     """Exact ``a @ w.T`` (int64 ``[m, n]``) for unsigned codes ``a [m, k]`` (``a_bits``) and ``w [n, k]``
     (``w_bits``), computed as ``a_bits * w_bits`` binary matrix products."""
     pa, pw = bitplanes(a, a_bits), bitplanes(w, w_bits)
-    out = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float64)
+    out = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float64, device=a.device)
     for i in range(a_bits):
         for j in range(w_bits):
             out += (2.0 ** (i + j)) * (pa[i] @ pw[j].T)

@@ -29,7 +29,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     c = torch.nn.functional.pad(c, (0, words * per - n)).reshape(rows, words, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
     packed = (c << shifts).sum(dim=-1)
     # Reinterpret the unsigned 32-bit value as int32 (two's complement), as every reader expects.
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
@@ -43,7 +43,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if words * per < n:
         raise ValueError(f"{words} words of {bits}-bit codes hold fewer than {n} values")
     p = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=p.device) * bits
     codes = (p.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return codes.reshape(rows, words * per)[:, :n].to(torch.uint8)
 
@@ -67,8 +67,8 @@ def pack_bitstream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     chunks = -(-n // 32)
     c = torch.nn.functional.pad(c, (0, chunks * 32 - n)).reshape(rows, chunks, 32)
     # 32 codes of `bits` bits are one 32*bits-bit integer; build it from its int32 words directly.
-    start = torch.arange(32, dtype=torch.int64) * bits
-    words = torch.zeros(rows, chunks, bits, dtype=torch.int64)
+    start = torch.arange(32, dtype=torch.int64, device=c.device) * bits
+    words = torch.zeros(rows, chunks, bits, dtype=torch.int64, device=c.device)
     words.scatter_add_(2, (start // 32).expand(rows, chunks, 32), (c << (start % 32)) & 0xFFFFFFFF)
     spill = (start % 32) + bits > 32
     if spill.any():
@@ -86,7 +86,7 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"{words} words of {bits}-bit codes hold fewer than {n} values")
     p = packed.to(torch.int64) & 0xFFFFFFFF
     p = torch.nn.functional.pad(p, (0, 1))  # a zero word so the last element's spill read stays in range
-    start = torch.arange(n, dtype=torch.int64) * bits
+    start = torch.arange(n, dtype=torch.int64, device=p.device) * bits
     lo = p[:, start // 32] >> (start % 32)
     hi = p[:, start // 32 + 1] << (32 - start % 32)
     return ((lo | hi) & (2**bits - 1)).to(torch.uint8)

@@ -152,6 +152,22 @@ def test_eval_errors(capsys, tmp_path, model_dir):
     assert code == 2 and "fewer than one window" in lines[0]
 
 
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_bad_device_refused(capsys, monkeypatch, tmp_path, model_dir, calib_jsonl, command):
+    """--device names something torch cannot use: one line saying what to do, before the model is read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl)) if command == "quantize" else ["eval"]
+    if command == "eval":
+        argv += ["--model", str(model_dir), "--quiet"]
+    for device, match in [("cuda", "no CUDA device"), ("cuda:1", "no CUDA device"), ("gpu0", "not a device")]:
+        assert_refused(capsys, out, [*argv, "--device", device], match)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert_refused(capsys, out, [*argv, "--device", "cuda:1"], "1 CUDA device(s)")
+    assert_refused(capsys, out, [*argv, "--device", "mps"], "runs on cpu or cuda")
+
+
 def test_quantize_then_eval_roundtrip(capsys, tmp_path, model_dir, calib_jsonl, ppl_text):
     out = tmp_path / "q"
     code, _ = run_cli(
@@ -174,6 +190,7 @@ def test_quantize_then_eval_roundtrip(capsys, tmp_path, model_dir, calib_jsonl, 
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["blocks"]) == 2 and report["ppl"]["windows"] >= 1
+    assert "peak_gpu_gb" not in report  # tuned on the CPU: no GPU peak to report
     code, _ = run_cli(
         capsys,
         "eval",
@@ -187,6 +204,8 @@ def test_quantize_then_eval_roundtrip(capsys, tmp_path, model_dir, calib_jsonl, 
         "2",
         "--json",
         str(tmp_path / "e.json"),
+        "--device",
+        "cpu",
         "--quiet",
     )
     assert code == 0
