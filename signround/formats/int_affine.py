@@ -88,15 +88,49 @@ def fake_quant(
     """Quantize-dequantize ``wg [out, groups, g]`` with the rounding offset ``v`` (same shape, or None).
 
     ``code = clamp(round(w / scale + v) + zero, 0, 2^bits - 1)``; returns ``(code - zero) * scale``.
-    Gradients reach ``v``, ``scale`` and ``zero`` through the straight-through rounding.
+    Gradients reach ``v``, ``scale`` and ``zero`` (and ``wg``) through the straight-through rounding
+    (``d round(x) / dx := 1``) and the clamp (zero outside ``[0, 2^bits - 1]``); see :class:`FakeQuantSTE`.
     """
-    s = scale.unsqueeze(-1)
-    z = zero.unsqueeze(-1)
-    x = wg / s
-    if v is not None:
-        x = x + v
-    code = (round_ste(x) + z).clamp(0, 2**bits - 1)
-    return (code - z) * s
+    return FakeQuantSTE.apply(wg, scale, zero, v, 2**bits - 1)
+
+
+def _rounded(wg, s, z, v):
+    """``(w / s, round(w / s + v) + z)`` (the rounding before the clamp) for grouped ``wg`` and unsqueezed
+    ``s``, ``z``; the second is a fresh tensor the caller may change in place."""
+    t = wg / s
+    p = t + v if v is not None else t.clone()
+    return t, p.round_().add_(z)
+
+
+class FakeQuantSTE(torch.autograd.Function):
+    """:func:`fake_quant` with the straight-through gradients of composing ``round_ste``, ``clamp`` and the
+    affine maps, but saving only its inputs: the backward recomputes the rounding, so no weight-sized
+    intermediate lives from the forward to the backward (composed ops keep two float32 tensors per weight,
+    the clamp's input and ``code - zero``), and both passes work in place on one or two temporaries.
+    With ``y = (clamp(p) - z) * s``, ``p = round(w/s + v) + z`` and ``m`` the mask ``0 <= p <= maxq``:
+    ``dy/dv = m s``, ``dy/dw = m``, ``dy/dz = (m - 1) s`` and ``dy/ds = clamp(p) - z - m w / s``;
+    per-group gradients are summed over the group. Values equal the composed ops' bit for bit."""
+
+    @staticmethod
+    def forward(ctx, wg, scale, zero, v, maxq):
+        ctx.save_for_backward(wg, scale, zero, v)
+        ctx.maxq = maxq
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        _, p = _rounded(wg, s, z, v)
+        return p.clamp_(0, maxq).sub_(z).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wg, scale, zero, v = ctx.saved_tensors
+        maxq = ctx.maxq
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        t, p = _rounded(wg, s, z, v)
+        g_in = grad * ((p >= 0) & (p <= maxq))  # the gradient that passes the clamp
+        need_w, need_s, need_z, need_v = ctx.needs_input_grad[:4]
+        g_v = g_in * s if need_v else None
+        g_z = (g_in - grad).mul_(s).sum(-1) if need_z else None
+        g_s = p.clamp_(0, maxq).sub_(z).mul_(grad).sub_(t.mul_(g_in)).sum(-1) if need_s else None
+        return (g_in if need_w else None), g_s, g_z, g_v, None
 
 
 @torch.no_grad()

@@ -122,3 +122,65 @@ def test_all_zero_group_stays_finite():
         scale, zero = F.compute_qparams(wmin, wmax, 4, sym)
         deq = F.fake_quant(wg, scale, zero, 4)
         assert torch.isfinite(scale).all() and torch.equal(deq, wg)
+
+
+def _composed_fake_quant(wg, scale, zero, bits, v):
+    """fake_quant as composed autograd ops (the reference FakeQuantSTE must match)."""
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    code = (round_ste(wg / s + v) + z).clamp(0, 2**bits - 1)
+    return (code - z) * s
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False), (4, True), (8, False)])
+def test_fake_quant_function_matches_composed_ops(bits, sym):
+    """Same values bit for bit and the same straight-through gradients as composing round_ste and clamp:
+    the offsets' gradient bit for bit (its sign is the update), the clipping factors' and the weight's up to
+    float rounding (summation order; ``(g * s) / s``)."""
+    _, wg = _grouped(out=32, inp=256, g=32, seed=bits)
+    wg.requires_grad_(True)
+    wmin, wmax = F.group_minmax(wg.detach())
+    torch.manual_seed(1)
+    a, b = (torch.rand(32, 8).mul(0.5).add(0.5).requires_grad_(True) for _ in range(2))
+    v = (torch.rand_like(wg) - 0.5).requires_grad_(True)
+    grad_out = torch.randn_like(wg)
+    results = []
+    for fq in (_composed_fake_quant, F.fake_quant):
+        for t in (wg, a, b, v):
+            t.grad = None
+        scale, zero = F.compute_qparams(wmin, wmax, bits, sym, a, b)
+        y = fq(wg, scale, zero, bits, v)
+        (y * grad_out).sum().backward()
+        results.append((y.detach(), v.grad.clone(), wg.grad.clone(), a.grad.clone(), b.grad.clone()))
+    (y0, v0, w0, a0, b0), (y1, v1, w1, a1, b1) = results
+    assert torch.equal(y0, y1) and torch.equal(v0, v1)
+    assert torch.allclose(w0, w1, rtol=1e-6, atol=1e-6)  # composed: (g * s) / s; here g
+    for g0, g1 in ((a0, a1), (b0, b1)):
+        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-4 * float(g0.abs().max()))
+    assert v0.abs().sum() > 0 and (a0.abs().sum() > 0 or b0.abs().sum() > 0)
+
+
+def test_fake_quant_saves_no_weight_sized_intermediates():
+    """Between forward and backward autograd holds only the inputs (the backward recomputes the rounding):
+    under 1 byte per weight beyond them, where composed ops keep 8 (two float32 tensors)."""
+    _, wg = _grouped(out=64, inp=512, g=128)
+    wmin, wmax = F.group_minmax(wg)
+    a, b = (torch.ones(64, 4, requires_grad=True) for _ in range(2))
+    v = torch.zeros_like(wg, requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (wg, v)}
+
+    def saved_bytes(fq) -> float:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in inputs:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scale, zero = F.compute_qparams(wmin, wmax, 2, False, a, b)
+            fq(wg, scale, zero, 2, v)
+        return sum(seen.values()) / wg.numel()
+
+    assert saved_bytes(F.fake_quant) < 1.0
+    assert saved_bytes(_composed_fake_quant) >= 8.0
