@@ -27,7 +27,7 @@ from signround.config import ActScheme, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
 from signround.model.blocks import block_linears
 from signround.tune.init import InputPower, init_clipping
-from signround.tune.optim import linear_decay, sign_step
+from signround.tune.optim import SignStepInBackward, linear_decay, sign_step
 from signround.tune.wrapper import TunableWeight
 
 StepCallback = Callable[[int, float], None]
@@ -183,6 +183,9 @@ def tune_block(
             n = inputs.shape[0]
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
             params = [p for t in tunables.values() for p in (t.v, t.min_factor, t.max_factor)]
+            # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
+            offsets = [t.v for t in tunables.values()]
+            in_backward = stack.enter_context(SignStepInBackward(offsets if size == 1 else []))
             for step in range(cfg.iters):
                 idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(inputs.device)
                 if size == 1:
@@ -210,8 +213,9 @@ def tune_block(
                     best_loss, best_step = value, step
                     best_state = {name: t.snapshot() for name, t in tunables.items()}
                 if size == 1:
+                    in_backward.lr = linear_decay(lr, step, cfg.iters)
                     loss.backward()
-                sign_step([t.v for t in tunables.values()], linear_decay(lr, step, cfg.iters))
+                sign_step(offsets, linear_decay(lr, step, cfg.iters))  # data-parallel: the summed gradients
                 sign_step(
                     [p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
                     linear_decay(mm_lr, step, cfg.iters),

@@ -101,3 +101,31 @@ def test_relative_loss_weighs_every_token_alike():
 def test_unknown_loss_is_refused():
     with pytest.raises(SignRoundError, match="loss must be one of relative, mse"):
         TuneConfig(loss="l1")
+
+
+def test_sign_step_in_backward_equals_step_after_and_frees_each_gradient():
+    """The in-backward sign step lands where sign_step after backward does, and no parameter's gradient is
+    still held when the next one's arrives."""
+    from signround.tune.optim import SignStepInBackward, sign_step
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    w1, w2 = torch.randn(16, 16), torch.randn(16, 4)
+
+    def loss(a, b):
+        return ((x @ (w1 + a)).tanh() @ (w2 + b)).pow(2).mean()
+
+    ref = [torch.zeros(16, 16, requires_grad=True), torch.zeros(16, 4, requires_grad=True)]
+    new = [p.detach().clone().requires_grad_(True) for p in ref]
+    held = []
+    with SignStepInBackward(new) as hook:
+        for step in range(3):
+            loss(*ref).backward()
+            sign_step(ref, 0.1 / (step + 1))
+            hook.lr = 0.1 / (step + 1)
+            for p in new:
+                p.register_post_accumulate_grad_hook(lambda _: held.append(sum(q.grad is not None for q in new)))
+            loss(*new).backward()
+            assert all(p.grad is None for p in new)
+    assert all(torch.equal(a, b) for a, b in zip(ref, new, strict=True))
+    assert held and max(held) == 0  # after each step no gradient is held, the arriving one included
