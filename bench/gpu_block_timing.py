@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, Recipe, autoround_quantize, signround_quantize  # noqa: E402
+from common import DATA, ROOT, Recipe, autoround_quantize, machine, signround_quantize  # noqa: E402
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2),  # dry runs
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
 }
+SHAPE_NAMES = {"8b": "LLaMA-8B-shaped", "tiny": "tiny (dry-run)", "smollm2": "SmolLM2-135M-shaped"}
 
 
 def build_block_model(folder: Path, tokenizer: str, shape: str, device: str) -> int:
@@ -134,7 +135,8 @@ def main() -> None:
         )
     info = {
         "command": "python bench/gpu_block_timing.py " + shlex.join(sys.argv[1:]),
-        "gpu": torch.cuda.get_device_name() if gpu else f"none (dry run on {args.device})",
+        "gpu": torch.cuda.get_device_name() if gpu else f"none (run on {args.device})",
+        "cpu": f"CPU: {machine()}; ",
         "torch": torch.__version__,
         "bf16_matmul_tflops": peak,
         "block_linear_params": params,
@@ -156,18 +158,24 @@ def render(info: dict) -> str:
     by_tool = {r["tool"]: r for r in info["rows"]}
     peak = info["bf16_matmul_tflops"]
     lines = [
-        "# One LLaMA-8B-shaped block: tuning speed, signround vs auto-round 0.16.1",
+        f"# One {SHAPE_NAMES[info.get('shape', '8b')]} block: tuning speed, signround vs auto-round 0.16.1",
         "",
         f"Command: `{info['command']}`",
         "",
-        f"GPU: {info['gpu']} (torch {info['torch']}); its bfloat16 8192^3 matrix-product rate here: "
+        f"GPU: {info['gpu']} (torch {info['torch']}); {info.get('cpu', '')}"
+        "its bfloat16 8192^3 matrix-product rate here: "
         + ("not measured" if peak is None else f"{peak:.0f} TFLOP/s")
         + f". Block: {info['shape']} shape {SHAPES[info['shape']]} "
         f"({info['block_linear_params'] / 1e6:.1f} M linear weights), random weights; {info['scheme']}; "
         f"{info['nsamples']} calibration samples, {info['tokens_per_step']} tokens per step. Each tool quantized "
         f"at {info['iters'][0]} and {info['iters'][1]} iterations; the per-step time is the difference of its "
-        "wall times over the difference of iterations. Both in their GPU defaults (signround: bfloat16 model; "
-        "auto-round: amp). Step TFLOP/s counts 6 x weights x tokens (attention products not counted).",
+        "wall times over the difference of iterations. "
+        + (
+            "Both in float32 (their CPU defaults). "
+            if info["gpu"].startswith("none")
+            else "Both in their GPU defaults (signround: bfloat16 model; auto-round: amp). "
+        )
+        + "Step TFLOP/s counts 6 x weights x tokens (attention products not counted).",
         "",
         "| tool | wall s (N1 / N2) | ms per step | iterations/s | step TFLOP/s | of matmul rate | peak GPU GB |",
         "|---|---:|---:|---:|---:|---:|---:|",
