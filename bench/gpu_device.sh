@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 4 on a lent machine that reaches no network and keeps nothing between leases
-# (see bench/results/NOTES.md). Everything it needs travels in two git-ignored folders made beforehand:
+# (see bench/results/NOTES.md). Everything it needs travels in two git-ignored folders that
+# bench/gpu_prepare.sh builds beforehand:
 #   .gpu/whl   wheels missing there (auto-round 0.16.1 and its needs, gguf), for Python 3.12
 #   .gpu/data  calib-c4.jsonl and wikitext2-test.raw (copies of ../shared/data)
 #   .gpu/tok   SmolLM2's tokenizer files (they size the 8B-shaped block's vocabulary)
