@@ -44,7 +44,7 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
         "device": args.device or "cpu",
     }
     float_ppl = signround_eval(recipe.model, work / "float-ppl.json", ppl_flags)
-    gpu = (args.device or "cpu").startswith("cuda")
+    gpu = args.gpu
     rows = []
     for budget in args.budgets.split(","):
         iters = BUDGETS[budget]
@@ -181,7 +181,7 @@ def _find(rows: list[dict], config: str, budget: str, tool: str, amp: bool = Fal
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
-    gpu = (args.device or "cpu").startswith("cuda")
+    gpu = args.gpu
     lines = [
         "# signround vs auto-round 0.16.1 (same machine, data, settings; same perplexity code)",
         "",
@@ -272,7 +272,8 @@ def main() -> None:
     args = p.parse_args()
     args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
     args.machine = machine()
-    if (args.device or "cpu").startswith("cuda"):
+    args.gpu = (args.device or "cpu").startswith("cuda")
+    if args.gpu:
         import torch
 
         args.machine += f"; GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"

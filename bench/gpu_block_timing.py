@@ -38,9 +38,19 @@ SHAPES = {
 SHAPE_NAMES = {"8b": "LLaMA-8B-shaped", "tiny": "tiny (dry-run)", "smollm2": "SmolLM2-135M-shaped"}
 
 
-def build_block_model(folder: Path, tokenizer: str, shape: str, device: str) -> int:
-    """A one-block LLaMA with 8B shapes and random weights, saved in bfloat16 with ``tokenizer``; returns the
-    number of weights in the block's seven linears."""
+def block_linear_weights(shape: str) -> int:
+    """Weights in one block's seven linears: q and o ``[h, h]``, k and v ``[kv, h]``, gate, up and down
+    ``[i, h]``, with ``kv = h / heads * kv_heads``."""
+    d = SHAPES[shape]
+    h, i = d["hidden_size"], d["intermediate_size"]
+    kv = h // d["num_attention_heads"] * d["num_key_value_heads"]
+    return 2 * h * h + 2 * kv * h + 3 * i * h
+
+
+def build_block_model(folder: Path, tokenizer: str, shape: str, device: str) -> None:
+    """A one-block LLaMA with ``shape`` and random weights, saved in bfloat16 with ``tokenizer`` (once)."""
+    if (folder / "config.json").is_file():
+        return
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -48,11 +58,8 @@ def build_block_model(folder: Path, tokenizer: str, shape: str, device: str) -> 
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    params = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
-    if not (folder / "config.json").is_file():
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-    return params
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float | None:
@@ -95,7 +102,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     folder = work / "llama8b-block"
-    params = build_block_model(folder, args.tokenizer, args.shape, args.device)
+    build_block_model(folder, args.tokenizer, args.shape, args.device)
+    params = block_linear_weights(args.shape)
     peak = matmul_tflops()
     recipe = Recipe(str(folder), args.dataset, args.nsamples, args.seqlen, args.batch_size, 42)
     tokens = args.batch_size * args.seqlen

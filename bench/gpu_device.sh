@@ -30,11 +30,8 @@ transformers.__version__, 'auto-round', a.__version__, 'cuda', torch.cuda.is_ava
 b)
     [ -f $W/part1 ] || { echo "no $W/part1: this is not stage a's machine (it went cold); rerun stage a"; exit 3; }
     mkdir -p $W/gguf && cat $W/part1 .gpu2/part2 > $GGUF && echo "$SHA  $GGUF" | sha256sum -c || exit 4
-    python3 -c "
-import torch; from pathlib import Path
-from signround.model.load import _load_gguf, cache_dir
-m, t = _load_gguf(Path('$GGUF'), torch.float32)
-d = cache_dir() / 'smollm2-135m'; m.save_pretrained(d); t.save_pretrained(d); print('model ready in', d)" || exit 5
+    python3 -c "from pathlib import Path; from signround.model.load import cache_dir, materialize_gguf
+print('model ready in', materialize_gguf(Path('$GGUF'), cache_dir() / 'smollm2-135m'))" || exit 5
     python3 bench/compare_autoround.py --device cuda --budgets default --configs "${CONFIGS:-2:128,4:128,3:128}" \
         --modes asym,sym --nsamples 128 --seqlen 512 --batch-size 8 --skip-rtn --work $W/cmp \
         --results "$OUT" --name compare-autoround-gpu 2>&1 | tee "$OUT/compare.log"

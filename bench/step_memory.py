@@ -62,13 +62,14 @@ def main() -> None:
     t0 = time.perf_counter()
     tune_block(block, x, targets, kwargs, schemes, TuneConfig(iters=args.iters, batch_size=n), seed=0)
     seconds = time.perf_counter() - t0
+    peak = peak_rss_gb()
     result = {
         "block_weights": weights,
         "tokens": [n, seqlen],
         "iters": args.iters,
         "rss_before_tuning_gb": before,
-        "rss_peak_gb": peak_rss_gb(),
-        "tuning_added_bytes_per_weight": (peak_rss_gb() - before) * 1e9 / weights,
+        "rss_peak_gb": peak,
+        "tuning_added_bytes_per_weight": (peak - before) * 1e9 / weights,
         "seconds": seconds,
     }
     if dev.type == "cuda":

@@ -79,9 +79,16 @@ def _materialize_alias(alias: str) -> Path:
         return target
     gguf = _alias_gguf(alias)
     log.info("building the float model for %s from %s (once; cached in %s)", alias, gguf.name, target)
+    return materialize_gguf(gguf, target)
+
+
+def materialize_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize ``gguf`` into a float32 HF folder at ``target``, written atomically (a temporary folder
+    beside it, renamed into place); return ``target``. The alias cache uses it; so can a machine that has
+    the GGUF but not the package (bench/gpu_device.sh)."""
     model, tokenizer = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
