@@ -72,7 +72,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
     )
-    p.add_argument("--use-last", action="store_true", help="keep the last step's parameters instead of the best")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--use-best",
+        action="store_true",
+        help="keep the parameters of the step with the lowest batch loss (auto-round's rule) instead of the last",
+    )
+    keep.add_argument("--use-last", action="store_true", help="keep the last step's parameters (the default)")
     p.add_argument(
         "--loss",
         choices=LOSSES,
@@ -336,7 +342,7 @@ def _quantize(args: argparse.Namespace) -> int:
         lr=args.lr,
         minmax_lr=args.minmax_lr,
         batch_size=args.batch_size,
-        use_best=not args.use_last,
+        use_best=args.use_best,
         seed=args.seed,
         amp=args.amp,
         quant_inputs=not args.fp_inputs,

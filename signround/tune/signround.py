@@ -211,7 +211,8 @@ def tune_block(
                 losses.append(value)
                 if value < best_loss:
                     best_loss, best_step = value, step
-                    best_state = {name: t.snapshot() for name, t in tunables.items()}
+                    if cfg.use_best:  # a copy of every tuned tensor; skipped when the last step is kept
+                        best_state = {name: t.snapshot() for name, t in tunables.items()}
                 if size == 1:
                     in_backward.lr = linear_decay(lr, step, cfg.iters)
                     loss.backward()

@@ -61,12 +61,27 @@ def test_tuning_is_deterministic_for_a_seed():
     assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)
 
 
-def test_use_last_differs_from_best_only_in_choice():
+def test_last_step_is_kept_by_default_and_best_only_on_request(monkeypatch):
+    from signround.tune.wrapper import TunableWeight
+
+    calls = {"snapshot": 0, "restore": 0}
+    for method in calls:
+        original = getattr(TunableWeight, method)
+
+        def counted(self, *a, _original=original, _method=method):
+            calls[_method] += 1
+            return _original(self, *a)
+
+        monkeypatch.setattr(TunableWeight, method, counted)
     block, x, y, kw, schemes = _block_setup()
-    best = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4), seed=0)
-    last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=False), seed=0)
-    assert best.losses == last.losses
-    assert best.best_loss == min(best.losses)
+    assert TuneConfig().use_best is False
+    last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4), seed=0)
+    assert calls == {"snapshot": 0, "restore": 0}  # no copies taken, the last step's parameters finalized
+    best = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=True), seed=0)
+    assert calls["snapshot"] >= len(schemes) and calls["restore"] == len(schemes)
+    assert best.losses == last.losses  # same run; only the kept step differs
+    assert best.best_loss == min(best.losses) == last.best_loss
+    assert best.best_step == last.best_step == best.losses.index(min(best.losses))
 
 
 def test_amp_tuning_runs_in_bfloat16_and_still_beats_rtn():
