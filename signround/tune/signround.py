@@ -64,6 +64,9 @@ class BlockResult:
     losses: list[float] = field(default_factory=list)
 
 
+# Steps between host reads of the tuning loss on an accelerator (each read waits for the device).
+SYNC_EVERY_GPU = 10
+
 # A float output token whose mean square is below this counts as having mean square TINY_POWER.
 TINY_POWER = 1e-6
 
@@ -130,6 +133,7 @@ def tune_block(
     act: ActScheme | None = None,
     act_scales: dict[str, torch.Tensor] | None = None,
     data_parallel: bool = False,
+    sync_every: int | None = None,
 ) -> BlockResult:
     """Learn rounding and clipping for the linears of ``block`` named in ``schemes``.
 
@@ -141,12 +145,17 @@ def tune_block(
         schemes: relative layer name -> scheme, for the layers to quantize.
         cfg: iterations, step sizes, batch size, best-vs-last.
         seed: seeds batch sampling (the pipeline passes ``cfg.seed + block index``).
-        on_step: called as ``on_step(step, loss)`` after each step.
+        on_step: called as ``on_step(step, loss)`` for each step, in order, once its loss is read on the host
+            (after each step; every ``sync_every`` steps in a batch).
         act: quantize the inputs of the tuned linears with this scheme in every forward (the loss stays the
             MSE against the float block's ``targets``), so the weights adapt to the activation error.
         act_scales: static per-channel input scales ``{name: [in]}`` for ``act.granularity == "channel"``.
         data_parallel: in a torch.distributed run, compute this rank's share of each batch and sum the
             gradients over ranks before the sign step (:mod:`signround.dist`); every rank ends equal.
+        sync_every: read the losses on the host (a device synchronization) every this many steps; None:
+            every step on the CPU or with ``cfg.use_best``, else every :data:`SYNC_EVERY_GPU` steps, so the
+            host queues the next steps' kernels while the device runs. Results are the same either way; a
+            non-finite loss is reported up to ``sync_every - 1`` steps late, naming its step.
 
     Returns:
         A :class:`BlockResult` with codes, scales and zero points of each layer.
@@ -177,32 +186,14 @@ def tune_block(
             init_clipping(tunables, power)
         losses: list[float] = []
         best_loss, best_step, best_state = math.inf, -1, None
-        if learn:
-            per_token = token_weights(targets, cfg.loss)  # [n, seqlen], once per block
-            gen = torch.Generator().manual_seed(seed)
-            n = inputs.shape[0]
-            lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
-            params = [p for t in tunables.values() for p in (t.v, t.min_factor, t.max_factor)]
-            # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
-            offsets = [t.v for t in tunables.values()]
-            in_backward = stack.enter_context(SignStepInBackward(offsets if size == 1 else []))
-            for step in range(cfg.iters):
-                idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(inputs.device)
-                if size == 1:
-                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                        out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
-                    loss = token_errors(out, targets[idx], weights=per_token[idx]).mean()
-                    value = loss.item()
-                else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
-                    mine = dist.shard(idx)
-                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                        out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
-                    denominator = idx.numel() * targets[0, ..., 0].numel()
-                    loss = token_errors(out, targets[mine], weights=per_token[mine]).sum() / denominator
-                    loss.backward()
-                    total = loss.detach().reshape(1).clone()
-                    dist.all_reduce_sum([p.grad for p in params if p.grad is not None] + [total])
-                    value = total.item()
+        pending: list[torch.Tensor] = []  # losses of steps not yet read on the host
+
+        def record(last: int) -> None:
+            """Read the pending steps' losses (one host sync for all of them), check them, track the best."""
+            nonlocal best_loss, best_step, best_state
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            for step, value in enumerate(values, start=last - len(values) + 1):
                 if not math.isfinite(value):
                     raise SignRoundError(
                         f"the tuning loss became {value} at step {step}; the inputs or weights are not finite "
@@ -213,6 +204,44 @@ def tune_block(
                     best_loss, best_step = value, step
                     if cfg.use_best:  # a copy of every tuned tensor; skipped when the last step is kept
                         best_state = {name: t.snapshot() for name, t in tunables.items()}
+                if on_step is not None:
+                    on_step(step, value)
+
+        if learn:
+            per_token = token_weights(targets, cfg.loss)  # [n, seqlen], once per block
+            gen = torch.Generator().manual_seed(seed)
+            n = inputs.shape[0]
+            # every step's batch drawn up front and moved once: no host-to-device copy inside the loop
+            batches = torch.stack([torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(cfg.iters)])
+            batches = batches.to(inputs.device)
+            if sync_every is None:  # the best-step pick must see each loss before the step changes the weights
+                sync_every = SYNC_EVERY_GPU if inputs.device.type != "cpu" and not cfg.use_best else 1
+            if cfg.use_best and sync_every != 1:
+                raise SignRoundError("use_best reads every step's loss before its update: sync_every must be 1")
+            lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
+            params = [p for t in tunables.values() for p in (t.v, t.min_factor, t.max_factor)]
+            # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
+            offsets = [t.v for t in tunables.values()]
+            in_backward = stack.enter_context(SignStepInBackward(offsets if size == 1 else []))
+            for step in range(cfg.iters):
+                idx = batches[step]
+                if size == 1:
+                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                        out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
+                    loss = token_errors(out, targets[idx], weights=per_token[idx]).mean()
+                    pending.append(loss.detach())
+                else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
+                    mine = dist.shard(idx)
+                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                        out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
+                    denominator = idx.numel() * targets[0, ..., 0].numel()
+                    loss = token_errors(out, targets[mine], weights=per_token[mine]).sum() / denominator
+                    loss.backward()
+                    total = loss.detach().reshape(1).clone()
+                    dist.all_reduce_sum([p.grad for p in params if p.grad is not None] + [total])
+                    pending.append(total[0])
+                if len(pending) >= sync_every:
+                    record(step)
                 if size == 1:
                     in_backward.lr = linear_decay(lr, step, cfg.iters)
                     loss.backward()
@@ -221,8 +250,8 @@ def tune_block(
                     [p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
                     linear_decay(mm_lr, step, cfg.iters),
                 )
-                if on_step is not None:
-                    on_step(step, value)
+            if pending:
+                record(cfg.iters - 1)
             if cfg.use_best and best_state is not None:
                 for name, t in tunables.items():
                     t.restore(best_state[name])

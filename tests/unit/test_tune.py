@@ -144,3 +144,29 @@ def test_sign_step_in_backward_equals_step_after_and_frees_each_gradient():
             assert all(p.grad is None for p in new)
     assert all(torch.equal(a, b) for a, b in zip(ref, new, strict=True))
     assert held and max(held) == 0  # after each step no gradient is held, the arriving one included
+
+
+def test_reading_losses_every_few_steps_changes_nothing_but_when():
+    block, x, y, kw, schemes = _block_setup(bits=3)
+    cfg = TuneConfig(iters=12, batch_size=4)
+    seen: dict[int, list] = {1: [], 5: []}
+    runs = {
+        k: tune_block(
+            block, x, y, kw, schemes, cfg, seed=1, on_step=lambda s, v, k=k: seen[k].append((s, v)), sync_every=k
+        )
+        for k in seen
+    }
+    assert runs[1].losses == runs[5].losses and len(runs[5].losses) == 12
+    assert seen[1] == seen[5] == list(enumerate(runs[1].losses))  # every step reported, in order
+    assert runs[1].best_step == runs[5].best_step
+    assert all(torch.equal(runs[1].layers[n].codes, runs[5].layers[n].codes) for n in schemes)
+
+
+def test_a_non_finite_loss_names_its_step_even_when_read_late():
+    block, x, y, kw, schemes = _block_setup()
+    bad = x.clone()
+    bad[:] = float("nan")
+    with pytest.raises(SignRoundError, match="became nan at step 0"):
+        tune_block(block, bad, y, kw, schemes, TuneConfig(iters=8, batch_size=4), seed=0, sync_every=5)
+    with pytest.raises(SignRoundError, match="sync_every must be 1"):
+        tune_block(block, x, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=True), seed=0, sync_every=5)
