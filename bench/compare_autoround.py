@@ -205,10 +205,10 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
             " float32."
         )
         + " signround tunes against its default objective (per-token error relative to the float output,"
-        " `--loss relative`) from clipping searched on the inputs' power (`--init search`) and keeps each"
-        " block's last step, auto-round against the plain MSE from unclipped groups and keeps the step of"
-        " least batch loss. Each model is quantized in its own process without"
-        " evaluation (peak RSS: VmHWM of that process), then scored by the same `signround eval` call.",
+        " `--loss relative`) from clipping searched on the inputs' power (`--init search`), auto-round against"
+        " the plain MSE from unclipped groups; both keep each block's step of least batch loss. Each model is"
+        " quantized in its own process without evaluation (peak RSS: VmHWM of that process), then scored by the"
+        " same `signround eval` call.",
         "",
         "| config | budget | tool | ppl | excess over float | quant s | peak RSS GB "
         + ("| peak GPU GB " if gpu else "")

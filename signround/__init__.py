@@ -95,7 +95,7 @@ def quantize(
     amp: bool = False,
     loss: str = "relative",
     init: str = "search",
-    use_best: bool = False,
+    use_best: bool = True,
     device: str | None = None,
     progress: bool = True,
 ) -> Any:
@@ -126,7 +126,7 @@ def quantize(
             (auto-round's objective); see :class:`TuneConfig`.
         init: ``search`` (clipping factors start at a grid search weighted by the inputs' power; default)
             or ``none`` (unclipped, as auto-round).
-        use_best: keep each block's lowest-batch-loss step (auto-round's rule) instead of its last step.
+        use_best: keep each block's lowest-batch-loss step (auto-round's rule; default), else its last step.
         device: where blocks are tuned (default CUDA if available).
 
     Returns:

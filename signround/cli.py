@@ -73,12 +73,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
     )
     keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--use-last", action="store_true", help="keep each block's last step instead of its best")
     keep.add_argument(
-        "--use-best",
-        action="store_true",
-        help="keep the parameters of the step with the lowest batch loss (auto-round's rule) instead of the last",
+        "--use-best", action="store_true", help="keep each block's step of least batch loss (the default; auto-round's)"
     )
-    keep.add_argument("--use-last", action="store_true", help="keep the last step's parameters (the default)")
     p.add_argument(
         "--loss",
         choices=LOSSES,
@@ -342,7 +340,7 @@ def _quantize(args: argparse.Namespace) -> int:
         lr=args.lr,
         minmax_lr=args.minmax_lr,
         batch_size=args.batch_size,
-        use_best=args.use_best,
+        use_best=not args.use_last,
         seed=args.seed,
         amp=args.amp,
         quant_inputs=not args.fp_inputs,

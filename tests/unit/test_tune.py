@@ -61,7 +61,7 @@ def test_tuning_is_deterministic_for_a_seed():
     assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)
 
 
-def test_last_step_is_kept_by_default_and_best_only_on_request(monkeypatch):
+def test_best_step_is_kept_by_default_and_use_last_takes_no_copies(monkeypatch):
     from signround.tune.wrapper import TunableWeight
 
     calls = {"snapshot": 0, "restore": 0}
@@ -74,10 +74,10 @@ def test_last_step_is_kept_by_default_and_best_only_on_request(monkeypatch):
 
         monkeypatch.setattr(TunableWeight, method, counted)
     block, x, y, kw, schemes = _block_setup()
-    assert TuneConfig().use_best is False
-    last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4), seed=0)
+    assert TuneConfig().use_best is True
+    last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=False), seed=0)
     assert calls == {"snapshot": 0, "restore": 0}  # no copies taken, the last step's parameters finalized
-    best = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=True), seed=0)
+    best = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4), seed=0)
     assert calls["snapshot"] >= len(schemes) and calls["restore"] == len(schemes)
     assert best.losses == last.losses  # same run; only the kept step differs
     assert best.best_loss == min(best.losses) == last.best_loss
@@ -148,7 +148,7 @@ def test_sign_step_in_backward_equals_step_after_and_frees_each_gradient():
 
 def test_reading_losses_every_few_steps_changes_nothing_but_when():
     block, x, y, kw, schemes = _block_setup(bits=3)
-    cfg = TuneConfig(iters=12, batch_size=4)
+    cfg = TuneConfig(iters=12, batch_size=4, use_best=False)
     seen: dict[int, list] = {1: [], 5: []}
     runs = {
         k: tune_block(
@@ -167,6 +167,6 @@ def test_a_non_finite_loss_names_its_step_even_when_read_late():
     bad = x.clone()
     bad[:] = float("nan")
     with pytest.raises(SignRoundError, match="became nan at step 0"):
-        tune_block(block, bad, y, kw, schemes, TuneConfig(iters=8, batch_size=4), seed=0, sync_every=5)
+        tune_block(block, bad, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=False), seed=0, sync_every=5)
     with pytest.raises(SignRoundError, match="sync_every must be 1"):
         tune_block(block, x, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=True), seed=0, sync_every=5)
