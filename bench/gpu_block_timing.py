@@ -12,7 +12,8 @@ attention products not counted).
 
     python bench/gpu_block_timing.py --tokenizer ~/.cache/signround/smollm2-135m --work /tmp/blk
 
-Writes ``<results>/gpu-block-timing.{md,json}``.
+Writes ``<results>/<name>.{md,json}`` (``--name``, default ``gpu-block-timing``). ``--tools
+signround,signround-last,auto-round`` adds signround ``--use-last`` (no per-step host read of the loss on a GPU).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2),  # dry runs
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
 }
+# signround variants this script can time, with their extra CLI flags (auto-round runs on its own path)
+TOOL_FLAGS = {"signround": [], "signround-last": ["--use-last"]}
 SHAPE_NAMES = {"8b": "LLaMA-8B-shaped", "tiny": "tiny (dry-run)", "smollm2": "SmolLM2-135M-shaped"}
 
 
@@ -93,15 +96,24 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--work", required=True)
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--name", default="gpu-block-timing", help="file name stem of the results")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only for a dry run of the script")
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="tiny: a dry run of the script")
+    p.add_argument(
+        "--tools",
+        default="signround,auto-round",
+        help="comma-separated: signround, signround-last (signround --use-last), auto-round",
+    )
     args = p.parse_args()
+    tools = args.tools.split(",")
+    if unknown := set(tools) - set(TOOL_FLAGS) - {"auto-round"}:
+        raise SystemExit(f"unknown --tools {', '.join(sorted(unknown))}; choose signround, signround-last, auto-round")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_block_timing needs a CUDA device (or --device cpu --shape tiny for a dry run)")
     n1, n2 = (int(x) for x in args.iters.split(","))
-    work = Path(args.work)
+    work = Path(args.work) / args.shape  # runs are reused from here: one folder per shape
     work.mkdir(parents=True, exist_ok=True)
-    folder = work / "llama8b-block"
+    folder = work / "block-model"
     build_block_model(folder, args.tokenizer, args.shape, args.device)
     params = block_linear_weights(args.shape)
     peak = matmul_tflops()
@@ -109,15 +121,15 @@ def main() -> None:
     tokens = args.batch_size * args.seqlen
     rows = []
     gpu = args.device.startswith("cuda")
-    for tool in ("signround", "auto-round"):
+    for tool in tools:
         runs = {}
         try:
             # a first, uncounted run at N1 warms what a cold process pays once (page cache, kernel caches):
             # on the H200 auto-round's first run took 34 s at 10 iterations and its next 18 s at 110
             for iters, tag in ((n1, "warmup"), (n1, str(n1)), (n2, str(n2))):
                 out = work / f"{tool}-{tag}"
-                if tool == "signround":
-                    flags = ["--device", args.device]
+                if tool in TOOL_FLAGS:
+                    flags = ["--device", args.device, *TOOL_FLAGS[tool]]
                     rep = signround_quantize(recipe, args.bits, args.group_size, False, "signround", iters, out, flags)
                     shutil.rmtree(out, ignore_errors=True)
                 else:  # auto-round tunes on cuda:0 when torch sees a GPU; amp is its default there
@@ -153,12 +165,13 @@ def main() -> None:
         "scheme": f"W{args.bits}G{args.group_size} asym",
         "nsamples": args.nsamples,
         "iters": [n1, n2],
+        "tools": tools,
         "rows": rows,
     }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "gpu-block-timing.json").write_text(json.dumps(info, indent=2) + "\n")
-    (results / "gpu-block-timing.md").write_text(render(info))
+    (results / f"{args.name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    (results / f"{args.name}.md").write_text(render(info))
     print(render(info))
 
 
@@ -203,9 +216,13 @@ def render(info: dict) -> str:
         n2 = str(info["iters"][1])
         sr_s, ar_s = by_tool["signround"]["seconds"][n2], by_tool["auto-round"]["seconds"][n2]
         lines += ["", f"Wall time at {n2} iterations, signround / auto-round: {sr_s / ar_s:.2f}."]
-    missing = {"signround", "auto-round"} - set(by_tool)
+    last, best = by_tool.get("signround-last"), by_tool.get("signround")
+    if last and best and last["step_ms"] > 0 and best["step_ms"] > 0:
+        lines += ["", f"Time per step, signround --use-last / signround: {last['step_ms'] / best['step_ms']:.2f}."]
+    missing = set(info.get("tools", ["signround", "auto-round"])) - set(by_tool)
     if missing:
         lines += ["", f"No rate for {', '.join(sorted(missing))}: its run failed (see the command's output)."]
+    if missing or not {"signround", "auto-round"} <= set(by_tool):
         return "\n".join(lines) + "\n"
     sr, ar = by_tool["signround"], by_tool["auto-round"]
     if sr["step_ms"] <= 0 or ar["step_ms"] <= 0:

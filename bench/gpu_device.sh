@@ -6,7 +6,8 @@
 #   .gpu/data  calib-c4.jsonl and wikitext2-test.raw (copies of ../shared/data)
 #   .gpu/tok   SmolLM2's tokenizer files (they size the 8B-shaped block's vocabulary)
 #   .gpu/part1, .gpu2/part2   the SmolLM2-135M GGUF cut in two (a call carries at most 64 MiB)
-# Stage a (first call): installs the wheels, keeps part1, times one LLaMA-8B-shaped block for both tools.
+# Stage a (first call): installs the wheels, keeps part1, times one LLaMA-8B-shaped block for both tools
+# (with SMOL=1 also one SmolLM2-shaped block, where steps are launch-bound, adding signround --use-last).
 # Stage b (the next call, on the same warm machine): joins the GGUF and runs compare_autoround on CUDA.
 # Results go to $OUT (the folder the device tool brings back).
 set -uo pipefail
@@ -26,6 +27,11 @@ a)
 transformers.__version__, 'auto-round', a.__version__, 'cuda', torch.cuda.is_available())" || exit 1
     timeout "${BLOCK_TIMEOUT:-300}" python3 bench/gpu_block_timing.py --tokenizer $W/tok --work $W/blk \
         --results "$OUT" 2>&1 | tee "$OUT/block.log"
+    if [ -n "${SMOL:-}" ]; then  # SMOL=1: also one SmolLM2-shaped block, with signround --use-last (about 3 min)
+        timeout "${SMOL_TIMEOUT:-240}" python3 bench/gpu_block_timing.py --tokenizer $W/tok --work $W/blk \
+            --shape smollm2 --tools signround,signround-last,auto-round --nsamples 128 --seqlen 512 \
+            --iters 20,220 --name gpu-block-timing-smollm2 --results "$OUT" 2>&1 | tee "$OUT/block-smollm2.log"
+    fi
     ;;
 b)
     [ -f $W/part1 ] || { echo "no $W/part1: this is not stage a's machine (it went cold); rerun stage a"; exit 3; }
