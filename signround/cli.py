@@ -72,11 +72,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
     )
-    keep = p.add_mutually_exclusive_group()
-    keep.add_argument("--use-last", action="store_true", help="keep each block's last step instead of its best")
-    keep.add_argument(
-        "--use-best", action="store_true", help="keep each block's step of least batch loss (the default; auto-round's)"
-    )
+    p.add_argument("--use-last", action="store_true", help="keep each block's last step instead of its best")
     p.add_argument(
         "--loss",
         choices=LOSSES,

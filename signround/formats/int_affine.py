@@ -139,11 +139,8 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Integer codes ``[out, groups, g]`` (uint8, values in ``[0, 2^bits - 1]``) for the same rounding
     as :func:`fake_quant`."""
-    x = wg / scale.unsqueeze(-1)
-    if v is not None:
-        x = x + v
-    code = (torch.round(x) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
-    return code.to(torch.uint8)
+    _, code = _rounded(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), v)
+    return code.clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -188,12 +188,12 @@ def tune_block(
         best_loss, best_step, best_state = math.inf, -1, None
         pending: list[torch.Tensor] = []  # losses of steps not yet read on the host
 
-        def record(last: int) -> None:
+        def record() -> None:
             """Read the pending steps' losses (one host sync for all of them), check them, track the best."""
             nonlocal best_loss, best_step, best_state
             values = torch.stack(pending).tolist()
             pending.clear()
-            for step, value in enumerate(values, start=last - len(values) + 1):
+            for step, value in enumerate(values, start=len(losses)):
                 if not math.isfinite(value):
                     raise SignRoundError(
                         f"the tuning loss became {value} at step {step}; the inputs or weights are not finite "
@@ -219,9 +219,9 @@ def tune_block(
             if cfg.use_best and sync_every != 1:
                 raise SignRoundError("use_best reads every step's loss before its update: sync_every must be 1")
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
-            params = [p for t in tunables.values() for p in (t.v, t.min_factor, t.max_factor)]
-            # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
             offsets = [t.v for t in tunables.values()]
+            factors = [p for t in tunables.values() for p in (t.min_factor, t.max_factor)]
+            # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
             in_backward = stack.enter_context(SignStepInBackward(offsets if size == 1 else []))
             for step in range(cfg.iters):
                 idx = batches[step]
@@ -238,20 +238,18 @@ def tune_block(
                     loss = token_errors(out, targets[mine], weights=per_token[mine]).sum() / denominator
                     loss.backward()
                     total = loss.detach().reshape(1).clone()
-                    dist.all_reduce_sum([p.grad for p in params if p.grad is not None] + [total])
+                    dist.all_reduce_sum([p.grad for p in offsets + factors if p.grad is not None] + [total])
                     pending.append(total[0])
                 if len(pending) >= sync_every:
-                    record(step)
+                    record()
+                step_lr = linear_decay(lr, step, cfg.iters)
                 if size == 1:
-                    in_backward.lr = linear_decay(lr, step, cfg.iters)
+                    in_backward.lr = step_lr
                     loss.backward()
-                sign_step(offsets, linear_decay(lr, step, cfg.iters))  # data-parallel: the summed gradients
-                sign_step(
-                    [p for t in tunables.values() for p in (t.min_factor, t.max_factor)],
-                    linear_decay(mm_lr, step, cfg.iters),
-                )
+                sign_step(offsets, step_lr)  # data-parallel: the summed gradients
+                sign_step(factors, linear_decay(mm_lr, step, cfg.iters))
             if pending:
-                record(cfg.iters - 1)
+                record()
             if cfg.use_best and best_state is not None:
                 for name, t in tunables.items():
                     t.restore(best_state[name])
