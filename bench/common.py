@@ -21,11 +21,14 @@ BENCH_PY = Path(
 )
 
 
-def sh(cmd: list[str]) -> None:
+def sh(cmd: list[str], log: Path | None = None) -> None:
     """Run ``cmd``; its stdout goes through, its stderr (progress bars, library logs) is shown only when it
-    fails (the last 40 lines), so a broken run says why."""
+    fails (the last 40 lines), so a broken run says why. With ``log``, the stderr is also kept in that file
+    (the libraries' per-block log lines, with their times, for reading a long run afterwards)."""
     print("+", shlex.join(cmd), flush=True)
     done = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, errors="replace")
+    if log is not None:
+        log.write_text(done.stderr)
     if done.returncode != 0:
         print("\n".join(done.stderr.splitlines()[-40:]), file=sys.stderr, flush=True)
         raise subprocess.CalledProcessError(done.returncode, cmd)
@@ -72,7 +75,7 @@ def signround_quantize(
                "--group-size", str(group), "--method", method, "--iters", str(iters), *recipe.flags(),
                "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *eval_flags]
         # fmt: on
-        sh(cmd + (["--sym"] if sym else []))
+        sh(cmd + (["--sym"] if sym else []), out.with_name(out.name + ".log"))
     return json.loads(report.read_text())
 
 
@@ -92,7 +95,10 @@ def autoround_quantize(
                "--bits", str(bits), "--group-size", str(group), "--iters", str(iters), *recipe.flags(),
                "--output", str(out), "--report", str(report)]
         # fmt: on
-        sh(cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []) + list(extra))
+        sh(
+            cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []) + list(extra),
+            out.with_name(out.name + ".log"),
+        )
     return json.loads(report.read_text())
 
 
