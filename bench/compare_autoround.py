@@ -33,6 +33,11 @@ from common import (  # noqa: E402
 BUDGETS = {"light": 50, "default": 200}
 
 
+def run_tag(config: str, tool: str, iters: int, amp: bool) -> str:
+    """File stem of one quantization run in the work folder (``rtn`` runs carry no iteration count)."""
+    return f"{config}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
+
+
 def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]:
     windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
     device = ["--device", args.device] if args.device else []
@@ -45,6 +50,7 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
     }
     float_ppl = signround_eval(recipe.model, work / "float-ppl.json", ppl_flags)
     gpu = args.gpu
+    autoround_amps = (False, True) if args.autoround_amp else (gpu,)
     rows = []
     for budget in args.budgets.split(","):
         iters = BUDGETS[budget]
@@ -68,8 +74,15 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                 variants = [] if args.skip_rtn else [("rtn", "rtn", 0, False)]
                 variants += [("signround", "signround", iters, False)]
                 variants += [("signround", "signround", iters, True)] if args.amp else []
+                if args.cached:
+                    tags = [run_tag(name, t, iters, a) for t, _, _, a in variants]
+                    tags += [run_tag(name, "autoround", iters, a) for a in autoround_amps]
+                    missing = [t for t in tags if not all((work / f"{t}{x}.json").is_file() for x in ("", "-ppl"))]
+                    if missing:
+                        print(f"--cached: skipping {name} at {budget}; not in {work}: {', '.join(missing)}", flush=True)
+                        continue
                 for tool, method, it, amp in variants:
-                    tag = f"{name}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
+                    tag = run_tag(name, tool, iters, amp)
                     # quantize alone (its peak RSS is the quantization's, as auto-round's), then score the saved
                     # checkpoint with the same `signround eval` call every tool's model gets
                     flags = (["--amp"] if amp else []) + device
@@ -92,8 +105,8 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                     )
                 # on a GPU auto-round runs as it does by default there (amp: bfloat16 model and autocast), as
                 # signround does (--dtype auto: a bfloat16 model on CUDA); on the CPU both default to float32
-                for amp in (False, True) if args.autoround_amp else (gpu,):
-                    tag = f"{name}-autoround-{iters}" + ("-amp" if amp else "")
+                for amp in autoround_amps:
+                    tag = run_tag(name, "autoround", iters, amp)
                     rep = autoround_quantize(recipe, bits, group, sym, iters, work / tag, amp)
                     ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
                     rows.append(
@@ -270,6 +283,11 @@ def main() -> None:
     p.add_argument("--skip-rtn", action="store_true", help="no round-to-nearest rows (saves time on a lent GPU)")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder for the .md/.json/.png")
     p.add_argument("--name", default="compare-autoround", help="file name stem of the results")
+    p.add_argument(
+        "--cached",
+        action="store_true",
+        help="run nothing: tabulate the configs whose runs are all in --work already (skip the others, saying so)",
+    )
     args = p.parse_args()
     args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
     args.machine = machine()
