@@ -219,7 +219,9 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         )
         + " signround tunes against its default objective (per-token error relative to the float output,"
         " `--loss relative`) from clipping searched on the inputs' power (`--init search`), auto-round against"
-        " the plain MSE from unclipped groups; both keep each block's step of least batch loss. Each model is"
+        " the plain MSE from unclipped groups; both keep each block's step of least batch loss. auto-round runs"
+        " with its own defaults otherwise, which on Linux include `torch.compile` of its block forward and"
+        " quantize-dequantize (0.16.1 turns it on at 10 or more iterations); signround runs eagerly. Each model is"
         " quantized in its own process without evaluation (peak RSS: VmHWM of that process), then scored by the"
         " same `signround eval` call.",
         "",
