@@ -1,0 +1,230 @@
+"""The ``signround`` command line's argument parser: one ``_add_*`` per subcommand, flags mirroring config
+fields one to one (:mod:`signround.cli` turns the parsed arguments into configs and runs them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from signround.config import INITS, LOSSES, DType
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's weights and save a checkpoint")
+    p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or alias (smollm2-135m)")
+    p.add_argument(
+        "--bits", type=int, default=None, help="weight bits, 2..8 (default 4; implied by a floating-point --data-type)"
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="weights per scale along the input dim; -1 = per channel (default 128; mxfp4, q4_k: 32; nvfp4, q2_k, "
+        "q6_k: 16)",
+    )
+    p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
+    p.add_argument(
+        "--data-type",
+        choices=[d.value for d in DType],
+        default="int",
+        help="weight number format (default int); the others fix their own width and symmetry: fp* / mxfp4 / "
+        "nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids, q4_k / q2_k / q6_k = "
+        "llama.cpp's K-quant structures, for --format gguf:q4_k|q2_k|q6_k|q4_k_m (docs/formats.md); --dtype is "
+        "the model's compute dtype",
+    )
+    p.add_argument(
+        "--serve-bits",
+        default=None,
+        metavar="B,B,...",
+        help="Double Rounding: lower widths this checkpoint also serves (e.g. 6,4,3,2 with --bits 8); "
+        "`signround eval --bits 4` derives one",
+    )
+    p.add_argument("--method", choices=["signround", "rtn"], default="signround")
+    p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="rounding step size (default 1/iters)")
+    p.add_argument("--minmax-lr", type=float, default=None, help="clipping step size (default = lr)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="calibration .txt/.jsonl/.json/.parquet file or HF dataset name; none = data-free",
+    )
+    p.add_argument(
+        "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
+    )
+    p.add_argument("--use-last", action="store_true", help="keep each block's last step instead of its best")
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="relative",
+        help="tuning objective: per-token error relative to the float output (default) or auto-round's plain MSE",
+    )
+    p.add_argument(
+        "--init",
+        choices=INITS,
+        default="search",
+        help="clipping start: a grid search weighted by the inputs' mean square (default) or unclipped (none)",
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="tuning steps under bfloat16 autocast (faster on GPUs and CPUs with avx512_bf16/AMX, slower on others)",
+    )
+    _add_mixed_args(p)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype of the model (auto: bfloat16 on CUDA, float32 on CPU, where it is faster)",
+    )
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    _add_format_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run (its state is kept in OUTPUT.signround-run)"
+    )
+    p.add_argument(
+        "--fp-inputs",
+        action="store_true",
+        help="tune each block on the float model's inputs instead of the quantized model's (blocks independent)",
+    )
+    p.add_argument(
+        "--block-parallel",
+        action="store_true",
+        help="under torchrun: ranks tune disjoint blocks (needs --fp-inputs); default: ranks split each batch",
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="never hold the whole model: build it on the meta device and load one block at a time from the "
+        "safetensors files (HF folders; native format; see docs/operations.md)",
+    )
+    p.add_argument(
+        "--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file"
+    )
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--report", default=None, metavar="PATH", help="write the run report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_mixed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixed precision (per-layer bits chosen for a size budget; see docs/mixed.md)")
+    g.add_argument("--avg-bits", type=float, default=None, help="average bits per weight, scales and zeros included")
+    g.add_argument(
+        "--target-size", default=None, help="size of the whole checkpoint, e.g. 60MB (float parts at 16 bits)"
+    )
+    g.add_argument("--bit-options", default="2,3,4,8", help="widths a layer may take (default 2,3,4,8)")
+    g.add_argument("--alloc-solver", choices=["ilp", "greedy"], default="ilp", help="integer program or greedy")
+    g.add_argument(
+        "--sensitivity",
+        choices=["block", "block-mse", "fisher"],
+        default="block",
+        help="block: block-output error weighted by the loss gradient (default); block-mse: unweighted; "
+        "fisher: weight-space Fisher proxy",
+    )
+    g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
+    a = p.add_argument_group("activations (fake-quantized: simulated in evaluation, native format only)")
+    a.add_argument("--act-bits", type=int, default=None, help="quantize every quantized linear's input: 8 or 4 bits")
+    a.add_argument("--act-dtype", choices=["int", "fp8_e4m3", "fp4_e2m1"], default=None, help="default int")
+    a.add_argument(
+        "--act-granularity",
+        choices=["token", "channel"],
+        default=None,
+        help="token: dynamic per-token scales (default); channel: static per-channel scales from calibration",
+    )
+    a.add_argument(
+        "--smooth",
+        action="store_true",
+        help="move activation outliers into the weights (per-channel scales folded into the norms / up_proj, "
+        "strength searched per layer group on calibration data)",
+    )
+    p.add_argument(
+        "--format-search",
+        default=None,
+        metavar="DTYPE,DTYPE,...",
+        help="per layer, the data type of least activation-weighted rounding error among these (one width), "
+        "e.g. fp4_e2m1,fp4_e1m2,fp4_e3m0 (LLM-FP4) or int,fp4_e2m1; native format only",
+    )
+
+
+def _add_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        default="native",
+        help="checkpoint format(s), comma-separated: native, auto_round, gptq, compressed-tensors, gguf:<type>; "
+        "several formats give one subfolder each (see docs/formats.md)",
+    )
+    p.add_argument(
+        "--allow-partial-groups",
+        action="store_true",
+        help="compressed-tensors: write groups that do not divide a layer's width (stock readers cannot run them)",
+    )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="convert a signround checkpoint to other formats without re-tuning")
+    p.add_argument("--model", required=True, help="a signround checkpoint (or, for gguf:f16, a float model)")
+    p.add_argument(
+        "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
+    )
+    p.add_argument("--output", required=True, help="output folder (written atomically)")
+    _add_format_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a float model or a quantized checkpoint")
+    p.add_argument("--model", required=True, help="HF folder, signround checkpoint, .gguf file, hub id or alias")
+    p.add_argument("--ppl", default=None, help="wikitext2 or a path to a text file (default wikitext2 without --tasks)")
+    p.add_argument(
+        "--tasks", default=None, help="zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande"
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
+    p.add_argument("--data-dir", default=None, help="folder of local task files (default ../shared/data/tasks)")
+    p.add_argument(
+        "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
+    )
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (tasks use at least 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); float32 on either")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help='write {"ppl": ..., "windows": ..., "seqlen": ..., "tasks": [...]}'
+    )
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="greedy text generation from a float or quantized model (any format)")
+    p.add_argument("--model", required=True, help="HF folder, signround/auto-round/GPTQ/compressed-tensors/GGUF")
+    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--quiet", action="store_true")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``signround: error: ...``, exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"signround: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="signround", description="SignRound weight quantization for causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_export(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    return parser
