@@ -111,6 +111,11 @@ def main() -> None:
     p.add_argument(
         "--amp", action="store_true", help="auto-round's bfloat16 autocast (its default where bf16 is supported)"
     )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="enable_torch_compile=False (auto-round compiles its block forward and quantize-dequantize by default)",
+    )
     args = p.parse_args()
 
     from auto_round import AutoRound  # imported late: only the bench environment has it
@@ -161,6 +166,7 @@ def main() -> None:
         seed=args.seed,
         dataset=dataset,
         amp=args.amp,
+        **({"enable_torch_compile": False} if args.no_compile else {}),
     )
     if args.auto_scheme is not None:
         ar.post_init()  # runs the AutoScheme search (quantize() would otherwise), which dominates this span
@@ -188,6 +194,7 @@ def main() -> None:
                 **({} if peak_gpu is None else {"peak_gpu_gb": peak_gpu}),
                 "tool": "auto-round",
                 "amp": args.amp,
+                "torch_compile": bool(getattr(ar, "enable_torch_compile", None)),
                 "version": __import__("auto_round").__version__,
                 **report,
             },

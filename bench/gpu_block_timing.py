@@ -13,7 +13,9 @@ attention products not counted).
     python bench/gpu_block_timing.py --tokenizer ~/.cache/signround/smollm2-135m --work /tmp/blk
 
 Writes ``<results>/<name>.{md,json}`` (``--name``, default ``gpu-block-timing``). ``--tools
-signround,signround-last,auto-round`` adds signround ``--use-last`` (no per-step host read of the loss on a GPU).
+signround,signround-last,auto-round`` adds signround ``--use-last`` (no per-step host read of the loss on a GPU);
+``auto-round-eager`` is auto-round with ``enable_torch_compile=False`` (it compiles by default, also on the CPU),
+to tell how much of its step rate is compilation.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SHAPES = {
 }
 # signround variants this script can time, with their extra CLI flags (auto-round runs on its own path)
 TOOL_FLAGS = {"signround": [], "signround-last": ["--use-last"]}
+# auto-round variants: extra flags of bench/autoround_run.py
+AUTOROUND_FLAGS = {"auto-round": [], "auto-round-eager": ["--no-compile"]}
 SHAPE_NAMES = {"8b": "LLaMA-8B-shaped", "tiny": "tiny (dry-run)", "smollm2": "SmolLM2-135M-shaped"}
 
 
@@ -102,12 +106,14 @@ def main() -> None:
     p.add_argument(
         "--tools",
         default="signround,auto-round",
-        help="comma-separated: signround, signround-last (signround --use-last), auto-round",
+        help="comma-separated: signround, signround-last (signround --use-last), auto-round, auto-round-eager "
+        "(auto-round with enable_torch_compile=False)",
     )
     args = p.parse_args()
     tools = args.tools.split(",")
-    if unknown := set(tools) - set(TOOL_FLAGS) - {"auto-round"}:
-        raise SystemExit(f"unknown --tools {', '.join(sorted(unknown))}; choose signround, signround-last, auto-round")
+    if unknown := set(tools) - set(TOOL_FLAGS) - set(AUTOROUND_FLAGS):
+        known = ", ".join([*TOOL_FLAGS, *AUTOROUND_FLAGS])
+        raise SystemExit(f"unknown --tools {', '.join(sorted(unknown))}; choose from {known}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_block_timing needs a CUDA device (or --device cpu --shape tiny for a dry run)")
     n1, n2 = (int(x) for x in args.iters.split(","))
@@ -133,7 +139,7 @@ def main() -> None:
                     rep = signround_quantize(recipe, args.bits, args.group_size, False, "signround", iters, out, flags)
                     shutil.rmtree(out, ignore_errors=True)
                 else:  # auto-round tunes on cuda:0 when torch sees a GPU; amp is its default there
-                    extra = ("--no-save",)
+                    extra = ("--no-save", *AUTOROUND_FLAGS[tool])
                     rep = autoround_quantize(recipe, args.bits, args.group_size, False, iters, out, gpu, extra)
                 if tag != "warmup":
                     runs[iters] = rep
