@@ -21,6 +21,11 @@ BENCH_PY = Path(
 )
 
 
+def beside(out: Path, suffix: str) -> Path:
+    """A run's side file: ``out`` (the run's output folder) with ``suffix`` appended, in the same folder."""
+    return out.with_name(out.name + suffix)
+
+
 def sh(cmd: list[str], log: Path | None = None) -> None:
     """Run ``cmd``; its stdout goes through, its stderr (progress bars, library logs) is shown only when it
     fails (the last 40 lines), so a broken run says why. With ``log``, the stderr is also kept in that file
@@ -68,14 +73,14 @@ def signround_quantize(
     recipe: Recipe, bits: int, group: int, sym: bool, method: str, iters: int, out: Path, eval_flags: list[str]
 ) -> dict:
     """Quantize with the signround CLI (once; reused from ``out``); returns its JSON report."""
-    report = out.with_name(out.name + ".json")
+    report = beside(out, ".json")
     if not report.is_file():
         # fmt: off
         cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", recipe.model, "--bits", str(bits),
                "--group-size", str(group), "--method", method, "--iters", str(iters), *recipe.flags(),
                "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *eval_flags]
         # fmt: on
-        sh(cmd + (["--sym"] if sym else []), out.with_name(out.name + ".log"))
+        sh(cmd + (["--sym"] if sym else []), beside(out, ".log"))
     return json.loads(report.read_text())
 
 
@@ -84,7 +89,7 @@ def autoround_quantize(
 ) -> dict:
     """Quantize with auto-round in the bench-only environment (once; reused); returns its JSON report.
     ``out`` receives auto-round's fake-quantized model as a float HF folder."""
-    report = out.with_name(out.name + ".json")
+    report = beside(out, ".json")
     if not report.is_file():
         if not BENCH_PY.is_file():
             raise SystemExit(f"auto-round needs the bench environment {BENCH_PY}; see bench/requirements-bench.txt")
@@ -97,7 +102,7 @@ def autoround_quantize(
         # fmt: on
         sh(
             cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []) + list(extra),
-            out.with_name(out.name + ".log"),
+            beside(out, ".log"),
         )
     return json.loads(report.read_text())
 

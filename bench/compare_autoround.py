@@ -23,6 +23,7 @@ from common import (  # noqa: E402
     ROOT,
     Recipe,
     autoround_quantize,
+    beside,
     config_name,
     machine,
     pyplot,
@@ -36,6 +37,11 @@ BUDGETS = {"light": 50, "default": 200}
 def run_tag(config: str, tool: str, iters: int, amp: bool) -> str:
     """File stem of one quantization run in the work folder (``rtn`` runs carry no iteration count)."""
     return f"{config}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
+
+
+def ppl_file(work: Path, tag: str) -> Path:
+    """Where one run's ``signround eval`` JSON is kept in the work folder."""
+    return work / f"{tag}-ppl.json"
 
 
 def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]:
@@ -77,7 +83,9 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                 if args.cached:
                     tags = [run_tag(name, t, iters, a) for t, _, _, a in variants]
                     tags += [run_tag(name, "autoround", iters, a) for a in autoround_amps]
-                    missing = [t for t in tags if not all((work / f"{t}{x}.json").is_file() for x in ("", "-ppl"))]
+                    missing = [
+                        t for t in tags if not (beside(work / t, ".json").is_file() and ppl_file(work, t).is_file())
+                    ]
                     if missing:
                         print(f"--cached: skipping {name} at {budget}; not in {work}: {', '.join(missing)}", flush=True)
                         continue
@@ -87,7 +95,7 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                     # checkpoint with the same `signround eval` call every tool's model gets
                     flags = (["--amp"] if amp else []) + device
                     rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, flags)
-                    ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
+                    ppl = signround_eval(str(work / tag), ppl_file(work, tag), ppl_flags)
                     rows.append(
                         {
                             **base,
@@ -108,7 +116,7 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                 for amp in autoround_amps:
                     tag = run_tag(name, "autoround", iters, amp)
                     rep = autoround_quantize(recipe, bits, group, sym, iters, work / tag, amp)
-                    ppl = signround_eval(str(work / tag), work / f"{tag}-ppl.json", ppl_flags)
+                    ppl = signround_eval(str(work / tag), ppl_file(work, tag), ppl_flags)
                     rows.append(
                         {
                             **base,
@@ -288,7 +296,8 @@ def main() -> None:
     p.add_argument(
         "--cached",
         action="store_true",
-        help="run nothing: tabulate the configs whose runs are all in --work already (skip the others, saying so)",
+        help="quantize nothing: tabulate the configs whose runs are all in --work already (skip the others, saying "
+        "so); only the float model's perplexity is computed if --work lacks it",
     )
     args = p.parse_args()
     args.command = "python bench/compare_autoround.py " + shlex.join(sys.argv[1:])
