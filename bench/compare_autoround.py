@@ -162,7 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 (int(r["config"][1]), r["ppl"])
                 for r in rows
                 if r["budget"] == budget
-                and r["config"].endswith(mode)
+                and r["config"].split("-")[-1] == mode  # "W2G128-asym" also ends with "sym"
                 and r["tool"] == tool
                 and r.get("amp", False) == amp
             )
