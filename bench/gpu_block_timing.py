@@ -39,7 +39,7 @@ SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
 }
 # signround variants this script can time, with their extra CLI flags (auto-round runs on its own path)
-TOOL_FLAGS = {"signround": [], "signround-last": ["--use-last"]}
+TOOL_FLAGS = {"signround": [], "signround-last": ["--use-last"], "signround-compile": ["--enable-torch-compile"]}
 # auto-round variants: extra flags of bench/autoround_run.py
 AUTOROUND_FLAGS = {"auto-round": [], "auto-round-eager": ["--no-compile"]}
 SHAPE_NAMES = {"8b": "LLaMA-8B-shaped", "tiny": "tiny (dry-run)", "smollm2": "SmolLM2-135M-shaped"}

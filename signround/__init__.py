@@ -96,6 +96,7 @@ def quantize(
     loss: str = "relative",
     init: str = "search",
     use_best: bool = True,
+    enable_torch_compile: bool = False,
     device: str | None = None,
     progress: bool = True,
 ) -> Any:
@@ -127,6 +128,7 @@ def quantize(
         init: ``search`` (clipping factors start at a grid search weighted by the inputs' power; default)
             or ``none`` (unclipped, as auto-round).
         use_best: keep each block's lowest-batch-loss step (auto-round's rule; default), else its last step.
+        enable_torch_compile: compile the tuning steps' quantize-dequantize (``TuneConfig.torch_compile``).
         device: where blocks are tuned (default CUDA if available).
 
     Returns:
@@ -154,6 +156,7 @@ def quantize(
             amp=amp,
             loss=loss,
             init=init,
+            torch_compile=enable_torch_compile,
         ),
         calib=CalibConfig(dataset=text_dataset, nsamples=nsamples, seqlen=seqlen, seed=seed),
         serve_bits=serve_bits,

@@ -57,6 +57,22 @@ def _mixed_spec(args: argparse.Namespace):
     )
 
 
+def check_cpu_compiler() -> None:
+    """``--enable-torch-compile`` on the CPU: inductor builds C++; fail before loading anything without one.
+
+    Raises:
+        SignRoundError: no working C++ compiler (``g++``/``clang++``, or ``$CXX``).
+    """
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - inductor raises its own InvalidCxxCompiler or an OSError
+        raise SignRoundError(
+            "--enable-torch-compile on the CPU needs a C++ compiler (install g++ or set CXX), or drop the flag"
+        ) from None
+
+
 def resolve_device(spec: str | None) -> str:
     """``--device``: ``cpu``, ``cuda`` or ``cuda:N``; None means CUDA when it is available, else the CPU.
 
@@ -121,7 +137,10 @@ def _quantize(args: argparse.Namespace) -> int:
         quant_inputs=not args.fp_inputs,
         loss=args.loss,
         init=args.init,
+        torch_compile=args.enable_torch_compile,
     )
+    if tune.torch_compile and args.device == "cpu":
+        check_cpu_compiler()
     cfg = QuantConfig(
         scheme=scheme,
         layer_rules=parse_layer_config(args.layer_config, scheme),

@@ -73,6 +73,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="tuning steps under bfloat16 autocast (faster on GPUs and CPUs with avx512_bf16/AMX, slower on others)",
     )
+    p.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        help="compile the tuning steps' quantize-dequantize with torch.compile (faster steps after about 20 s of "
+        "compiling; needs a C++ compiler on the CPU)",
+    )
     _add_mixed_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(

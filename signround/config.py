@@ -326,6 +326,11 @@ class TuneConfig:
             extremes (1.0 down to 0.5) with the least weight error weighted by the inputs' mean square,
             measured on the calibration inputs (llama.cpp's imatrix idea, :mod:`signround.tune.init`);
             ``none``: unclipped (factors 1), as auto-round.
+        torch_compile: run the tuning steps' quantize-dequantize through ``torch.compile`` (one fused loop
+            for its forward and one for its backward instead of about 20 passes over each weight; about 20 s
+            of compilation once per process, a C++ compiler on the CPU); the forward's values are the
+            eager ones bit for bit. Off by default (auto-round's ``enable_torch_compile`` compiles more: its
+            block forward as well).
     """
 
     method: Method = Method.SIGNROUND
@@ -339,6 +344,7 @@ class TuneConfig:
     quant_inputs: bool = True
     loss: str = "relative"
     init: str = "search"
+    torch_compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))

@@ -442,6 +442,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "loss": tune.loss,
             "init": tune.init,
             **({} if tune.quant_inputs else {"quant_inputs": False}),
+            **({"torch_compile": True} if tune.torch_compile else {}),
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,

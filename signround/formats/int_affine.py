@@ -116,6 +116,8 @@ class FakeQuantSTE(torch.autograd.Function):
         ctx.save_for_backward(wg, scale, zero, v)
         ctx.maxq = maxq
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        if _COMPILED["on"]:
+            return _compiled("forward")(wg, s, z, v, maxq)
         _, p = _rounded(wg, s, z, v)
         return p.clamp_(0, maxq).sub_(z).mul_(s)
 
@@ -124,13 +126,69 @@ class FakeQuantSTE(torch.autograd.Function):
         wg, scale, zero, v = ctx.saved_tensors
         maxq = ctx.maxq
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        need_w, need_s, need_z, need_v = ctx.needs_input_grad[:4]
+        if _COMPILED["on"]:
+            g_in, g_s, g_z, g_v = _compiled("backward")(grad, wg, s, z, v, maxq, need_s, need_z, need_v)
+            return (g_in if need_w else None), g_s, g_z, g_v, None
         t, p = _rounded(wg, s, z, v)
         g_in = grad * ((p >= 0) & (p <= maxq))  # the gradient that passes the clamp
-        need_w, need_s, need_z, need_v = ctx.needs_input_grad[:4]
         g_v = g_in * s if need_v else None
         g_z = (g_in - grad).mul_(s).sum(-1) if need_z else None
         g_s = p.clamp_(0, maxq).sub_(z).mul_(grad).sub_(t.mul_(g_in)).sum(-1) if need_s else None
         return (g_in if need_w else None), g_s, g_z, g_v, None
+
+
+# ---------------------------------------------------------------- compiled quantize-dequantize
+
+_COMPILED = {"on": False}
+_COMPILED_FNS: dict[str, Any] = {}
+
+
+def _qdq_forward(wg, s, z, v, maxq: int):
+    """:class:`FakeQuantSTE`'s forward, out of place (what ``torch.compile`` fuses into one loop); the same
+    operations in the same order, so the same values bit for bit."""
+    t = wg / s
+    p = (t + v if v is not None else t).round() + z
+    return (p.clamp(0, maxq) - z) * s
+
+
+def _qdq_backward(grad, wg, s, z, v, maxq: int, need_s: bool, need_z: bool, need_v: bool):
+    """:class:`FakeQuantSTE`'s backward, out of place: ``(g_w, g_s, g_z, g_v)`` (None where not needed;
+    per-group sums may differ from the eager ones in the last bits: the reduction order is inductor's)."""
+    t = wg / s
+    p = (t + v if v is not None else t).round() + z
+    g_in = grad * ((p >= 0) & (p <= maxq))
+    g_v = g_in * s if need_v else None
+    g_z = ((g_in - grad) * s).sum(-1) if need_z else None
+    g_s = ((p.clamp(0, maxq) - z) * grad - t * g_in).sum(-1) if need_s else None
+    return g_in, g_s, g_z, g_v
+
+
+def _compiled(which: str):
+    """The compiled :func:`_qdq_forward` or :func:`_qdq_backward` (compiled on first use, once
+    per process; a new weight shape recompiles once, then shapes are dynamic)."""
+    if which not in _COMPILED_FNS:
+        fn = {"forward": _qdq_forward, "backward": _qdq_backward}[which]
+        _COMPILED_FNS[which] = torch.compile(fn, fullgraph=True)
+    return _COMPILED_FNS[which]
+
+
+class compiled_fake_quant:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """``with compiled_fake_quant(True): ...`` runs :func:`fake_quant` through compiled
+    forward and backward (one fused loop each instead of about 5 and 15 passes over each weight); the
+    forward equals the eager one bit for bit. ``False`` leaves the eager path on."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._before = False
+
+    def __enter__(self) -> compiled_fake_quant:
+        self._before = _COMPILED["on"]
+        _COMPILED["on"] = self.enabled or self._before
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _COMPILED["on"] = self._before
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from signround.act.calibrate import quantized_inputs
 from signround.calib.capture import block_output
 from signround.config import ActScheme, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
+from signround.formats.int_affine import compiled_fake_quant
 from signround.model.blocks import block_linears
 from signround.tune.init import InputPower, init_clipping
 from signround.tune.optim import SignStepInBackward, linear_decay, sign_step
@@ -223,6 +224,7 @@ def tune_block(
             factors = [p for t in tunables.values() for p in (t.min_factor, t.max_factor)]
             # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
             in_backward = stack.enter_context(SignStepInBackward(offsets if size == 1 else []))
+            stack.enter_context(compiled_fake_quant(cfg.torch_compile))  # the RTN pass and search stay eager
             for step in range(cfg.iters):
                 idx = batches[step]
                 if size == 1:

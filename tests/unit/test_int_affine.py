@@ -184,3 +184,29 @@ def test_fake_quant_saves_no_weight_sized_intermediates():
 
     assert saved_bytes(F.fake_quant) < 1.0
     assert saved_bytes(_composed_fake_quant) >= 8.0
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True)])
+def test_compiled_fake_quant_matches_eager(bits, sym):
+    """``compiled_fake_quant(True)`` (torch.compile'd forward and backward): the same values bit for bit, the
+    offsets' gradient bit for bit, the clipping factors' up to float rounding (inductor's summation order)."""
+    _, wg = _grouped(out=32, inp=256, g=32, seed=bits)
+    wmin, wmax = F.group_minmax(wg)
+    torch.manual_seed(1)
+    a, b = (torch.rand(32, 8).mul(0.5).add(0.5).requires_grad_(True) for _ in range(2))
+    v = (torch.rand_like(wg) - 0.5).requires_grad_(True)
+    grad_out = torch.randn_like(wg)
+    results = []
+    for compiled in (False, True):
+        for t in (a, b, v):
+            t.grad = None
+        with F.compiled_fake_quant(compiled):
+            scale, zero = F.compute_qparams(wmin, wmax, bits, sym, a, b)
+            y = F.fake_quant(wg, scale, zero, bits, v)
+            (y * grad_out).sum().backward()
+        results.append((y.detach(), v.grad.clone(), a.grad.clone(), b.grad.clone()))
+    (y0, v0, a0, b0), (y1, v1, a1, b1) = results
+    assert torch.equal(y0, y1) and torch.equal(v0, v1)
+    for g0, g1 in ((a0, a1), (b0, b1)):
+        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-4 * float(g0.abs().max()))
+    assert not F._COMPILED["on"]  # the context restores the eager path

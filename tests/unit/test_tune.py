@@ -170,3 +170,13 @@ def test_a_non_finite_loss_names_its_step_even_when_read_late():
         tune_block(block, bad, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=False), seed=0, sync_every=5)
     with pytest.raises(SignRoundError, match="sync_every must be 1"):
         tune_block(block, x, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=True), seed=0, sync_every=5)
+
+
+def test_torch_compile_tuning_matches_eager():
+    """``TuneConfig(torch_compile=True)`` compiles the steps' quantize-dequantize: the same run, up to the
+    clipping gradients' summation order (here: the same losses to float rounding and the same codes)."""
+    block, x, y, kw, schemes = _block_setup(bits=3)
+    eager = tune_block(block, x, y, kw, schemes, TuneConfig(iters=10, batch_size=4), seed=3)
+    comp = tune_block(block, x, y, kw, schemes, TuneConfig(iters=10, batch_size=4, torch_compile=True), seed=3)
+    assert comp.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert all(torch.equal(eager.layers[n].codes, comp.layers[n].codes) for n in eager.layers)
