@@ -329,8 +329,9 @@ class TuneConfig:
         torch_compile: run the tuning steps' quantize-dequantize through ``torch.compile`` (one fused loop
             for its forward and one for its backward instead of about 20 passes over each weight; about 20 s
             of compilation once per process, a C++ compiler on the CPU); the forward's values are the
-            eager ones bit for bit. Off by default (auto-round's ``enable_torch_compile`` compiles more: its
-            block forward as well).
+            eager ones bit for bit, the clipping gradients' group sums may differ in the last bits, so a run
+            may tune to a slightly different result. Off by default (auto-round's ``enable_torch_compile``
+            compiles more: its block forward as well).
     """
 
     method: Method = Method.SIGNROUND

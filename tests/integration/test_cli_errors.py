@@ -291,3 +291,15 @@ def test_disk_full_keeps_the_previous_output(capsys, tmp_path, model_dir, calib_
     assert code == 2 and len(lines) == 1 and "disk full" in lines[0]
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_torch_compile_without_a_cpp_compiler(capsys, tmp_path, model_dir, calib_jsonl, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    def missing():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    out = tmp_path / "out"
+    args = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--device", "cpu", "--enable-torch-compile")
+    assert_refused(capsys, out, args, "C++ compiler")
