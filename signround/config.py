@@ -326,7 +326,8 @@ class TuneConfig:
             extremes (1.0 down to 0.5) with the least weight error weighted by the inputs' mean square,
             measured on the calibration inputs (llama.cpp's imatrix idea, :mod:`signround.tune.init`);
             ``none``: unclipped (factors 1), as auto-round.
-        torch_compile: run the tuning steps' quantize-dequantize through ``torch.compile`` (one fused loop
+        torch_compile: run the tuning steps' integer-grid quantize-dequantize (``--data-type int``, the
+            default; the other data types stay eager) through ``torch.compile`` (one fused loop
             for its forward and one for its backward instead of about 20 passes over each weight; about 20 s
             of compilation once per process, a C++ compiler on the CPU); the forward's values are the
             eager ones bit for bit, the clipping gradients' group sums may differ in the last bits, so a run

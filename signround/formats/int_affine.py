@@ -15,6 +15,8 @@ tuned model and the saved one compute the same numbers. All tensors are grouped 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -102,6 +104,54 @@ def _rounded(wg, s, z, v):
     return t, p.round_().add_(z)
 
 
+def _forward_values(wg, s, z, v, maxq: int):
+    """:class:`FakeQuantSTE`'s forward for unsqueezed ``s``, ``z``: ``(clamp(round(w/s + v) + z) - z) * s``,
+    in place on one temporary."""
+    _, p = _rounded(wg, s, z, v)
+    return p.clamp_(0, maxq).sub_(z).mul_(s)
+
+
+def _backward_grads(grad, wg, s, z, v, maxq: int, need_s: bool, need_z: bool, need_v: bool):
+    """:class:`FakeQuantSTE`'s backward: ``(g_w, g_s, g_z, g_v)`` (the last three None where not needed),
+    recomputing the rounding."""
+    t, p = _rounded(wg, s, z, v)
+    g_in = grad * ((p >= 0) & (p <= maxq))  # the gradient that passes the clamp
+    g_v = g_in * s if need_v else None
+    g_z = (g_in - grad).mul_(s).sum(-1) if need_z else None
+    g_s = p.clamp_(0, maxq).sub_(z).mul_(grad).sub_(t.mul_(g_in)).sum(-1) if need_s else None
+    return g_in, g_s, g_z, g_v
+
+
+# ``compiled_fake_quant(True)`` switches both passes to ``torch.compile`` of the same functions
+_COMPILED = {"on": False}
+_COMPILED_FNS: dict[str, Any] = {}
+
+
+def _pass(fn):
+    """``fn`` (:func:`_forward_values` or :func:`_backward_grads`), or its compiled version inside
+    :func:`compiled_fake_quant` (compiled on first use, once per process; a new weight shape recompiles once,
+    then shapes are dynamic)."""
+    if not _COMPILED["on"]:
+        return fn
+    if fn.__name__ not in _COMPILED_FNS:
+        _COMPILED_FNS[fn.__name__] = torch.compile(fn, fullgraph=True)
+    return _COMPILED_FNS[fn.__name__]
+
+
+@contextlib.contextmanager
+def compiled_fake_quant(enabled: bool) -> Iterator[None]:
+    """``with compiled_fake_quant(True): ...`` runs :func:`fake_quant`'s forward and backward through
+    ``torch.compile`` (one fused loop each instead of about 5 and 15 passes over each weight). The forward's
+    values equal the eager ones bit for bit; the per-group gradient sums may differ in the last bits
+    (inductor's reduction order). ``False`` leaves the eager path on."""
+    before = _COMPILED["on"]
+    _COMPILED["on"] = enabled or before
+    try:
+        yield
+    finally:
+        _COMPILED["on"] = before
+
+
 class FakeQuantSTE(torch.autograd.Function):
     """:func:`fake_quant` with the straight-through gradients of composing ``round_ste``, ``clamp`` and the
     affine maps, but saving only its inputs: the backward recomputes the rounding, so no weight-sized
@@ -115,80 +165,15 @@ class FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, wg, scale, zero, v, maxq):
         ctx.save_for_backward(wg, scale, zero, v)
         ctx.maxq = maxq
-        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        if _COMPILED["on"]:
-            return _compiled("forward")(wg, s, z, v, maxq)
-        _, p = _rounded(wg, s, z, v)
-        return p.clamp_(0, maxq).sub_(z).mul_(s)
+        return _pass(_forward_values)(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), v, maxq)
 
     @staticmethod
     def backward(ctx, grad):
         wg, scale, zero, v = ctx.saved_tensors
-        maxq = ctx.maxq
-        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         need_w, need_s, need_z, need_v = ctx.needs_input_grad[:4]
-        if _COMPILED["on"]:
-            g_in, g_s, g_z, g_v = _compiled("backward")(grad, wg, s, z, v, maxq, need_s, need_z, need_v)
-            return (g_in if need_w else None), g_s, g_z, g_v, None
-        t, p = _rounded(wg, s, z, v)
-        g_in = grad * ((p >= 0) & (p <= maxq))  # the gradient that passes the clamp
-        g_v = g_in * s if need_v else None
-        g_z = (g_in - grad).mul_(s).sum(-1) if need_z else None
-        g_s = p.clamp_(0, maxq).sub_(z).mul_(grad).sub_(t.mul_(g_in)).sum(-1) if need_s else None
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        g_in, g_s, g_z, g_v = _pass(_backward_grads)(grad, wg, s, z, v, ctx.maxq, need_s, need_z, need_v)
         return (g_in if need_w else None), g_s, g_z, g_v, None
-
-
-# ---------------------------------------------------------------- compiled quantize-dequantize
-
-_COMPILED = {"on": False}
-_COMPILED_FNS: dict[str, Any] = {}
-
-
-def _qdq_forward(wg, s, z, v, maxq: int):
-    """:class:`FakeQuantSTE`'s forward, out of place (what ``torch.compile`` fuses into one loop); the same
-    operations in the same order, so the same values bit for bit."""
-    t = wg / s
-    p = (t + v if v is not None else t).round() + z
-    return (p.clamp(0, maxq) - z) * s
-
-
-def _qdq_backward(grad, wg, s, z, v, maxq: int, need_s: bool, need_z: bool, need_v: bool):
-    """:class:`FakeQuantSTE`'s backward, out of place: ``(g_w, g_s, g_z, g_v)`` (None where not needed;
-    per-group sums may differ from the eager ones in the last bits: the reduction order is inductor's)."""
-    t = wg / s
-    p = (t + v if v is not None else t).round() + z
-    g_in = grad * ((p >= 0) & (p <= maxq))
-    g_v = g_in * s if need_v else None
-    g_z = ((g_in - grad) * s).sum(-1) if need_z else None
-    g_s = ((p.clamp(0, maxq) - z) * grad - t * g_in).sum(-1) if need_s else None
-    return g_in, g_s, g_z, g_v
-
-
-def _compiled(which: str):
-    """The compiled :func:`_qdq_forward` or :func:`_qdq_backward` (compiled on first use, once
-    per process; a new weight shape recompiles once, then shapes are dynamic)."""
-    if which not in _COMPILED_FNS:
-        fn = {"forward": _qdq_forward, "backward": _qdq_backward}[which]
-        _COMPILED_FNS[which] = torch.compile(fn, fullgraph=True)
-    return _COMPILED_FNS[which]
-
-
-class compiled_fake_quant:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """``with compiled_fake_quant(True): ...`` runs :func:`fake_quant` through compiled
-    forward and backward (one fused loop each instead of about 5 and 15 passes over each weight); the
-    forward equals the eager one bit for bit. ``False`` leaves the eager path on."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._before = False
-
-    def __enter__(self) -> compiled_fake_quant:
-        self._before = _COMPILED["on"]
-        _COMPILED["on"] = self.enabled or self._before
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _COMPILED["on"] = self._before
 
 
 @torch.no_grad()
