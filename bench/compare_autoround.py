@@ -34,9 +34,16 @@ from common import (  # noqa: E402
 BUDGETS = {"light": 50, "default": 200}
 
 
-def run_tag(config: str, tool: str, iters: int, amp: bool) -> str:
+def run_tag(config: str, tool: str, iters: int, amp: bool, compiled: bool = False) -> str:
     """File stem of one quantization run in the work folder (``rtn`` runs carry no iteration count)."""
-    return f"{config}-{tool}" + ("" if tool == "rtn" else f"-{iters}") + ("-amp" if amp else "")
+    stem = f"{config}-{tool}" + ("" if tool == "rtn" else f"-{iters}")
+    return stem + ("-amp" if amp else "") + ("-compile" if compiled else "")
+
+
+def tool_label(row: dict) -> str:
+    """A row's tool as the table prints it: ``signround (compile)``, ``auto-round (amp)``, ..."""
+    marks = [m for m in ("amp", "compile") if row.get(m)]
+    return row["tool"] + (f" ({', '.join(marks)})" if marks else "")
 
 
 def ppl_file(work: Path, tag: str) -> Path:
@@ -77,11 +84,13 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
             bits, group = (int(x) for x in pair.split(":"))
             for sym in [m == "sym" for m in args.modes.split(",")]:
                 name = config_name(bits, group, sym)
-                variants = [] if args.skip_rtn else [("rtn", "rtn", 0, False)]
-                variants += [("signround", "signround", iters, False)]
-                variants += [("signround", "signround", iters, True)] if args.amp else []
+                # (tool, method, iterations, amp, compiled)
+                variants = [] if args.skip_rtn else [("rtn", "rtn", 0, False, False)]
+                variants += [("signround", "signround", iters, False, False)]
+                variants += [("signround", "signround", iters, True, False)] if args.amp else []
+                variants += [("signround", "signround", iters, False, True)] if args.compile else []
                 if args.cached:
-                    tags = [run_tag(name, t, iters, a) for t, _, _, a in variants]
+                    tags = [run_tag(name, t, iters, a, c) for t, _, _, a, c in variants]
                     tags += [run_tag(name, "autoround", iters, a) for a in autoround_amps]
                     missing = [
                         t for t in tags if not (beside(work / t, ".json").is_file() and ppl_file(work, t).is_file())
@@ -89,11 +98,11 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                     if missing:
                         print(f"--cached: skipping {name} at {budget}; not in {work}: {', '.join(missing)}", flush=True)
                         continue
-                for tool, method, it, amp in variants:
-                    tag = run_tag(name, tool, iters, amp)
+                for tool, method, it, amp, compiled in variants:
+                    tag = run_tag(name, tool, iters, amp, compiled)
                     # quantize alone (its peak RSS is the quantization's, as auto-round's), then score the saved
                     # checkpoint with the same `signround eval` call every tool's model gets
-                    flags = (["--amp"] if amp else []) + device
+                    flags = (["--amp"] if amp else []) + (["--enable-torch-compile"] if compiled else []) + device
                     rep = signround_quantize(recipe, bits, group, sym, method, it, work / tag, flags)
                     ppl = signround_eval(str(work / tag), ppl_file(work, tag), ppl_flags)
                     rows.append(
@@ -109,6 +118,7 @@ def rows_for(args: argparse.Namespace, recipe: Recipe, work: Path) -> list[dict]
                             "iters": it,
                             "eval_windows": ppl["windows"],
                             "amp": amp,
+                            "compile": compiled,
                         }
                     )
                 # on a GPU auto-round runs as it does by default there (amp: bfloat16 model and autocast), as
@@ -157,19 +167,23 @@ def plot(rows: list[dict], path: Path) -> None:
     styles = {"rtn": ("gray", "o"), "auto-round": ("tab:orange", "s"), "signround": ("tab:blue", "D")}
     for ax, (budget, mode) in zip(axes[0], panels, strict=False):
         fp = _find(rows, "float", budget, "float")
-        for (tool, amp), (color, marker) in [((t, a), st) for t, st in styles.items() for a in (False, True)]:
-            pts = sorted(
-                (int(r["config"][1]), r["ppl"])
+        for (tool, amp, compiled), (color, marker) in [
+            ((t, a, c), st) for t, st in styles.items() for a, c in ((False, False), (True, False), (False, True))
+        ]:
+            picked = [
+                r
                 for r in rows
                 if r["budget"] == budget
                 and r["config"].split("-")[-1] == mode  # "W2G128-asym" also ends with "sym"
                 and r["tool"] == tool
                 and r.get("amp", False) == amp
-            )
-            if pts:
-                label = tool + (" (amp)" if amp else "")
+                and r.get("compile", False) == compiled
+            ]
+            if picked:
+                pts = sorted((int(r["config"][1]), r["ppl"]) for r in picked)
+                style = "--" if amp else ":" if compiled else "-"
                 ax.plot(
-                    *zip(*pts, strict=True), marker=marker, color=color, linestyle="--" if amp else "-", label=label
+                    *zip(*pts, strict=True), marker=marker, color=color, linestyle=style, label=tool_label(picked[0])
                 )
         if fp:
             ax.axhline(fp["ppl"], color="black", linewidth=0.8, label="float")
@@ -180,7 +194,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     ax = axes[0][-1]
     timed = [r for r in rows if r["tool"] in ("signround", "auto-round") and r["quant_seconds"]]
-    labels = [f"{r['config']}\n{r['tool']}{' amp' if r.get('amp') else ''}" for r in timed]
+    labels = [f"{r['config']}\n{tool_label(r)}" for r in timed]
     colors = [styles[r["tool"]][0] for r in timed]
     ax.barh(range(len(timed)), [r["quant_seconds"] for r in timed], color=colors)
     ax.set_yticks(range(len(timed)), labels, fontsize=6)
@@ -190,12 +204,18 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close("all")
 
 
-def _find(rows: list[dict], config: str, budget: str, tool: str, amp: bool = False) -> dict | None:
+def _find(
+    rows: list[dict], config: str, budget: str, tool: str, amp: bool = False, compiled: bool = False
+) -> dict | None:
     return next(
         (
             r
             for r in rows
-            if r["config"] == config and r["budget"] == budget and r["tool"] == tool and r.get("amp", False) == amp
+            if r["config"] == config
+            and r["budget"] == budget
+            and r["tool"] == tool
+            and r.get("amp", False) == amp
+            and r.get("compile", False) == compiled
         ),
         None,
     )
@@ -229,7 +249,9 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         " `--loss relative`) from clipping searched on the inputs' power (`--init search`), auto-round against"
         " the plain MSE from unclipped groups; both keep each block's step of least batch loss. auto-round runs"
         " with its own defaults otherwise, which on Linux include `torch.compile` of its block forward and"
-        " quantize-dequantize (0.16.1 turns it on at 10 or more iterations); signround runs eagerly. Each model is"
+        " quantize-dequantize (0.16.1 turns it on at 10 or more iterations); signround runs eagerly except in its"
+        " (compile) rows (`--enable-torch-compile`: its quantize-dequantize forward and backward compiled). Each"
+        " model is"
         " quantized in its own process without evaluation (peak RSS: VmHWM of that process), then scored by the"
         " same `signround eval` call.",
         "",
@@ -258,7 +280,7 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         cells = [
             r["config"],
             r["budget"],
-            r["tool"] + (" (amp)" if r.get("amp") else ""),
+            tool_label(r),
             f"{r['ppl']:.3f}",
             "" if excess is None else f"{excess:.3f}",
             "" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}",
@@ -286,6 +308,9 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--work", default=None)
     p.add_argument("--amp", action="store_true", help="also run signround with --amp (bfloat16 autocast)")
+    p.add_argument(
+        "--compile", action="store_true", help="also run signround with --enable-torch-compile (signround (compile))"
+    )
     p.add_argument("--autoround-amp", action="store_true", help="also run auto-round with its bfloat16 autocast")
     p.add_argument(
         "--device", default=None, help="cuda: both tools quantize on the GPU with their GPU defaults (see the table)"
