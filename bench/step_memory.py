@@ -5,7 +5,7 @@ float inputs and targets, and runs ``tune_block`` for a few steps. Prints the pr
 before tuning and after, and on CUDA torch's allocator peak, so two versions of the code can be compared on
 the same shapes (run it from each checkout):
 
-    python bench/step_memory.py --hidden 2048 --intermediate 5632 --tokens 4x256 --iters 4
+    python bench/step_memory.py --hidden 2048 --intermediate 5632 --tokens 4x256 --iters 4 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the block's weights and inputs"
+    )
     args = p.parse_args()
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -49,8 +52,9 @@ def main() -> None:
     )
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    block = LlamaDecoderLayer(cfg, 0).to(dev).eval()
-    x = torch.randn(n, seqlen, args.hidden, device=dev)
+    dtype = getattr(torch, args.dtype)
+    block = LlamaDecoderLayer(cfg, 0).to(dev, dtype).eval()
+    x = torch.randn(n, seqlen, args.hidden, device=dev, dtype=dtype)
     pos = torch.arange(seqlen, device=dev).unsqueeze(0)
     kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg).to(dev)(x, pos), "attention_mask": None}
     targets = _run_block(block, x, kwargs, n)
@@ -66,6 +70,7 @@ def main() -> None:
     result = {
         "block_weights": weights,
         "tokens": [n, seqlen],
+        "dtype": args.dtype,
         "iters": args.iters,
         "rss_before_tuning_gb": before,
         "rss_peak_gb": peak,

@@ -203,7 +203,7 @@ def tune_block(
                 losses.append(value)
                 if value < best_loss:
                     best_loss, best_step = value, step
-                    if cfg.use_best:  # a copy of every tuned tensor; skipped when the last step is kept
+                    if cfg.use_best:  # its codes and clipping factors; skipped when the last step is kept
                         best_state = {name: t.snapshot() for name, t in tunables.items()}
                 if on_step is not None:
                     on_step(step, value)

@@ -19,11 +19,16 @@ class TunableWeight:
     Attributes:
         scheme: target grid.
         in_features: input width (the grouped tensors are zero-padded past it).
-        wg: ``[out, groups, g]`` float32 weight, fixed.
-        stats: the format's fixed per-group statistics, ``[out, groups]`` each (``group_minmax``: the
-            extremes widened to 0, and for ``bitmod`` the chosen type ids).
-        v: ``[out, groups, g]`` rounding offsets, init 0, learned.
-        min_factor, max_factor: ``[out, groups]`` clipping factors, init 1, learned, used clamped to [0, 1].
+        wg: ``[out, groups, g]`` weight, fixed, in the layer's dtype: a view of the layer's weight when no
+            padding is needed (no copy; a bfloat16 model's weight is not widened to float32). The formats'
+            arithmetic promotes it to float32 (exactly), so the numbers are those of a float32 copy.
+        stats: the format's fixed per-group statistics, ``[out, groups]`` each (``group_minmax`` of the
+            float32 weight: the extremes widened to 0, and for ``bitmod`` the chosen type ids).
+        v: ``[out, groups, g]`` float32 rounding offsets, init 0, learned.
+        min_factor, max_factor: ``[out, groups]`` float32 clipping factors, init 1, learned, used clamped to
+            [0, 1].
+        kept_codes: grouped codes ``[out, groups, g]`` uint8 set by :meth:`restore`; :meth:`finalize`
+            returns them instead of rounding with ``v``.
     """
 
     scheme: QuantScheme
@@ -33,19 +38,20 @@ class TunableWeight:
     v: torch.Tensor
     min_factor: torch.Tensor
     max_factor: torch.Tensor
+    kept_codes: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, scheme: QuantScheme, learn: bool) -> TunableWeight:
         fmt = get_format(scheme.dtype)
-        wg = to_groups(layer.weight.detach().float(), scheme.group_size)
-        stats = tuple(fmt.group_minmax(wg))
+        wg = to_groups(layer.weight.detach(), scheme.group_size)
+        stats = tuple(fmt.group_minmax(wg.float()))
         shape = stats[0].shape
         return cls(
             scheme=scheme,
             in_features=layer.in_features,
             wg=wg,
             stats=stats,
-            v=torch.zeros_like(wg, requires_grad=learn),
+            v=torch.zeros(wg.shape, device=wg.device, requires_grad=learn),
             min_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
             max_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
         )
@@ -78,13 +84,25 @@ class TunableWeight:
         return from_groups(self.grouped_fake_quant(v=self.v), self.in_features).to(dtype)
 
     @torch.no_grad()
+    def grouped_codes(self) -> torch.Tensor:
+        """Codes ``[out, groups, g]`` uint8 of the current offsets and clipping factors."""
+        scale, zero = self.qparams()
+        return get_format(self.scheme.dtype).quantize_codes(self.wg, scale, zero, self.scheme.bits, self.v)
+
+    @torch.no_grad()
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.v.detach().clone(), self.min_factor.detach().clone(), self.max_factor.detach().clone()
+        """What :meth:`finalize` needs to reproduce the current step: ``(codes [out, groups, g] uint8,
+        min_factor, max_factor)``, copies. The codes stand for the offsets ``v``: 1 byte per weight, not 4."""
+        return self.grouped_codes(), self.min_factor.detach().clone(), self.max_factor.detach().clone()
 
     @torch.no_grad()
     def restore(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        for p, s in zip(self.params(), state, strict=True):
-            p.copy_(s)
+        """Go back to a :meth:`snapshot` for :meth:`finalize` (the factors are set back, the codes kept);
+        the offsets ``v`` stay as they are, so only :meth:`finalize` is meaningful afterwards."""
+        codes, min_factor, max_factor = state
+        self.min_factor.copy_(min_factor)
+        self.max_factor.copy_(max_factor)
+        self.kept_codes = codes
 
     @torch.no_grad()
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,9 +110,10 @@ class TunableWeight:
 
         ``scale`` and ``zero`` are what the checkpoint stores, decoded (passed through the format's
         ``to_stored`` / ``from_stored``): float16 / uint8 for ``int``, float32 for the floating-point grids.
+        After :meth:`restore` the codes are the snapshot's (the same the restored offsets would give).
         """
         fmt = get_format(self.scheme.dtype)
         scale, zero = self.qparams()
-        codes = fmt.quantize_codes(self.wg, scale, zero, self.scheme.bits, self.v)
+        codes = self.grouped_codes() if self.kept_codes is None else self.kept_codes
         scale, zero = fmt.from_stored(fmt.to_stored(scale, zero, self.scheme), self.scheme)
         return from_groups(codes, self.in_features), scale, zero
