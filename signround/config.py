@@ -331,8 +331,9 @@ class TuneConfig:
             for its forward and one for its backward instead of about 20 passes over each weight; about 20 s
             of compilation once per process, a C++ compiler on the CPU); the forward's values are the
             eager ones bit for bit, the clipping gradients' group sums may differ in the last bits, so a run
-            may tune to a slightly different result. Off by default: on a 2-core CPU a whole run took 0.92
-            of the eager time at 50 iterations and 1.05 at 200 (bench/results/NOTES.md). auto-round's
+            may tune to a slightly different result. Off by default: on a 2-core CPU the steps ran 4-9%
+            faster, a whole run took 0.92 of the eager time at 50 iterations and 1.05 at 200, within the
+            machine's drift (bench/results/NOTES.md). auto-round's
             ``enable_torch_compile`` compiles more: its block forward as well.
     """
 
