@@ -204,18 +204,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close("all")
 
 
-def _find(
-    rows: list[dict], config: str, budget: str, tool: str, amp: bool = False, compiled: bool = False
-) -> dict | None:
+def _find(rows: list[dict], config: str, budget: str, tool: str, amp: bool = False) -> dict | None:
+    """The float or auto-round row of a config and budget (rows the ratios divide by; never compiled)."""
     return next(
         (
             r
             for r in rows
-            if r["config"] == config
-            and r["budget"] == budget
-            and r["tool"] == tool
-            and r.get("amp", False) == amp
-            and r.get("compile", False) == compiled
+            if r["config"] == config and r["budget"] == budget and r["tool"] == tool and r.get("amp", False) == amp
         ),
         None,
     )
