@@ -4,23 +4,15 @@ writing a folder whose tensors and ``quantization_config`` replace the native on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
+from signround.model.blocks import Planned
 from signround.pack.packed import QuantLinear
-
-
-class Planned(NamedTuple):
-    """A linear layer that is (or will be) quantized: what an exporter must be able to store."""
-
-    name: str
-    scheme: QuantScheme
-    in_features: int
-    out_features: int
 
 
 def planned_from_model(model: nn.Module) -> list[Planned]:

@@ -8,11 +8,24 @@ Blocks are found structurally, not from a per-architecture table: the decoder is
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from torch import nn
 
 from signround.config import LayerRule, QuantScheme
 from signround.errors import SignRoundError
+
+
+class Planned(NamedTuple):
+    """A linear layer that is (or will be) quantized: what an exporter must be able to store.
+
+    ``name`` is the full module name (``model.layers.0.self_attn.q_proj``); the weight is
+    ``[out_features, in_features]``."""
+
+    name: str
+    scheme: QuantScheme
+    in_features: int
+    out_features: int
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -16,7 +16,7 @@ from signround import export
 from signround.cli import main
 from signround.config import DType, QuantScheme, parse_layer_config
 from signround.errors import SignRoundError
-from signround.export.common import Planned
+from signround.model.blocks import Planned
 from signround.formats import get_format
 from signround.pack.packed import QuantLinear
 from signround.primitives import from_groups, to_groups
