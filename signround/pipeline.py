@@ -33,9 +33,8 @@ from signround.calib.capture import block_output, capture_block_inputs, to_devic
 from signround.calib.data import calibration_tokens, sample_tokens
 from signround.config import ActScheme, CalibConfig, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
-from signround.model.blocks import Planned, block_linears, find_blocks, resolve_schemes
+from signround.model.blocks import Planned, block_linears, check_finite, find_blocks, resolve_schemes
 from signround.model.lazy import BlockStream
-from signround.model.load import check_finite
 from signround.pack.packed import QuantLinear
 from signround.runstate import RunState, fingerprint
 from signround.tune.signround import BlockResult, LayerResult, output_loss, tune_block

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from signround.config import LayerRule, QuantScheme
@@ -85,3 +86,10 @@ def check_layer_scheme(full_name: str, layer: nn.Linear, scheme: QuantScheme) ->
             f"group size {scheme.group_size} exceeds in_features {layer.in_features} of {full_name}; "
             f"use --group-size {layer.in_features} or smaller, or -1 (per channel)"
         )
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf in any floating-point parameter."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
+            raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")

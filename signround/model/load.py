@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from signround.errors import SignRoundError
+from signround.model.blocks import check_finite
 
 log = logging.getLogger("signround")
 
@@ -190,10 +191,3 @@ def _from_pretrained_tokenizer(where: str) -> PreTrainedTokenizerBase:
         raise SignRoundError(
             f"cannot load the tokenizer of {where} ({type(exc).__name__}); save one beside the model"
         ) from None
-
-
-def check_finite(model: torch.nn.Module) -> None:
-    """Refuse a model with NaN or Inf in any floating-point parameter."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
-            raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")
