@@ -1,10 +1,12 @@
 """The ``signround`` command line's argument parser: one ``_add_*`` per subcommand, flags mirroring config
-fields one to one (:mod:`signround.cli` turns the parsed arguments into configs and runs them)."""
+fields one to one, and :func:`quant_config`, which turns ``quantize``'s flags into the :class:`QuantConfig`
+a Python user would build (:mod:`signround.cli` runs it)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from signround.config import INITS, LOSSES, DType
 
@@ -235,3 +237,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     return parser
+
+
+def quant_config(args: argparse.Namespace) -> Any:
+    """The :class:`~signround.config.QuantConfig` of ``quantize``'s flags (validated: a combination the
+    config refuses is refused here with the same message as in the Python API)."""
+    from signround.config import ActScheme, CalibConfig, ExportConfig, QuantConfig, QuantScheme, TuneConfig
+
+    scheme = QuantScheme(
+        bits=args.bits, group_size=args.group_size, sym=True if args.sym else None, dtype=args.data_type
+    )
+    tune = TuneConfig(
+        method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,
+        use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
+        loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
+    )  # fmt: skip
+    act = None
+    if args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:
+        act = ActScheme(bits=args.act_bits, dtype=args.act_dtype or "int", granularity=args.act_granularity or "token")
+    return QuantConfig(
+        scheme=scheme,
+        layer_rules=args.layer_config,
+        tune=tune,
+        calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        serve_bits=args.serve_bits,
+        act=act,
+        smooth=args.smooth,
+        mixed=_mixed_spec(args),
+        format_search=args.format_search,
+        export=ExportConfig(formats=args.format, allow_partial_groups=args.allow_partial_groups),
+    )
+
+
+def _mixed_spec(args: argparse.Namespace) -> Any:
+    """The :class:`MixedSpec` of ``--avg-bits``/``--target-size``, or None when neither is given."""
+    if args.avg_bits is None and args.target_size is None:
+        return None
+    from signround.config import MixedSpec
+    from signround.errors import SignRoundError
+    from signround.mixed.budget import parse_size
+
+    try:
+        options = tuple(int(b) for b in args.bit_options.split(",") if b.strip())
+    except ValueError:
+        raise SignRoundError(
+            f"--bit-options {args.bit_options!r} must be comma-separated integers like 2,3,4,8"
+        ) from None
+    return MixedSpec(
+        bit_options=options,
+        avg_bits=args.avg_bits,
+        target_bytes=parse_size(args.target_size) if args.target_size is not None else None,
+        solver=args.alloc_solver,
+        sensitivity=args.sensitivity,
+        nsamples=args.sensitivity_nsamples,
+    )

@@ -199,6 +199,35 @@ class QuantScheme:
         return f"W{self.bits}{g}-{'sym' if self.sym else 'asym'}"
 
 
+# Named weight-only schemes (auto-round's and llm-compressor's names): ``QuantConfig(scheme=W4A16)`` or
+# ``QuantConfig(scheme="W4A16")``.
+W4A16 = QuantScheme(bits=4, group_size=128, sym=True)
+W3A16 = QuantScheme(bits=3, group_size=128, sym=True)
+W2A16 = QuantScheme(bits=2, group_size=128, sym=True)
+W2A16G64 = QuantScheme(bits=2, group_size=64, sym=True)
+W8A16 = QuantScheme(bits=8, group_size=128, sym=True)
+PRESETS: dict[str, QuantScheme] = {
+    "W4A16": W4A16,
+    "W3A16": W3A16,
+    "W2A16": W2A16,
+    "W2A16G64": W2A16G64,
+    "W8A16": W8A16,
+}
+
+
+def resolve_scheme(value: QuantScheme | str | None) -> QuantScheme:
+    """A scheme, a preset name from :data:`PRESETS`, or None (W4G128 asymmetric)."""
+    if value is None:
+        return QuantScheme()
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise SignRoundError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[value]
+    if not isinstance(value, QuantScheme):
+        raise SignRoundError(f"scheme must be a QuantScheme or a preset name, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """A per-layer override: layers whose qualified name matches ``pattern`` (a regex, searched) get
@@ -402,9 +431,160 @@ class CalibConfig:
             raise SignRoundError(f"seqlen must be >= 8, got {self.seqlen}")
 
 
+class Solver(str, enum.Enum):
+    """How mixed precision solves for per-layer bits: exactly (scipy's HiGHS integer program) or greedily."""
+
+    ILP = "ilp"
+    GREEDY = "greedy"
+
+
+class Sensitivity(str, enum.Enum):
+    """How mixed precision measures a layer's sensitivity to its width (see :mod:`signround.mixed`)."""
+
+    BLOCK = "block"
+    BLOCK_MSE = "block-mse"
+    FISHER = "fisher"
+
+
+@dataclass(frozen=True)
+class MixedSpec:
+    """What a mixed-precision allocation aims for.
+
+    Attributes:
+        bit_options: the widths a layer may take (2..8).
+        avg_bits: average bits per quantized weight, scale and zero overhead included; or
+        target_bytes: the size of the whole checkpoint (float parts at 16 bits per value).
+        solver: ``ilp`` (exact, scipy's HiGHS) or ``greedy``.
+        sensitivity: ``block`` (measured block-output error weighted by the loss gradient, default),
+            ``block-mse`` (unweighted block-output error) or ``fisher`` (weight-space proxy).
+        nsamples: calibration sequences used to measure sensitivities.
+    """
+
+    bit_options: tuple[int, ...] = (2, 3, 4, 8)
+    avg_bits: float | None = None
+    target_bytes: int | None = None
+    solver: Solver = Solver.ILP
+    sensitivity: Sensitivity = Sensitivity.BLOCK
+    nsamples: int = 32
+
+    def __post_init__(self) -> None:
+        opts = tuple(sorted(set(int(b) for b in self.bit_options)))
+        if not opts:
+            raise SignRoundError("--bit-options is empty; give widths like 2,3,4,8")
+        for b in opts:
+            QuantScheme(bits=b)  # validates the range
+        object.__setattr__(self, "bit_options", opts)
+        if (self.avg_bits is None) == (self.target_bytes is None):
+            raise SignRoundError("give exactly one of --avg-bits and --target-size")
+        object.__setattr__(self, "solver", _choice(Solver, self.solver, "allocation solver"))
+        object.__setattr__(self, "sensitivity", _choice(Sensitivity, self.sensitivity, "sensitivity"))
+        if self.nsamples < 1:
+            raise SignRoundError(f"sensitivity nsamples must be >= 1, got {self.nsamples}")
+
+
+def _choice(kind: type[enum.Enum], value: Any, what: str) -> Any:
+    """``kind(value)``, or a one-line error naming the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise SignRoundError(f"unknown {what} {value!r}; use {' or '.join(k.value for k in kind)}") from None
+
+
+GGUF_MIXES = ("q4_k_m",)  # gguf types whose layers mix K-quant types (llama.cpp's Q4_K_M)
+GGUF_KQUANTS = ("q4_k", "q2_k", "q6_k", "q3_k")
+
+
+class ExportFormat(str, enum.Enum):
+    """A checkpoint format a run is written in (``--format``); the key of the exporter registry
+    (:mod:`signround.export`). Values are the names users type."""
+
+    NATIVE = "native"
+    AUTO_ROUND = "auto_round"
+    GPTQ = "gptq"
+    COMPRESSED_TENSORS = "compressed-tensors"
+    GGUF_F16 = "gguf:f16"
+    GGUF_Q8_0 = "gguf:q8_0"
+    GGUF_Q4_0 = "gguf:q4_0"
+    GGUF_Q4_1 = "gguf:q4_1"
+    GGUF_Q4_K = "gguf:q4_k"
+    GGUF_Q2_K = "gguf:q2_k"
+    GGUF_Q6_K = "gguf:q6_k"
+    GGUF_Q3_K = "gguf:q3_k"
+    GGUF_Q4_K_M = "gguf:q4_k_m"
+
+    @property
+    def gguf_type(self) -> str | None:
+        """``gguf:q4_k_m`` -> ``q4_k_m``; None for the other formats."""
+        return self.value[len("gguf:") :] if self.value.startswith("gguf:") else None
+
+    @property
+    def gguf_mix(self) -> str | None:
+        """The gguf type, when the file's layer types follow from the type itself (K-quants need fallbacks for
+        rows that are not a multiple of 256; mixes upgrade some layers): the plan adds those rules."""
+        qtype = self.gguf_type
+        return qtype if qtype in GGUF_KQUANTS or qtype in GGUF_MIXES else None
+
+    @property
+    def subfolder(self) -> str:
+        """Folder name when several formats are written: ``gguf:q4_k_m`` -> ``gguf-q4_k_m``."""
+        return self.value.replace(":", "-")
+
+
+def parse_formats(spec: Any) -> tuple[ExportFormat, ...]:
+    """``"native,auto_round"`` (or a sequence of names) -> formats; unknown or repeated names are refused."""
+    names = (
+        [f.strip() for f in spec.split(",")] if isinstance(spec, str) else [str(getattr(f, "value", f)) for f in spec]
+    )
+    names = [n for n in names if n]
+    choices = ", ".join(sorted(f.value for f in ExportFormat))
+    if not names:
+        raise SignRoundError(f"--format is empty; choose from {choices}")
+    for n in names:
+        if n not in {f.value for f in ExportFormat}:
+            raise SignRoundError(f"unknown format {n!r}; choose from {choices}")
+    if len(set(names)) != len(names):
+        raise SignRoundError(f"--format lists a format twice: {','.join(names)}")
+    return tuple(ExportFormat(n) for n in names)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The formats a run is written in (checked before tuning) and their options.
+
+    Attributes:
+        formats: ``"native,gguf:q4_0"``, a sequence of names or :class:`ExportFormat` values.
+        allow_partial_groups: compressed-tensors: write groups that do not divide a layer's width (stock
+            readers cannot run them).
+    """
+
+    formats: tuple[ExportFormat, ...] = (ExportFormat.NATIVE,)
+    allow_partial_groups: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", parse_formats(self.formats))
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything that decides what a run produces (recorded in the checkpoint)."""
+    """Everything that decides what a run produces (recorded in the checkpoint), validated as a whole: an
+    option combination that cannot go together is refused here, so the CLI and the Python API refuse the
+    same things with the same message.
+
+    Attributes:
+        scheme: the default scheme of every quantized linear (a :class:`QuantScheme` or a preset name).
+        layer_rules: per-layer overrides, later ones winning: rules, or ``{regex: {"bits": 8}}`` (a dict, JSON
+            text or a .json path; ``null`` keeps a layer float) parsed over ``scheme``.
+        tune: how rounding is learned. calib: which calibration tokens.
+        serve_bits: Double Rounding: lower widths the checkpoint also serves (``"6,4,3,2"`` or a sequence).
+        act: quantize every quantized linear's input (fake-quant). smooth: with ``act``, fold searched
+            per-channel smoothing scales into the norms / up_proj first.
+        mixed: choose each layer's bits for a size budget (:class:`MixedSpec`); ``scheme`` then gives the
+            group size and symmetry.
+        format_search: per layer, the grid of least activation-weighted error among these data types of one
+            width (``"fp4_e2m1,fp4_e1m2"`` or a sequence; parsed into schemes over ``scheme``).
+        export: the formats the run is written in (:class:`ExportConfig`); their layer mixes and checks are
+            part of the plan.
+    """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
     layer_rules: tuple[LayerRule, ...] = ()
@@ -413,17 +593,84 @@ class QuantConfig:
     serve_bits: tuple[int, ...] = ()
     act: ActScheme | None = None
     smooth: bool = False
+    mixed: MixedSpec | None = None
+    format_search: tuple[QuantScheme, ...] = ()
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, self.scheme))
+        scheme = resolve_scheme(self.scheme)
+        object.__setattr__(self, "scheme", scheme)
+        if not (isinstance(self.layer_rules, tuple) and all(isinstance(r, LayerRule) for r in self.layer_rules)):
+            object.__setattr__(self, "layer_rules", parse_layer_config(self.layer_rules, scheme))
+        object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, scheme))
         if self.smooth and self.act is None:
             raise SignRoundError("--smooth balances weights against quantized activations; add --act-bits")
+        if self.mixed is not None and self.serve_bits:
+            raise SignRoundError(
+                "--serve-bits derives one width for every layer; drop it or the mixed-precision options"
+            )
+        if self.mixed is not None and scheme.dtype.is_float:
+            raise SignRoundError(f"mixed precision chooses integer widths; drop --data-type {scheme.dtype.value}")
+        formats = self.export.formats
+        if self.act is not None and formats != (ExportFormat.NATIVE,):
+            others = [f.value for f in formats if f is not ExportFormat.NATIVE]
+            raise SignRoundError(
+                f"{', '.join(others)} cannot store quantized activations; use --format native for a model "
+                "quantized with --act-bits"
+            )
+        if self.mixed is not None and any(f.gguf_type for f in formats):
+            raise SignRoundError(
+                "gguf formats store one width for every layer; drop gguf from --format for a mixed-precision run "
+                "(auto_round, gptq, compressed-tensors and native keep per-layer bits)"
+            )
+        if self.format_search is not None and self.format_search != ():
+            object.__setattr__(self, "format_search", parse_candidates(self.format_search, scheme))
+            if self.mixed is not None or self.serve_bits:
+                raise SignRoundError(
+                    "--format-search chooses the grid per layer; drop --avg-bits/--target-size/--serve-bits"
+                )
+        else:
+            object.__setattr__(self, "format_search", ())
 
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
         static = self.act is not None and (self.act.granularity == "channel" or self.smooth)
         return self.tune.iters > 0 or static
+
+
+def parse_candidates(value: Any, base: QuantScheme) -> tuple[QuantScheme, ...]:
+    """``"fp4_e2m1,fp4_e1m2"`` (or a sequence of names or schemes) -> schemes of one width (``base``'s group
+    size unless the format fixes one, ``base``'s symmetry for ``int``).
+
+    Raises:
+        SignRoundError: fewer than two candidates, an unknown name, or mixed widths.
+    """
+    if isinstance(value, str):
+        items: list[Any] = [n.strip() for n in value.split(",") if n.strip()]
+    else:
+        items = [v for v in value if not isinstance(v, str) or v.strip()]
+    if len(items) < 2:
+        raise SignRoundError(f"--format-search needs at least two data types, e.g. fp4_e2m1,fp4_e1m2; got {value!r}")
+    schemes = []
+    for item in items:
+        if isinstance(item, QuantScheme):
+            schemes.append(item)
+            continue
+        name = str(getattr(item, "value", item)).strip()
+        if name not in {d.value for d in DType}:
+            raise SignRoundError(
+                f"unknown data type {name!r} in --format-search; choose from {[d.value for d in DType]}"
+            )
+        dtype = DType(name)
+        bits = dtype.implied_bits or base.bits
+        group = dtype.fixed_group_size or base.group_size
+        sym = True if dtype.is_float else base.sym
+        schemes.append(QuantScheme(bits=bits, group_size=group, sym=sym, dtype=dtype))
+    widths = {s.bits for s in schemes}
+    if len(widths) > 1:
+        raise SignRoundError(f"--format-search compares grids of one width; got {sorted(widths)} bits")
+    return tuple(schemes)
 
 
 def parse_serve_bits(value: Any, scheme: QuantScheme) -> tuple[int, ...]:

@@ -111,20 +111,35 @@ def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def make_config(**fields):
+    """A :class:`QuantConfig` from flat keywords, as the old keyword API took them: tuning fields (``iters``,
+    ``batch_size``, ``amp``, ...) go to ``TuneConfig``, ``nsamples``/``seqlen``/``dataset`` to ``CalibConfig``,
+    ``seed`` to both, ``layer_config`` to ``layer_rules``, the rest to ``QuantConfig``."""
+    import dataclasses
+
+    from signround import CalibConfig, QuantConfig, TuneConfig
+
+    tune_names = {f.name for f in dataclasses.fields(TuneConfig)}
+    calib_names = {f.name for f in dataclasses.fields(CalibConfig)}
+    tune = {k: fields.pop(k) for k in list(fields) if k in tune_names and k != "seed"}
+    calib = {k: fields.pop(k) for k in list(fields) if k in calib_names and k != "seed"}
+    if "seed" in fields:
+        tune["seed"] = calib["seed"] = fields.pop("seed")
+    if "layer_config" in fields:
+        fields["layer_rules"] = fields.pop("layer_config")
+    return QuantConfig(tune=TuneConfig(**tune), calib=CalibConfig(**calib), **fields)
+
+
 def quantize_tiny(tokenizer, model: torch.nn.Module | None = None, **overrides):
     """SignRound W4G32 on a tiny LLaMA (or ``model``) with a few steps on the test corpus."""
     import signround
 
-    kwargs = {
-        "scheme": signround.QuantScheme(bits=4, group_size=32),
-        "dataset": corpus(40, seed=1),
-        "iters": 2,
-        "nsamples": 4,
-        "seqlen": 32,
-        "progress": False,
-        **overrides,
-    }
-    return signround.quantize(model if model is not None else make_model("llama"), tokenizer, **kwargs)
+    fields = {"scheme": signround.QuantScheme(bits=4, group_size=32), "iters": 2, "nsamples": 4, "seqlen": 32}
+    fields.update(overrides)
+    dataset = fields.pop("dataset", corpus(40, seed=1))
+    options = signround.RunOptions(progress=False)
+    model = model if model is not None else make_model("llama")
+    return signround.quantize(model, tokenizer, make_config(**fields), dataset, options)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,3 +169,16 @@ def calibration_tokens(model, tokenizer, cfg: CalibConfig) -> torch.Tensor:
     if cfg.dataset is None:
         return generate_tokens(model, tokenizer, cfg)
     return sample_tokens(load_texts(cfg.dataset), tokenizer, cfg)
+
+
+def resolve_tokens(model: Any, tokenizer: Any, calib: CalibConfig, data: Any = None) -> torch.Tensor:
+    """Calibration tokens ``[n, seqlen]`` int64 from ``data``: a ``[n, seqlen]`` tensor (cut to
+    ``calib.nsamples`` x ``calib.seqlen``), a list of texts (sampled by :func:`sample_tokens`), or None
+    (``calib.dataset``, or text the model generates: :func:`calibration_tokens`)."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype != torch.long:
+            raise SignRoundError("calibration token tensor must be int64 [nsamples, seqlen]")
+        return data[: calib.nsamples, : calib.seqlen]
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        return sample_tokens(list(data), tokenizer, calib)
+    return calibration_tokens(model, tokenizer, calib)

@@ -20,37 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from signround.config import DType, LayerRule, QuantScheme
-from signround.errors import SignRoundError
+from signround.config import LayerRule, QuantScheme
 from signround.formats import get_format
 from signround.model.blocks import find_blocks
 from signround.primitives import from_groups, to_groups
-
-
-def parse_candidates(value: str | tuple, base: QuantScheme) -> tuple[QuantScheme, ...]:
-    """``"fp4_e2m1,fp4_e1m2"`` -> schemes of one width (``base``'s group size unless the format fixes one).
-
-    Raises:
-        SignRoundError: fewer than two candidates, an unknown name, or mixed widths.
-    """
-    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
-    if len(names) < 2:
-        raise SignRoundError(f"--format-search needs at least two data types, e.g. fp4_e2m1,fp4_e1m2; got {value!r}")
-    schemes = []
-    for name in names:
-        dtype = DType(name) if name in {d.value for d in DType} else None
-        if dtype is None:
-            raise SignRoundError(
-                f"unknown data type {name!r} in --format-search; choose from {[d.value for d in DType]}"
-            )
-        bits = dtype.implied_bits or base.bits
-        group = dtype.fixed_group_size or base.group_size
-        sym = True if dtype.is_float else base.sym
-        schemes.append(QuantScheme(bits=bits, group_size=group, sym=sym, dtype=dtype))
-    widths = {s.bits for s in schemes}
-    if len(widths) > 1:
-        raise SignRoundError(f"--format-search compares grids of one width; got {sorted(widths)} bits")
-    return tuple(schemes)
 
 
 @torch.no_grad()

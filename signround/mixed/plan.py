@@ -19,53 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from signround.config import LayerRule, QuantConfig, QuantScheme
+from signround.config import LayerRule, MixedSpec, QuantConfig, QuantScheme, Sensitivity, Solver
 from signround.errors import SignRoundError
 from signround.mixed.allocate import solve_greedy, solve_ilp, total_size
 from signround.mixed.budget import FLOAT_BITS, budget_bits, layer_bits
 from signround.mixed.sensitivity import fisher_cost, fisher_diagonal, fused_groups, measure_blocks
 from signround.model.blocks import find_blocks, resolve_schemes
 
-SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy}
-SENSITIVITIES = ("block", "block-mse", "fisher")
-
-
-@dataclass(frozen=True)
-class MixedSpec:
-    """What a mixed-precision allocation aims for.
-
-    Attributes:
-        bit_options: the widths a layer may take (2..8).
-        avg_bits: average bits per quantized weight, scale and zero overhead included; or
-        target_bytes: the size of the whole checkpoint (float parts at 16 bits per value).
-        solver: ``ilp`` (exact, scipy's HiGHS) or ``greedy``.
-        sensitivity: ``block`` (measured block-output error weighted by the loss gradient, default),
-            ``block-mse`` (unweighted block-output error) or ``fisher`` (weight-space proxy).
-        nsamples: calibration sequences used to measure sensitivities.
-    """
-
-    bit_options: tuple[int, ...] = (2, 3, 4, 8)
-    avg_bits: float | None = None
-    target_bytes: int | None = None
-    solver: str = "ilp"
-    sensitivity: str = "block"
-    nsamples: int = 32
-
-    def __post_init__(self) -> None:
-        opts = tuple(sorted(set(int(b) for b in self.bit_options)))
-        if not opts:
-            raise SignRoundError("--bit-options is empty; give widths like 2,3,4,8")
-        for b in opts:
-            QuantScheme(bits=b)  # validates the range
-        object.__setattr__(self, "bit_options", opts)
-        if (self.avg_bits is None) == (self.target_bytes is None):
-            raise SignRoundError("give exactly one of --avg-bits and --target-size")
-        if self.solver not in SOLVERS:
-            raise SignRoundError(f"unknown allocation solver {self.solver!r}; use {' or '.join(SOLVERS)}")
-        if self.sensitivity not in SENSITIVITIES:
-            raise SignRoundError(f"unknown sensitivity {self.sensitivity!r}; use {' or '.join(SENSITIVITIES)}")
-        if self.nsamples < 1:
-            raise SignRoundError(f"sensitivity nsamples must be >= 1, got {self.nsamples}")
+SOLVERS = {Solver.ILP: solve_ilp, Solver.GREEDY: solve_greedy}
 
 
 @dataclass
@@ -113,8 +74,8 @@ class Allocation:
             "bit_options": list(self.spec.bit_options),
             "target_avg_bits": self.budget / self.numel,
             "avg_bits": self.avg_bits,
-            "solver": self.spec.solver,
-            "sensitivity": self.spec.sensitivity,
+            "solver": self.spec.solver.value,
+            "sensitivity": self.spec.sensitivity.value,
             "sensitivity_nsamples": self.extra.get("nsamples", self.spec.nsamples),
             "layer_bits": self.layer_bits(),
         }
@@ -128,7 +89,7 @@ class Allocation:
             lines.append(f"{self.bits_of(k):>4}  {costs}  {', '.join(names)}")
         lines.append(
             f"average {self.avg_bits:.4f} bits per weight (budget {self.budget / self.numel:.4f}, overhead included); "
-            f"{self.spec.solver} on {self.spec.sensitivity} sensitivities measured in {self.seconds:.1f} s"
+            f"{self.spec.solver.value} on {self.spec.sensitivity.value} sensitivities measured in {self.seconds:.1f} s"
         )
         return "\n".join(lines)
 
@@ -171,9 +132,9 @@ def allocate_bits(
 
     modules = dict(model.named_modules())
     groups, schemes, costs, sizes = [], [], [], []
-    if spec.sensitivity in ("block", "block-mse"):
+    if spec.sensitivity in (Sensitivity.BLOCK, Sensitivity.BLOCK_MSE):
         opts = [options_of(s) for s in block_schemes]
-        weighted = spec.sensitivity == "block"
+        weighted = spec.sensitivity is Sensitivity.BLOCK
         per_block = measure_blocks(model, blocks, tokens, block_groups, opts, progress, weighted)
     else:
         layers = {f"{prefix}.{i}.{n}": modules[f"{prefix}.{i}.{n}"] for i, s in enumerate(block_schemes) for n in s}

@@ -3,8 +3,9 @@
 ``tune_block`` learns, for every quantized linear of a block, a rounding offset per weight and min/max
 clipping factors per group by signed gradient descent on the MSE between the quantized block's output
 (on the quantized model's inputs) and the float block's output (on the float model's inputs, given as
-``targets``). With ``iters == 0`` it is plain round-to-nearest (RTN). It knows nothing about devices,
-files, logging or progress bars: callers pass tensors and a callback.
+``targets``). With ``iters == 0`` it is plain round-to-nearest (:func:`signround.tune.rtn.tune_rtn` is the
+same result without calibration data). It knows nothing about devices, processes, files, logging or
+progress bars: callers pass tensors, a config and a :class:`TuneHooks` object.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from signround import dist
 from signround.act.calibrate import quantized_inputs
 from signround.calib.capture import block_output
 from signround.config import ActScheme, QuantScheme, TuneConfig
@@ -64,9 +64,6 @@ class BlockResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
 
-
-# Steps between host reads of the tuning loss on an accelerator (each read waits for the device).
-SYNC_EVERY_GPU = 10
 
 # A float output token whose mean square is below this counts as having mean square TINY_POWER.
 TINY_POWER = 1e-6
@@ -122,47 +119,89 @@ def block_mse(
     return total / targets[..., 0].numel()
 
 
+class BlockData(NamedTuple):
+    """The tensors one block is tuned on.
+
+    Attributes:
+        inputs: ``[n, seqlen, hidden]`` inputs of the quantized model at this block.
+        targets: ``[n, seqlen, hidden]`` outputs of the float block on the float model's inputs.
+        kwargs: keyword arguments every call of the block needs (masks, positions), broadcastable.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+class ActInputs(NamedTuple):
+    """Quantize the tuned linears' inputs in every forward: ``scheme``, and for static per-channel schemes
+    the calibrated scales ``{name: [in]}`` (None for per-token scales)."""
+
+    scheme: ActScheme
+    scales: dict[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class TuneHooks:
+    """What the orchestrator decides for a tuning run, handed in as one object (the tuning math stays pure).
+
+    Attributes:
+        on_step: called as ``on_step(step, loss)`` for each step, in order, once its loss is read on the host.
+        sync_every: read the losses on the host (a device synchronization) every this many steps (1: after
+            every step; ``use_best`` needs 1). Results are the same either way; a non-finite loss is reported
+            up to ``sync_every - 1`` steps late, naming its step.
+        shard: data-parallel: this process's share of a batch's sample indices (None: one process).
+        reduce: data-parallel: sum a list of tensors over processes in place (None: one process).
+            With ``shard`` and ``reduce`` each process back-propagates its share's error divided by the whole
+            batch's size and the gradients are summed before the sign step, so every process ends equal.
+    """
+
+    on_step: StepCallback | None = None
+    sync_every: int = 1
+    shard: Callable[[torch.Tensor], torch.Tensor] | None = None
+    reduce: Callable[[list[torch.Tensor]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise SignRoundError(f"sync_every must be >= 1, got {self.sync_every}")
+        if (self.shard is None) != (self.reduce is None):
+            raise SignRoundError("data-parallel tuning needs both shard and reduce")
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.reduce is not None
+
+
+NO_HOOKS = TuneHooks()
+
+
 def tune_block(
     block: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    kwargs: dict[str, Any],
+    data: BlockData,
     schemes: dict[str, QuantScheme],
     cfg: TuneConfig,
     seed: int,
-    on_step: StepCallback | None = None,
-    act: ActScheme | None = None,
-    act_scales: dict[str, torch.Tensor] | None = None,
-    data_parallel: bool = False,
-    sync_every: int | None = None,
+    act: ActInputs | None = None,
+    hooks: TuneHooks = NO_HOOKS,
 ) -> BlockResult:
     """Learn rounding and clipping for the linears of ``block`` named in ``schemes``.
 
     Args:
         block: the float decoder block (left unchanged).
-        inputs: ``[n, seqlen, hidden]`` inputs of the quantized model at this block.
-        targets: ``[n, seqlen, hidden]`` outputs of the float block on the float model's inputs.
-        kwargs: keyword arguments every call of the block needs (masks, positions), broadcastable.
+        data: the block's quantized-model inputs, float targets and call kwargs (:class:`BlockData`).
         schemes: relative layer name -> scheme, for the layers to quantize.
         cfg: iterations, step sizes, batch size, best-vs-last.
         seed: seeds batch sampling (the pipeline passes ``cfg.seed + block index``).
-        on_step: called as ``on_step(step, loss)`` for each step, in order, once its loss is read on the host
-            (after each step; every ``sync_every`` steps in a batch).
-        act: quantize the inputs of the tuned linears with this scheme in every forward (the loss stays the
-            MSE against the float block's ``targets``), so the weights adapt to the activation error.
-        act_scales: static per-channel input scales ``{name: [in]}`` for ``act.granularity == "channel"``.
-        data_parallel: in a torch.distributed run, compute this rank's share of each batch and sum the
-            gradients over ranks before the sign step (:mod:`signround.dist`); every rank ends equal.
-        sync_every: read the losses on the host (a device synchronization) every this many steps; None:
-            every step on the CPU or with ``cfg.use_best``, else every :data:`SYNC_EVERY_GPU` steps, so the
-            host queues the next steps' kernels while the device runs. Results are the same either way; a
-            non-finite loss is reported up to ``sync_every - 1`` steps late, naming its step.
+        act: quantize the inputs of the tuned linears in every forward (the loss stays the error against the
+            float block's ``targets``), so the weights adapt to the activation error.
+        hooks: progress callback, host-read cadence and data-parallel reduction (:class:`TuneHooks`).
 
     Returns:
         A :class:`BlockResult` with codes, scales and zero points of each layer.
     """
     t0 = time.perf_counter()
-    size = dist.world()[1] if data_parallel else 1
+    inputs, targets, kwargs = data
+    on_step, sync_every = hooks.on_step, hooks.sync_every
     linears = block_linears(block)
     learn = cfg.iters > 0
     tunables = {name: TunableWeight.from_linear(linears[name], s, learn) for name, s in schemes.items()}
@@ -176,7 +215,8 @@ def tune_block(
 
     stack = contextlib.ExitStack()
     try:
-        stack.enter_context(quantized_inputs(block, list(schemes), act, act_scales))
+        act_scheme, act_scales = act if act is not None else (None, None)
+        stack.enter_context(quantized_inputs(block, list(schemes), act_scheme, act_scales))
         power = InputPower()
         search = learn and cfg.init == "search"
         with torch.no_grad(), power.recording({n: linears[n] for n in schemes} if search else {}):
@@ -215,37 +255,35 @@ def tune_block(
             # every step's batch drawn up front and moved once: no host-to-device copy inside the loop
             batches = torch.stack([torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(cfg.iters)])
             batches = batches.to(inputs.device)
-            if sync_every is None:  # the best-step pick must see each loss before the step changes the weights
-                sync_every = SYNC_EVERY_GPU if inputs.device.type != "cpu" and not cfg.use_best else 1
             if cfg.use_best and sync_every != 1:
                 raise SignRoundError("use_best reads every step's loss before its update: sync_every must be 1")
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
             offsets = [t.v for t in tunables.values()]
             factors = [p for t in tunables.values() for p in (t.min_factor, t.max_factor)]
             # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
-            in_backward = stack.enter_context(SignStepInBackward(offsets if size == 1 else []))
+            in_backward = stack.enter_context(SignStepInBackward([] if hooks.data_parallel else offsets))
             stack.enter_context(compiled_fake_quant(cfg.torch_compile))  # the RTN pass and search stay eager
             for step in range(cfg.iters):
                 idx = batches[step]
-                if size == 1:
+                if not hooks.data_parallel:
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
                     loss = token_errors(out, targets[idx], weights=per_token[idx]).mean()
                     pending.append(loss.detach())
                 else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
-                    mine = dist.shard(idx)
+                    mine = hooks.shard(idx)
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
                     denominator = idx.numel() * targets[0, ..., 0].numel()
                     loss = token_errors(out, targets[mine], weights=per_token[mine]).sum() / denominator
                     loss.backward()
                     total = loss.detach().reshape(1).clone()
-                    dist.all_reduce_sum([p.grad for p in offsets + factors if p.grad is not None] + [total])
+                    hooks.reduce([p.grad for p in offsets + factors if p.grad is not None] + [total])
                     pending.append(total[0])
                 if len(pending) >= sync_every:
                     record()
                 step_lr = linear_decay(lr, step, cfg.iters)
-                if size == 1:
+                if not hooks.data_parallel:
                     in_backward.lr = step_lr
                     loss.backward()
                 sign_step(offsets, step_lr)  # data-parallel: the summed gradients

@@ -9,7 +9,7 @@ import torch
 import signround
 from signround.cli import main
 from signround.model.lazy import BlockStream
-from tests.conftest import build_tokenizer, corpus, make_model
+from tests.conftest import build_tokenizer, corpus, make_config, make_model
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,8 @@ def test_default_run_reads_each_block_when_its_turn_comes(tmp_path, sharded, mon
 
     whole, tokenizer = signround.load_model(str(model))
     scheme = signround.QuantScheme(bits=4, group_size=32)
-    signround.quantize(whole, tokenizer, scheme, str(calib), iters=3, nsamples=4, seqlen=32, batch_size=2)
+    cfg = make_config(scheme=scheme, iters=3, nsamples=4, seqlen=32, batch_size=2)
+    signround.quantize(whole, tokenizer, cfg, str(calib), signround.RunOptions(progress=False))
     signround.save(whole, tokenizer, tmp_path / "api")
     cli, _ = logits(tmp_path / "cli")
     api, _ = logits(tmp_path / "api")

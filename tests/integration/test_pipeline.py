@@ -8,7 +8,9 @@ import torch
 import signround
 from signround.export.native import load_quantized
 from signround.pack.packed import QuantLinear
-from tests.conftest import corpus, make_model, quantize_tiny
+from tests.conftest import corpus, make_config, make_model, quantize_tiny
+
+QUIET = signround.RunOptions(progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
@@ -16,17 +18,9 @@ from tests.conftest import corpus, make_model, quantize_tiny
 def test_quantize_save_reload_same_logits(family, sym, tokenizer, tmp_path):
     model = make_model(family)
     float_logits_input = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
-    qmodel = signround.quantize(
-        model,
-        tokenizer,
-        scheme=signround.QuantScheme(bits=3, group_size=48, sym=sym),
-        dataset=corpus(40, seed=1),
-        iters=8,
-        nsamples=8,
-        seqlen=32,
-        batch_size=4,
-        progress=False,
-    )
+    cfg = make_config(scheme=signround.QuantScheme(bits=3, group_size=48, sym=sym), iters=8, nsamples=8, seqlen=32,
+                      batch_size=4)  # fmt: skip
+    qmodel = signround.quantize(model, tokenizer, cfg, corpus(40, seed=1), QUIET)
     layers = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == (12 if family == "opt" else 14)
     with torch.no_grad():
@@ -55,17 +49,11 @@ def test_save_pretrained_of_the_returned_model_is_a_checkpoint(tokenizer, tmp_pa
 
 
 def test_layer_config_and_rtn(tokenizer):
-    qmodel = signround.quantize(
-        make_model("llama"),
-        tokenizer,
-        scheme=signround.QuantScheme(bits=4, group_size=32),
-        dataset=corpus(40, seed=1),
-        method="rtn",
-        nsamples=4,
-        seqlen=32,
-        progress=False,
+    cfg = make_config(
+        scheme=signround.QuantScheme(bits=4, group_size=32), method="rtn", nsamples=4, seqlen=32,
         layer_config={r"mlp\.down_proj": {"bits": 8}, r"self_attn\.o_proj": None},
-    )
+    )  # fmt: skip
+    qmodel = signround.quantize(make_model("llama"), tokenizer, cfg, corpus(40, seed=1), QUIET)
     qc = qmodel.config.quantization_config
     assert qc["tuning"]["iters"] == 0
     assert qc["modules"]["model.layers.0.mlp.down_proj"]["bits"] == 8
@@ -75,16 +63,8 @@ def test_layer_config_and_rtn(tokenizer):
 
 def test_data_free_calibration_generates_text(tokenizer, caplog):
     caplog.set_level("INFO", logger="signround")
-    signround.quantize(
-        make_model("llama"),
-        tokenizer,
-        scheme=signround.QuantScheme(bits=4, group_size=32),
-        dataset=None,
-        iters=2,
-        nsamples=4,
-        seqlen=16,
-        progress=False,
-    )
+    cfg = make_config(scheme=signround.QuantScheme(bits=4, group_size=32), iters=2, nsamples=4, seqlen=16)
+    signround.quantize(make_model("llama"), tokenizer, cfg, None, QUIET)
     assert "data-free calibration" in caplog.text
 
 
@@ -116,16 +96,8 @@ def test_bfloat16_model_quantizes_and_reloads(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.bfloat16).eval()
-    qmodel = signround.quantize(
-        model,
-        tokenizer,
-        scheme=signround.QuantScheme(bits=4, group_size=32),
-        dataset=corpus(40, seed=1),
-        iters=4,
-        nsamples=8,
-        seqlen=32,
-        progress=False,
-    )
+    cfg = make_config(scheme=signround.QuantScheme(bits=4, group_size=32), iters=4, nsamples=8, seqlen=32)
+    qmodel = signround.quantize(model, tokenizer, cfg, corpus(40, seed=1), QUIET)
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         expected = qmodel(x).logits
@@ -137,7 +109,7 @@ def test_bfloat16_model_quantizes_and_reloads(tokenizer, tmp_path):
 
 
 def test_compute_dtype_policy():
-    from signround.cli import compute_dtype
+    from signround.devices import compute_dtype
 
     assert compute_dtype("auto", "cpu") == torch.float32
     assert compute_dtype("auto", "cuda:0") == torch.bfloat16
@@ -147,7 +119,7 @@ def test_compute_dtype_policy():
 def test_rtn_needs_no_calibration_data(tokenizer, caplog):
     """RTN rounds weights alone (auto-round's iters=0): no data-free generation, same codes as tune_block."""
     from signround.model.blocks import find_blocks, resolve_schemes
-    from signround.tune.signround import tune_block
+    from signround.tune.signround import BlockData, tune_block
 
     caplog.set_level("INFO", logger="signround")
     scheme = signround.QuantScheme(bits=3, group_size=32)
@@ -155,8 +127,8 @@ def test_rtn_needs_no_calibration_data(tokenizer, caplog):
     _, blocks = find_blocks(float_model)
     schemes = resolve_schemes("model.layers.0", blocks[0], scheme)
     x = torch.randn(2, 8, 64)
-    ref = tune_block(blocks[0], x, x, {}, schemes, signround.TuneConfig(iters=0), seed=0)
-    qmodel = signround.quantize(make_model("llama"), tokenizer, scheme=scheme, method="rtn", progress=False)
+    ref = tune_block(blocks[0], BlockData(x, x, {}), schemes, signround.TuneConfig(iters=0), seed=0)
+    qmodel = signround.quantize(make_model("llama"), tokenizer, make_config(scheme=scheme, method="rtn"), None, QUIET)
     assert "data-free calibration" not in caplog.text and "no calibration data" in caplog.text
     for name, layer in ref.layers.items():
         q = qmodel.model.layers[0].get_submodule(name)

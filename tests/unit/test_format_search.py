@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from signround.cli import main
-from signround.config import QuantScheme
+from signround.config import QuantScheme, parse_candidates
 from signround.errors import SignRoundError
-from signround.mixed.formats import choose_formats, input_second_moments, parse_candidates, rtn_error
+from signround.mixed.formats import choose_formats, input_second_moments, rtn_error
 from tests.conftest import make_model
 
 

@@ -11,7 +11,7 @@ from signround.config import CalibConfig, LayerRule, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.mixed import MixedSpec, allocate_bits, budget_bits, layer_bits, parse_size, solve_greedy, solve_ilp
 from signround.mixed.allocate import total_size
-from tests.conftest import corpus, make_model
+from tests.conftest import corpus, make_config, make_model
 
 
 def test_layer_bits_counts_codes_scales_and_zeros():
@@ -192,17 +192,8 @@ def test_python_api_mixed(tokenizer):
 
     model = make_model("llama")
     spec = MixedSpec(avg_bits=3.0, solver="greedy")
-    signround.quantize(
-        model,
-        tokenizer,
-        QuantScheme(bits=4, group_size=32),
-        corpus(20, seed=1),
-        iters=1,
-        nsamples=4,
-        seqlen=32,
-        mixed=spec,
-        progress=False,
-    )
+    cfg = make_config(scheme=QuantScheme(bits=4, group_size=32), iters=1, nsamples=4, seqlen=32, mixed=spec)
+    signround.quantize(model, tokenizer, cfg, corpus(20, seed=1), signround.RunOptions(progress=False))
     cfg = model.config.quantization_config
     assert cfg["mixed_precision"]["avg_bits"] <= 3.0
     assert {n: m["bits"] for n, m in cfg["modules"].items()} == cfg["mixed_precision"]["layer_bits"]

@@ -8,7 +8,7 @@ from signround.config import QuantScheme, TuneConfig
 from signround.errors import SignRoundError
 from signround.model.blocks import find_blocks, resolve_schemes
 from signround.pipeline import _run_block
-from signround.tune.signround import block_mse, output_loss, token_errors, tune_block
+from signround.tune.signround import BlockData, TuneHooks, block_mse, output_loss, token_errors, tune_block
 from tests.conftest import make_model
 
 
@@ -38,8 +38,8 @@ def _weights(block, result):
 def test_signround_beats_rtn_on_block_output(loss):
     block, x, y, kw, schemes = _block_setup()
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0, loss=loss), seed=0)
-    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4, loss=loss), seed=0)
+    rtn = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=0, loss=loss), seed=0)
+    sr = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=60, batch_size=4, loss=loss), seed=0)
     loss_rtn = block_mse(block, x, y, kw, 8, _weights(block, rtn), loss)
     loss_sr = block_mse(block, x, y, kw, 8, _weights(block, sr), loss)
     # a tuning run measures the RTN loss it starts from; a plain RTN run leaves that to the caller
@@ -55,8 +55,8 @@ def test_signround_beats_rtn_on_block_output(loss):
 def test_tuning_is_deterministic_for_a_seed():
     block, x, y, kw, schemes = _block_setup(bits=3)
     cfg = TuneConfig(iters=10, batch_size=4)
-    a = tune_block(block, x, y, kw, schemes, cfg, seed=3)
-    b = tune_block(block, x, y, kw, schemes, cfg, seed=3)
+    a = tune_block(block, BlockData(x, y, kw), schemes, cfg, seed=3)
+    b = tune_block(block, BlockData(x, y, kw), schemes, cfg, seed=3)
     assert a.losses == b.losses
     assert all(torch.equal(a.layers[n].codes, b.layers[n].codes) for n in a.layers)
 
@@ -75,9 +75,9 @@ def test_best_step_is_kept_by_default_and_use_last_takes_no_copies(monkeypatch):
         monkeypatch.setattr(TunableWeight, method, counted)
     block, x, y, kw, schemes = _block_setup()
     assert TuneConfig().use_best is True
-    last = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4, use_best=False), seed=0)
+    last = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=20, batch_size=4, use_best=False), seed=0)
     assert calls == {"snapshot": 0, "restore": 0}  # no copies taken, the last step's parameters finalized
-    best = tune_block(block, x, y, kw, schemes, TuneConfig(iters=20, batch_size=4), seed=0)
+    best = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=20, batch_size=4), seed=0)
     assert calls["snapshot"] >= len(schemes) and calls["restore"] == len(schemes)
     assert best.losses == last.losses  # same run; only the kept step differs
     assert best.best_loss == min(best.losses) == last.best_loss
@@ -86,11 +86,11 @@ def test_best_step_is_kept_by_default_and_use_last_takes_no_copies(monkeypatch):
 
 def test_amp_tuning_runs_in_bfloat16_and_still_beats_rtn():
     block, x, y, kw, schemes = _block_setup()
-    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0)
+    rtn = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=0), seed=0)
     seen = []
     handle = block.mlp.down_proj.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
     try:
-        amp = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4, amp=True), seed=0)
+        amp = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=60, batch_size=4, amp=True), seed=0)
     finally:
         handle.remove()
     assert torch.bfloat16 in seen  # the steps' matmuls ran in bfloat16
@@ -152,8 +152,13 @@ def test_reading_losses_every_few_steps_changes_nothing_but_when():
     seen: dict[int, list] = {1: [], 5: []}
     runs = {
         k: tune_block(
-            block, x, y, kw, schemes, cfg, seed=1, on_step=lambda s, v, k=k: seen[k].append((s, v)), sync_every=k
-        )
+            block,
+            BlockData(x, y, kw),
+            schemes,
+            cfg,
+            seed=1,
+            hooks=TuneHooks(on_step=lambda s, v, k=k: seen[k].append((s, v)), sync_every=k),
+        )  # fmt: skip
         for k in seen
     }
     assert runs[1].losses == runs[5].losses and len(runs[5].losses) == 12
@@ -167,16 +172,32 @@ def test_a_non_finite_loss_names_its_step_even_when_read_late():
     bad = x.clone()
     bad[:] = float("nan")
     with pytest.raises(SignRoundError, match="became nan at step 0"):
-        tune_block(block, bad, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=False), seed=0, sync_every=5)
+        tune_block(
+            block,
+            BlockData(bad, y, kw),
+            schemes,
+            TuneConfig(iters=8, batch_size=4, use_best=False),
+            seed=0,
+            hooks=TuneHooks(sync_every=5),
+        )
     with pytest.raises(SignRoundError, match="sync_every must be 1"):
-        tune_block(block, x, y, kw, schemes, TuneConfig(iters=8, batch_size=4, use_best=True), seed=0, sync_every=5)
+        tune_block(
+            block,
+            BlockData(x, y, kw),
+            schemes,
+            TuneConfig(iters=8, batch_size=4, use_best=True),
+            seed=0,
+            hooks=TuneHooks(sync_every=5),
+        )
 
 
 def test_torch_compile_tuning_matches_eager():
     """``TuneConfig(torch_compile=True)`` compiles the steps' quantize-dequantize: the same run, up to the
     clipping gradients' summation order (here: the same losses to float rounding and the same codes)."""
     block, x, y, kw, schemes = _block_setup(bits=3)
-    eager = tune_block(block, x, y, kw, schemes, TuneConfig(iters=10, batch_size=4), seed=3)
-    comp = tune_block(block, x, y, kw, schemes, TuneConfig(iters=10, batch_size=4, torch_compile=True), seed=3)
+    eager = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=10, batch_size=4), seed=3)
+    comp = tune_block(
+        block, BlockData(x, y, kw), schemes, TuneConfig(iters=10, batch_size=4, torch_compile=True), seed=3
+    )
     assert comp.losses == pytest.approx(eager.losses, rel=1e-4)
     assert all(torch.equal(eager.layers[n].codes, comp.layers[n].codes) for n in eager.layers)
