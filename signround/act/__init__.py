@@ -1,14 +1,7 @@
-"""Activation quantization (issue 10, first pieces): fake-quant quantizers for a linear layer's input and the
-bit-plane integer product (ABQ-LLM). Not yet wired into the pipeline or the checkpoint."""
+"""Activation quantization: the quantizers of a linear layer's input and the hooks that apply them
+(:mod:`signround.act.quant`), static scales from calibration data (:mod:`signround.act.calibrate`),
+smoothing (:mod:`signround.act.smooth`) and the bit-plane integer product (:mod:`signround.act.bitplane`).
 
-from signround.act.bitplane import bitplane_matmul, bitplanes, integer_linear
-from signround.act.quant import channel_scales, fake_quant_channel, fake_quant_token
-
-__all__ = [
-    "bitplane_matmul",
-    "bitplanes",
-    "channel_scales",
-    "fake_quant_channel",
-    "fake_quant_token",
-    "integer_linear",
-]
+This init imports nothing: ``signround.pack`` imports ``signround.act.quant``, which runs this file first,
+and the other modules here sit above the tuning code (tests/unit/test_layers.py).
+"""

@@ -1,15 +1,18 @@
-"""Static activation scales from calibration data, and the hooks that quantize linear inputs in a block."""
+"""Static activation scales from calibration data: per-channel input maxima of a block's linears and the
+clip ratio per layer that quantizes them best."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from signround.act.quant import channel_scales, fake_quant_channel, fake_quant_token
+from signround.act.quant import channel_scales, fake_quant_channel
+
+# temporary: re-exported until tune/signround.py imports it from signround.act.quant, where it moved (tune
+# ranks below this module, and act.smooth, which imports tune, imports this one)
+from signround.act.quant import quantized_inputs as quantized_inputs
 from signround.config import ActScheme
 
 # clip ratios tried for static per-channel activation scales (1.0: the calibration absmax itself)
@@ -94,27 +97,3 @@ def calibrate_static(
             h.remove()
     chosen = {name: clips[int(errors[name].argmin())] for name in names}
     return static_scales(absmax, act, chosen), chosen
-
-
-@contextlib.contextmanager
-def quantized_inputs(
-    block: nn.Module, names: list[str], act: ActScheme | None, scales: dict[str, torch.Tensor] | None = None
-) -> Iterator[None]:
-    """Within the context, the named linears of ``block`` see their inputs fake-quantized by ``act`` (with
-    the static ``scales`` for channel granularity); nothing happens when ``act`` is None."""
-    if act is None:
-        yield
-        return
-
-    def quantize(name: str, x: torch.Tensor) -> torch.Tensor:
-        if act.granularity == "token":
-            return fake_quant_token(x, act.bits, act.dtype)
-        return fake_quant_channel(x, scales[name].to(x.device), act.bits, act.dtype)
-
-    modules = dict(block.named_modules())
-    handles = [modules[n].register_forward_pre_hook(lambda _m, a, n=n: (quantize(n, a[0]), *a[1:])) for n in names]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

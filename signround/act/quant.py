@@ -10,13 +10,19 @@ Activations ``x [..., in]`` (the input of a linear layer) are quantized symmetri
 The scale ``s`` is ``absmax / grid_max``: per token (the last dimension's absmax of each row, computed at run
 time: *dynamic*) or per input channel (from calibration data, fixed: *static*, ``[in]``). Gradients pass
 straight through the rounding (and are zero where a value saturates), so SignRound can tune weights with
-quantized activations in the block's forward.
+quantized activations in the block's forward: :func:`quantized_inputs` hooks the quantizer onto a block's
+linears for the duration of a ``with`` (here, below the tuning code that uses it).
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from collections.abc import Iterator
 
+import torch
+from torch import nn
+
+from signround.config import ActScheme
 from signround.formats.fp import E2M1, E4M3, Minifloat, round_to_grid
 
 ACT_DTYPES = ("int", "fp8_e4m3", "fp4_e2m1")
@@ -59,3 +65,27 @@ def fake_quant_channel(x: torch.Tensor, scale: torch.Tensor, bits: int = 8, dtyp
     """Per-channel static quantize-dequantize of ``x [..., in]`` with fixed ``scale [in]``."""
     s = scale.to(x.dtype)
     return _round(x / s, dtype, bits) * s
+
+
+@contextlib.contextmanager
+def quantized_inputs(
+    block: nn.Module, names: list[str], act: ActScheme | None, scales: dict[str, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Within the context, the named linears of ``block`` see their inputs fake-quantized by ``act`` (with
+    the static ``scales`` for channel granularity); nothing happens when ``act`` is None."""
+    if act is None:
+        yield
+        return
+
+    def quantize(name: str, x: torch.Tensor) -> torch.Tensor:
+        if act.granularity == "token":
+            return fake_quant_token(x, act.bits, act.dtype)
+        return fake_quant_channel(x, scales[name].to(x.device), act.bits, act.dtype)
+
+    modules = dict(block.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda _m, a, n=n: (quantize(n, a[0]), *a[1:])) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from signround.act.calibrate import calibrate_static, input_absmax, quantized_inputs
+from signround.act.calibrate import calibrate_static, input_absmax
+from signround.act.quant import quantized_inputs
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
 from signround.tune.signround import block_mse

