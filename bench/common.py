@@ -160,7 +160,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from signround.pipeline import native_bf16_cpu
+    from signround.report import native_bf16_cpu
 
     bf16 = native_bf16_cpu()
     return (

@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from signround.config import QuantScheme, TuneConfig  # noqa: E402
 from signround.model.blocks import resolve_schemes  # noqa: E402
-from signround.pipeline import _run_block, peak_rss_gb  # noqa: E402
-from signround.tune.signround import tune_block  # noqa: E402
+from signround.pipeline import _run_block  # noqa: E402
+from signround.report import peak_rss_gb  # noqa: E402
+from signround.tune.signround import BlockData, tune_block  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    tune_block(block, x, targets, kwargs, schemes, TuneConfig(iters=args.iters, batch_size=n), seed=0)
+    tune_block(block, BlockData(x, targets, kwargs), schemes, TuneConfig(iters=args.iters, batch_size=n), seed=0)
     seconds = time.perf_counter() - t0
     peak = peak_rss_gb()
     result = {

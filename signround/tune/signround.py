@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from signround.act.calibrate import quantized_inputs
+from signround.act.quant import quantized_inputs
 from signround.calib.capture import block_output
 from signround.config import ActScheme, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
