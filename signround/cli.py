@@ -60,8 +60,14 @@ def _quantize(args: argparse.Namespace) -> int:
         return 0
     if args.low_memory:
         model.signround_stream = stream  # TEMP
-    out = export.save(model, tokenizer, args.output, [f.value for f in cfg.export.formats], overwrite=args.overwrite,
-                      allow_partial_groups=cfg.export.allow_partial_groups)  # TEMP
+    out = export.save(
+        model,
+        tokenizer,
+        args.output,
+        [f.value for f in cfg.export.formats],
+        overwrite=args.overwrite,
+        allow_partial_groups=cfg.export.allow_partial_groups,
+    )  # TEMP
     shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete; the run state is no longer needed
     if result.plan.allocation is not None:
         print(result.plan.allocation.table())

@@ -116,6 +116,10 @@ def make_plan(model: nn.Module, tokenizer: Any, cfg: QuantConfig, data: Any = No
                      ", ".join(f"{r.pattern.rstrip('$')}: {r.scheme.name}" for r in rules))  # fmt: skip
             cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + rules)
             added += rules
-    export.check_formats(model, planned_layers(model, cfg), [f.value for f in cfg.export.formats],
-                         allow_partial_groups=cfg.export.allow_partial_groups)  # fmt: skip  TEMP
+    export.check_formats(
+        model,
+        planned_layers(model, cfg),
+        [f.value for f in cfg.export.formats],
+        allow_partial_groups=cfg.export.allow_partial_groups,
+    )  # fmt: skip  TEMP
     return Plan(cfg, tokens, allocation, choice, added)

@@ -22,6 +22,7 @@ from torch import nn
 
 from signround.errors import SignRoundError
 from signround.model.blocks import find_blocks
+from signround.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("signround")
 
@@ -83,8 +84,6 @@ def load_skeleton(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from signround.model.load import _from_pretrained_tokenizer
-
     path = Path(folder)
     if not (path.is_dir() and (path / "config.json").is_file()):
         raise SignRoundError(f"--low-memory needs an HF model folder with config.json and safetensors; got {folder}")
@@ -104,7 +103,7 @@ def load_skeleton(
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise SignRoundError(f"weights in {folder} do not fit its config: {what}")
     model.eval()
-    return model, _from_pretrained_tokenizer(str(path)), BlockStream(index, prefix, blocks, dtype, keep)
+    return model, load_tokenizer(str(path)), BlockStream(index, prefix, blocks, dtype, keep)
 
 
 class BlockStream:

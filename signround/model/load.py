@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite
+from signround.model.tokenizer import load_tokenizer
 from signround.paths import cache_dir
 
 log = logging.getLogger("signround")
@@ -177,13 +178,4 @@ def _from_pretrained(where: str, dtype: torch.dtype) -> tuple[PreTrainedModel, P
         if "does not recognize this architecture" in text or "Unrecognized configuration class" in text:
             raise SignRoundError(f"unsupported architecture in {where}: {first}") from None
         raise SignRoundError(f"cannot load model {where}: {first}") from None
-    return model, _from_pretrained_tokenizer(where)
-
-
-def _from_pretrained_tokenizer(where: str) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(where)
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        raise SignRoundError(
-            f"cannot load the tokenizer of {where} ({type(exc).__name__}); save one beside the model"
-        ) from None
+    return model, load_tokenizer(where)

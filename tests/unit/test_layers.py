@@ -33,10 +33,13 @@ RANKS: dict[str, int] = {
     "signround.act": 3,  # the package init; its low module is act.quant
     "signround.act.quant": 3,
     "signround.dist": 3,
+    "signround.devices": 3,
+    "signround.report": 3,
     "signround.pack": 4,
     "signround.model": 5,  # the package init; model.load ranks higher
     "signround.model.blocks": 5,
     "signround.model.lazy": 5,
+    "signround.model.tokenizer": 5,
     "signround.calib": 5,
     "signround.tune": 6,
     "signround.act.calibrate": 7,
@@ -44,11 +47,12 @@ RANKS: dict[str, int] = {
     "signround.act.bitplane": 7,
     "signround.mixed": 7,
     "signround.runstate": 7,
-    "signround.plan": 8,
     "signround.pipeline": 8,
     "signround.export": 9,
     "signround.eval": 9,
     "signround.model.load": 10,  # the user-facing loader reads every checkpoint format: above export
+    "signround.plan": 10,  # decides schemes with the exporters' layer mixes and checks: above export
+    "signround.api": 11,  # the orchestrator: plan, then the pipeline's block loop
     "signround": 11,
     "signround.cli_args": 11,
     "signround.cli": 11,
