@@ -16,8 +16,8 @@ from signround import export
 from signround.cli import main
 from signround.config import DType, QuantScheme, parse_layer_config
 from signround.errors import SignRoundError
-from signround.model.blocks import Planned
 from signround.formats import get_format
+from signround.model.blocks import Planned
 from signround.pack.packed import QuantLinear
 from signround.primitives import from_groups, to_groups
 from tests.conftest import make_model, quantize_tiny
