@@ -3,6 +3,9 @@
 ``QuantScheme`` says what a quantized weight is (bits, group size, symmetry); ``TuneConfig`` says how
 the rounding is learned; ``CalibConfig`` says which calibration tokens are used. All are immutable and
 validated at construction, so a bad value fails before any work starts.
+
+``DType`` (the weight data types) is defined in :mod:`signround.formats.dtype` and re-exported here; what a
+data type fixes (width, block size, symmetry) is its registered format's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from signround.errors import SignRoundError
+from signround.formats import DType, get_format
 
 
 class Method(str, enum.Enum):
@@ -24,71 +28,6 @@ class Method(str, enum.Enum):
     SIGNROUND = "signround"
     RTN = "rtn"
 
-
-class DType(str, enum.Enum):
-    """Number format of a quantized weight; a key of the format registry.
-
-    ``int`` is the integer affine grid (any width 2..8). The others are sign-magnitude minifloat grids
-    whose width is part of the name: ``fp4_e2m1`` .. ``fp8_e5m2`` with one float16 scale per group,
-    ``mxfp4`` (OCP MX: e2m1 elements, power-of-two scale per 32 weights) and ``nvfp4`` (e2m1 elements,
-    e4m3 scale per 16 weights times one float32 scale per tensor); see :mod:`signround.formats.fp`.
-    ``bitmod`` is a per-group mixture of 4-bit grids (INT4 asymmetric and FP4 variants), see
-    :mod:`signround.formats.bitmod`. ``q4_k`` is llama.cpp's Q4_K structure (4-bit codes in groups of 32,
-    6-bit group scales and minimums under float16 factors per 256 weights), ``q2_k`` its Q2_K structure
-    (2-bit codes in groups of 16, 4-bit scales and minimums), ``q6_k`` / ``q3_k`` its symmetric Q6_K /
-    Q3_K structures (6- / 3-bit codes in groups of 16, signed 8- / 6-bit scales), see :mod:`signround.formats.kquant`.
-    """
-
-    INT = "int"
-    FP4_E2M1 = "fp4_e2m1"
-    FP4_E1M2 = "fp4_e1m2"
-    FP4_E3M0 = "fp4_e3m0"
-    FP6_E2M3 = "fp6_e2m3"
-    FP6_E3M2 = "fp6_e3m2"
-    FP8_E4M3 = "fp8_e4m3"
-    FP8_E5M2 = "fp8_e5m2"
-    MXFP4 = "mxfp4"
-    NVFP4 = "nvfp4"
-    BITMOD = "bitmod"
-    Q4_K = "q4_k"
-    Q2_K = "q2_k"
-    Q6_K = "q6_k"
-    Q3_K = "q3_k"
-
-    @property
-    def is_float(self) -> bool:
-        """Any grid but the plain integer one: the format fixes its width and its own symmetry (the
-        floating-point grids and ``bitmod``); only ``int`` exports to the integer checkpoint formats."""
-        return self is not DType.INT
-
-    @property
-    def implied_bits(self) -> int | None:
-        """Bits per weight fixed by the format (None for ``int``, whose width is free)."""
-        return _FLOAT_BITS.get(self)
-
-    @property
-    def fixed_group_size(self) -> int | None:
-        """Block size fixed by the format (32 for ``mxfp4``, 16 for ``nvfp4``), else None."""
-        return _FIXED_GROUP.get(self)
-
-
-_FLOAT_BITS = {
-    DType.FP4_E2M1: 4,
-    DType.FP4_E1M2: 4,
-    DType.FP4_E3M0: 4,
-    DType.FP6_E2M3: 6,
-    DType.FP6_E3M2: 6,
-    DType.FP8_E4M3: 8,
-    DType.FP8_E5M2: 8,
-    DType.MXFP4: 4,
-    DType.NVFP4: 4,
-    DType.BITMOD: 4,
-    DType.Q4_K: 4,
-    DType.Q2_K: 2,
-    DType.Q6_K: 6,
-    DType.Q3_K: 3,
-}
-_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32, DType.Q2_K: 16, DType.Q6_K: 16, DType.Q3_K: 16}
 
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
@@ -103,7 +42,7 @@ def _parse_dtype(value: Any) -> DType:
 
 
 def _resolve_bits(dtype: DType, bits: Any) -> int:
-    implied = dtype.implied_bits
+    implied = get_format(dtype).implied_bits
     if bits is None:
         return implied if implied is not None else DEFAULT_BITS
     if isinstance(bits, bool) or not isinstance(bits, int):
@@ -118,7 +57,7 @@ def _resolve_bits(dtype: DType, bits: Any) -> int:
 
 
 def _resolve_group_size(dtype: DType, group_size: Any) -> int:
-    fixed = dtype.fixed_group_size
+    fixed = get_format(dtype).fixed_group_size
     if group_size is None:
         return fixed if fixed is not None else DEFAULT_GROUP_SIZE
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -136,11 +75,13 @@ def _resolve_group_size(dtype: DType, group_size: Any) -> int:
 
 
 def _resolve_sym(dtype: DType, sym: Any) -> bool:
+    fixed = get_format(dtype).fixed_sym
     if sym is None:
-        return dtype.is_float
+        return False if fixed is None else fixed  # a free grid is asymmetric by default
     if not isinstance(sym, bool):
         raise SignRoundError(f"sym must be true or false, got {sym!r}")
-    if dtype.is_float and not sym:
+    if fixed is not None and sym != fixed:
+        # every format that fixes its grid fixes sym=True, so the refused value is false
         raise SignRoundError(f"{dtype.value} fixes its own grid (no symmetric/asymmetric choice); drop sym=false")
     return sym
 
@@ -248,7 +189,7 @@ def _inherited(base: QuantScheme, override: dict[str, Any]) -> dict[str, Any]:
     the group size (when the new dtype does not fix it): bits and symmetry follow from the new dtype."""
     if "dtype" not in override or _parse_dtype(override["dtype"]) is base.dtype:
         return base.to_dict()
-    if _parse_dtype(override["dtype"]).fixed_group_size is not None:
+    if get_format(_parse_dtype(override["dtype"])).fixed_group_size is not None:
         return {}
     return {"group_size": base.group_size}
 

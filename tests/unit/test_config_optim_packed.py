@@ -36,6 +36,35 @@ def test_tune_and_calib_validation():
         CalibConfig(nsamples=0)
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"dtype": "q4_k", "bits": 3}, "q4_k has 4 bits per weight, not 3; drop --bits or use --bits 4"),
+        (
+            {"dtype": "mxfp4", "group_size": 64},
+            "mxfp4 uses blocks of 32 weights, not 64; drop --group-size or use --group-size 32",
+        ),
+        (
+            {"dtype": "fp8_e4m3", "sym": False},
+            "fp8_e4m3 fixes its own grid (no symmetric/asymmetric choice); drop sym=false",
+        ),
+        ({"sym": 1}, "sym must be true or false, got 1"),
+    ],
+)
+def test_scheme_refusals_say_what_to_do(kwargs, message):
+    """The registered format's facts (width, block, symmetry) decide; the messages are the ones of the tables
+    they replaced."""
+    with pytest.raises(SignRoundError) as err:
+        QuantScheme(**kwargs)
+    assert str(err.value) == message
+
+
+def test_scheme_defaults_come_from_the_format():
+    assert (QuantScheme().bits, QuantScheme().group_size, QuantScheme().sym) == (4, 128, False)
+    assert (QuantScheme(dtype="nvfp4").bits, QuantScheme(dtype="nvfp4").group_size) == (4, 16)
+    assert QuantScheme(dtype="q2_k").sym and QuantScheme(dtype="fp6_e3m2").name == "W6G128-fp6_e3m2"
+
+
 def test_layer_config_parsing(tmp_path):
     base = QuantScheme(bits=4)
     rules = parse_layer_config('{"down_proj": {"bits": 8}, "q_proj": null}', base)
