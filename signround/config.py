@@ -5,7 +5,9 @@ the rounding is learned; ``CalibConfig`` says which calibration tokens are used.
 validated at construction, so a bad value fails before any work starts.
 
 ``DType`` (the weight data types) is defined in :mod:`signround.formats.dtype` and re-exported here; what a
-data type fixes (width, block size, symmetry) is its registered format's.
+data type fixes (width, block size, symmetry) is its registered format's. The string options are enums
+(:class:`Loss`, :class:`Init`, :class:`ActDType`, :class:`ActGranularity`) that accept their values and
+compare, hash, format and JSON-encode as them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from signround.errors import SignRoundError
 from signround.formats import DType, get_format
+from signround.formats.fp import E2M1, E4M3
 
 
 class Method(str, enum.Enum):
@@ -27,6 +30,51 @@ class Method(str, enum.Enum):
 
     SIGNROUND = "signround"
     RTN = "rtn"
+
+
+class _Choice(str, enum.Enum):
+    """A string option: equal to, hashed, JSON-encoded and formatted (``str()``, f-strings) as its value, so
+    that code written for the bare strings it replaces reads it unchanged."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Loss(_Choice):
+    """The block-output error SignRound tunes against (see :attr:`TuneConfig.loss`)."""
+
+    RELATIVE = "relative"
+    MSE = "mse"
+
+
+class Init(_Choice):
+    """Where the clipping factors start (see :attr:`TuneConfig.init`)."""
+
+    SEARCH = "search"
+    NONE = "none"
+
+
+class ActDType(_Choice):
+    """Number format of quantized activations (see :class:`ActScheme`)."""
+
+    INT = "int"
+    FP8_E4M3 = "fp8_e4m3"
+    FP4_E2M1 = "fp4_e2m1"
+
+    @property
+    def implied_bits(self) -> int | None:
+        """Bits fixed by the element format (None for ``int``, whose width is free)."""
+        return {ActDType.INT: None, ActDType.FP8_E4M3: E4M3.bits, ActDType.FP4_E2M1: E2M1.bits}[self]
+
+
+class ActGranularity(_Choice):
+    """Which activations share a scale (see :class:`ActScheme`)."""
+
+    TOKEN = "token"
+    CHANNEL = "channel"
 
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -194,48 +242,54 @@ def _inherited(base: QuantScheme, override: dict[str, Any]) -> dict[str, Any]:
     return {"group_size": base.group_size}
 
 
-ACT_DTYPE_BITS = {"int": None, "fp8_e4m3": 8, "fp4_e2m1": 4}
-ACT_GRANULARITIES = ("token", "channel")
-
-
 @dataclass(frozen=True)
 class ActScheme:
     """How the input of every quantized linear is quantized (fake-quant; see :mod:`signround.act.quant`).
 
     Attributes:
         bits: 2..8 for ``int`` (default 8); implied by ``fp8_e4m3`` (8) and ``fp4_e2m1`` (4).
-        dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1``.
+        dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1`` (an :class:`ActDType`;
+            its value is accepted and converted).
         granularity: ``token`` (one scale per token from its absmax, at run time) or ``channel`` (one static
-            scale per input channel, calibrated from the calibration data and stored as ``input_scale``).
+            scale per input channel, calibrated from the calibration data and stored as ``input_scale``); an
+            :class:`ActGranularity` or its value.
     """
 
     bits: int | None = None
-    dtype: str = "int"
-    granularity: str = "token"
+    dtype: ActDType = ActDType.INT
+    granularity: ActGranularity = ActGranularity.TOKEN
 
     def __post_init__(self) -> None:
-        if self.dtype not in ACT_DTYPE_BITS:
-            raise SignRoundError(f"unknown activation dtype {self.dtype!r}; choose one of {list(ACT_DTYPE_BITS)}")
-        implied = ACT_DTYPE_BITS[self.dtype]
+        try:
+            dtype = ActDType(self.dtype)
+        except ValueError:
+            choices = [d.value for d in ActDType]
+            raise SignRoundError(f"unknown activation dtype {self.dtype!r}; choose one of {choices}") from None
+        implied = dtype.implied_bits
         bits = self.bits if self.bits is not None else (implied or 8)
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise SignRoundError(f"activation bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
         if implied is not None and bits != implied:
-            raise SignRoundError(f"{self.dtype} activations are {implied}-bit; use --act-bits {implied} or drop it")
-        if self.granularity not in ACT_GRANULARITIES:
-            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}")
+            raise SignRoundError(f"{dtype.value} activations are {implied}-bit; use --act-bits {implied} or drop it")
+        try:
+            granularity = ActGranularity(self.granularity)
+        except ValueError:
+            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}") from None
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "granularity", granularity)
         object.__setattr__(self, "bits", bits)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "dtype": self.dtype, "granularity": self.granularity}
+        return {"bits": self.bits, "dtype": self.dtype.value, "granularity": self.granularity.value}
 
     @property
     def name(self) -> str:
-        return f"A{self.bits}-{self.dtype}-{self.granularity}"
+        return f"A{self.bits}-{self.dtype.value}-{self.granularity.value}"
 
 
-LOSSES = ("relative", "mse")
-INITS = ("search", "none")
+# The values, for argparse's choices
+LOSSES = tuple(m.value for m in Loss)
+INITS = tuple(m.value for m in Init)
 
 
 @dataclass(frozen=True)
@@ -287,16 +341,20 @@ class TuneConfig:
     seed: int = 42
     amp: bool = False
     quant_inputs: bool = True
-    loss: str = "relative"
-    init: str = "search"
+    loss: Loss = Loss.RELATIVE
+    init: Init = Init.SEARCH
     torch_compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
-        if self.loss not in LOSSES:
-            raise SignRoundError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.init not in INITS:
-            raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        try:
+            object.__setattr__(self, "loss", Loss(self.loss))
+        except ValueError:
+            raise SignRoundError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}") from None
+        try:
+            object.__setattr__(self, "init", Init(self.init))
+        except ValueError:
+            raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}") from None
         if self.iters < 0:
             raise SignRoundError(f"iters must be >= 0, got {self.iters}")
         if self.method is Method.RTN:
@@ -363,7 +421,7 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
-        static = self.act is not None and (self.act.granularity == "channel" or self.smooth)
+        static = self.act is not None and (self.act.granularity is ActGranularity.CHANNEL or self.smooth)
         return self.tune.iters > 0 or static
 
 
