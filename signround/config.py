@@ -3,6 +3,11 @@
 ``QuantScheme`` says what a quantized weight is (bits, group size, symmetry); ``TuneConfig`` says how
 the rounding is learned; ``CalibConfig`` says which calibration tokens are used. All are immutable and
 validated at construction, so a bad value fails before any work starts.
+
+``DType`` (the weight data types) is defined in :mod:`signround.formats.dtype` and re-exported here; what a
+data type fixes (width, block size, symmetry) is its registered format's. The string options are enums
+(:class:`Loss`, :class:`Init`, :class:`ActDType`, :class:`ActGranularity`) that accept their values and
+compare, hash, format and JSON-encode as them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from signround.errors import SignRoundError
+from signround.formats import DType, get_format
+from signround.formats.fp import E2M1, E4M3
 
 
 class Method(str, enum.Enum):
@@ -25,70 +32,50 @@ class Method(str, enum.Enum):
     RTN = "rtn"
 
 
-class DType(str, enum.Enum):
-    """Number format of a quantized weight; a key of the format registry.
+class _Choice(str, enum.Enum):
+    """A string option: equal to, hashed, JSON-encoded and formatted (``str()``, f-strings) as its value, so
+    that code written for the bare strings it replaces reads it unchanged."""
 
-    ``int`` is the integer affine grid (any width 2..8). The others are sign-magnitude minifloat grids
-    whose width is part of the name: ``fp4_e2m1`` .. ``fp8_e5m2`` with one float16 scale per group,
-    ``mxfp4`` (OCP MX: e2m1 elements, power-of-two scale per 32 weights) and ``nvfp4`` (e2m1 elements,
-    e4m3 scale per 16 weights times one float32 scale per tensor); see :mod:`signround.formats.fp`.
-    ``bitmod`` is a per-group mixture of 4-bit grids (INT4 asymmetric and FP4 variants), see
-    :mod:`signround.formats.bitmod`. ``q4_k`` is llama.cpp's Q4_K structure (4-bit codes in groups of 32,
-    6-bit group scales and minimums under float16 factors per 256 weights), ``q2_k`` its Q2_K structure
-    (2-bit codes in groups of 16, 4-bit scales and minimums), ``q6_k`` / ``q3_k`` its symmetric Q6_K /
-    Q3_K structures (6- / 3-bit codes in groups of 16, signed 8- / 6-bit scales), see :mod:`signround.formats.kquant`.
-    """
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Loss(_Choice):
+    """The block-output error SignRound tunes against (see :attr:`TuneConfig.loss`)."""
+
+    RELATIVE = "relative"
+    MSE = "mse"
+
+
+class Init(_Choice):
+    """Where the clipping factors start (see :attr:`TuneConfig.init`)."""
+
+    SEARCH = "search"
+    NONE = "none"
+
+
+class ActDType(_Choice):
+    """Number format of quantized activations (see :class:`ActScheme`)."""
 
     INT = "int"
-    FP4_E2M1 = "fp4_e2m1"
-    FP4_E1M2 = "fp4_e1m2"
-    FP4_E3M0 = "fp4_e3m0"
-    FP6_E2M3 = "fp6_e2m3"
-    FP6_E3M2 = "fp6_e3m2"
     FP8_E4M3 = "fp8_e4m3"
-    FP8_E5M2 = "fp8_e5m2"
-    MXFP4 = "mxfp4"
-    NVFP4 = "nvfp4"
-    BITMOD = "bitmod"
-    Q4_K = "q4_k"
-    Q2_K = "q2_k"
-    Q6_K = "q6_k"
-    Q3_K = "q3_k"
-
-    @property
-    def is_float(self) -> bool:
-        """Any grid but the plain integer one: the format fixes its width and its own symmetry (the
-        floating-point grids and ``bitmod``); only ``int`` exports to the integer checkpoint formats."""
-        return self is not DType.INT
+    FP4_E2M1 = "fp4_e2m1"
 
     @property
     def implied_bits(self) -> int | None:
-        """Bits per weight fixed by the format (None for ``int``, whose width is free)."""
-        return _FLOAT_BITS.get(self)
-
-    @property
-    def fixed_group_size(self) -> int | None:
-        """Block size fixed by the format (32 for ``mxfp4``, 16 for ``nvfp4``), else None."""
-        return _FIXED_GROUP.get(self)
+        """Bits fixed by the element format (None for ``int``, whose width is free)."""
+        return {ActDType.INT: None, ActDType.FP8_E4M3: E4M3.bits, ActDType.FP4_E2M1: E2M1.bits}[self]
 
 
-_FLOAT_BITS = {
-    DType.FP4_E2M1: 4,
-    DType.FP4_E1M2: 4,
-    DType.FP4_E3M0: 4,
-    DType.FP6_E2M3: 6,
-    DType.FP6_E3M2: 6,
-    DType.FP8_E4M3: 8,
-    DType.FP8_E5M2: 8,
-    DType.MXFP4: 4,
-    DType.NVFP4: 4,
-    DType.BITMOD: 4,
-    DType.Q4_K: 4,
-    DType.Q2_K: 2,
-    DType.Q6_K: 6,
-    DType.Q3_K: 3,
-}
-_FIXED_GROUP = {DType.MXFP4: 32, DType.NVFP4: 16, DType.Q4_K: 32, DType.Q2_K: 16, DType.Q6_K: 16, DType.Q3_K: 16}
+class ActGranularity(_Choice):
+    """Which activations share a scale (see :class:`ActScheme`)."""
+
+    TOKEN = "token"
+    CHANNEL = "channel"
+
 
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
@@ -103,7 +90,7 @@ def _parse_dtype(value: Any) -> DType:
 
 
 def _resolve_bits(dtype: DType, bits: Any) -> int:
-    implied = dtype.implied_bits
+    implied = get_format(dtype).implied_bits
     if bits is None:
         return implied if implied is not None else DEFAULT_BITS
     if isinstance(bits, bool) or not isinstance(bits, int):
@@ -118,7 +105,7 @@ def _resolve_bits(dtype: DType, bits: Any) -> int:
 
 
 def _resolve_group_size(dtype: DType, group_size: Any) -> int:
-    fixed = dtype.fixed_group_size
+    fixed = get_format(dtype).fixed_group_size
     if group_size is None:
         return fixed if fixed is not None else DEFAULT_GROUP_SIZE
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -136,11 +123,13 @@ def _resolve_group_size(dtype: DType, group_size: Any) -> int:
 
 
 def _resolve_sym(dtype: DType, sym: Any) -> bool:
+    fixed = get_format(dtype).fixed_sym
     if sym is None:
-        return dtype.is_float
+        return False if fixed is None else fixed  # a free grid is asymmetric by default
     if not isinstance(sym, bool):
         raise SignRoundError(f"sym must be true or false, got {sym!r}")
-    if dtype.is_float and not sym:
+    if fixed is not None and sym != fixed:
+        # every format that fixes its grid fixes sym=True, so the refused value is false
         raise SignRoundError(f"{dtype.value} fixes its own grid (no symmetric/asymmetric choice); drop sym=false")
     return sym
 
@@ -277,13 +266,9 @@ def _inherited(base: QuantScheme, override: dict[str, Any]) -> dict[str, Any]:
     the group size (when the new dtype does not fix it): bits and symmetry follow from the new dtype."""
     if "dtype" not in override or _parse_dtype(override["dtype"]) is base.dtype:
         return base.to_dict()
-    if _parse_dtype(override["dtype"]).fixed_group_size is not None:
+    if get_format(_parse_dtype(override["dtype"])).fixed_group_size is not None:
         return {}
     return {"group_size": base.group_size}
-
-
-ACT_DTYPE_BITS = {"int": None, "fp8_e4m3": 8, "fp4_e2m1": 4}
-ACT_GRANULARITIES = ("token", "channel")
 
 
 @dataclass(frozen=True)
@@ -292,38 +277,48 @@ class ActScheme:
 
     Attributes:
         bits: 2..8 for ``int`` (default 8); implied by ``fp8_e4m3`` (8) and ``fp4_e2m1`` (4).
-        dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1``.
+        dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1`` (an :class:`ActDType`;
+            its value is accepted and converted).
         granularity: ``token`` (one scale per token from its absmax, at run time) or ``channel`` (one static
-            scale per input channel, calibrated from the calibration data and stored as ``input_scale``).
+            scale per input channel, calibrated from the calibration data and stored as ``input_scale``); an
+            :class:`ActGranularity` or its value.
     """
 
     bits: int | None = None
-    dtype: str = "int"
-    granularity: str = "token"
+    dtype: ActDType = ActDType.INT
+    granularity: ActGranularity = ActGranularity.TOKEN
 
     def __post_init__(self) -> None:
-        if self.dtype not in ACT_DTYPE_BITS:
-            raise SignRoundError(f"unknown activation dtype {self.dtype!r}; choose one of {list(ACT_DTYPE_BITS)}")
-        implied = ACT_DTYPE_BITS[self.dtype]
+        try:
+            dtype = ActDType(self.dtype)
+        except ValueError:
+            choices = [d.value for d in ActDType]
+            raise SignRoundError(f"unknown activation dtype {self.dtype!r}; choose one of {choices}") from None
+        implied = dtype.implied_bits
         bits = self.bits if self.bits is not None else (implied or 8)
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise SignRoundError(f"activation bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
         if implied is not None and bits != implied:
-            raise SignRoundError(f"{self.dtype} activations are {implied}-bit; use --act-bits {implied} or drop it")
-        if self.granularity not in ACT_GRANULARITIES:
-            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}")
+            raise SignRoundError(f"{dtype.value} activations are {implied}-bit; use --act-bits {implied} or drop it")
+        try:
+            granularity = ActGranularity(self.granularity)
+        except ValueError:
+            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}") from None
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "granularity", granularity)
         object.__setattr__(self, "bits", bits)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "dtype": self.dtype, "granularity": self.granularity}
+        return {"bits": self.bits, "dtype": self.dtype.value, "granularity": self.granularity.value}
 
     @property
     def name(self) -> str:
-        return f"A{self.bits}-{self.dtype}-{self.granularity}"
+        return f"A{self.bits}-{self.dtype.value}-{self.granularity.value}"
 
 
-LOSSES = ("relative", "mse")
-INITS = ("search", "none")
+# The values, for argparse's choices
+LOSSES = tuple(m.value for m in Loss)
+INITS = tuple(m.value for m in Init)
 
 
 @dataclass(frozen=True)
@@ -375,16 +370,20 @@ class TuneConfig:
     seed: int = 42
     amp: bool = False
     quant_inputs: bool = True
-    loss: str = "relative"
-    init: str = "search"
+    loss: Loss = Loss.RELATIVE
+    init: Init = Init.SEARCH
     torch_compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
-        if self.loss not in LOSSES:
-            raise SignRoundError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.init not in INITS:
-            raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        try:
+            object.__setattr__(self, "loss", Loss(self.loss))
+        except ValueError:
+            raise SignRoundError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}") from None
+        try:
+            object.__setattr__(self, "init", Init(self.init))
+        except ValueError:
+            raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}") from None
         if self.iters < 0:
             raise SignRoundError(f"iters must be >= 0, got {self.iters}")
         if self.method is Method.RTN:
@@ -635,7 +634,7 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
-        static = self.act is not None and (self.act.granularity == "channel" or self.smooth)
+        static = self.act is not None and (self.act.granularity is ActGranularity.CHANNEL or self.smooth)
         return self.tune.iters > 0 or static
 
 

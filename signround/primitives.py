@@ -39,10 +39,3 @@ def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of :func:`to_groups`: ``[out, groups, g]`` -> ``[out, in]`` (padding dropped)."""
     return wg.reshape(wg.shape[0], -1)[:, :in_features]
-
-
-def int_range(bits: int, sym: bool) -> tuple[int, int]:
-    """Smallest and largest integer code: ``[-2^(b-1), 2^(b-1)-1]`` symmetric, ``[0, 2^b-1]`` asymmetric."""
-    if sym:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1

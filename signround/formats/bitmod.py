@@ -35,20 +35,24 @@ code is ``U`` when ``t + v > 0.5``, ``L`` when below, and the even index on a ti
 as on the integer grid). Values beyond the table saturate to its ends. The gradient is straight-through,
 that of ``clamp(x + v * (U - L), table[0], table[-1])``.
 
-**Shared signature.** ``compute_qparams`` returns ``(scale [out, groups], zero [out, groups, 2])`` where
-``zero[..., 0]`` is the type id and ``zero[..., 1]`` the zero point (float32 holding integers). The
-statistics from :func:`BitMoDFormat.group_minmax` are ``(wmin, wmax, types)``. Stored per ``QuantLinear``:
-``scales`` float16, ``qzeros`` uint8 and ``types`` uint8, each ``[out, groups]``.
+**Parameters.** :class:`BitMoDParams` ``(scale [out, groups], type_zero [out, groups, 2])`` where
+``type_zero[..., 0]`` is the type id and ``type_zero[..., 1]`` the zero point (float32 holding integers);
+the methods' positional ``(scale, zero)`` are these two. The statistics from
+:meth:`BitMoDFormat.group_minmax` are ``(wmin, wmax, types)``. Stored per ``QuantLinear``: ``scales``
+float16, ``qzeros`` uint8 and ``types`` uint8, each ``[out, groups]``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from signround.formats import int_affine
+from signround.formats.base import Layout, Scheme, WeightFormat, register_format
+from signround.formats.dtype import DType
 from signround.formats.fp import E2M1, magnitudes
 from signround.formats.int_affine import MIN_SCALE, fp16_round
 
@@ -96,11 +100,60 @@ def table_round(
         return index, table.gather(-1, index), step
 
 
-class BitMoDFormat:
-    """Per-group mixture of 4-bit datatypes (INT4 asymmetric and four FP4 variants); see the module."""
+class BitMoDParams(NamedTuple):
+    """Per-group parameters of the mixture: a weight decodes to ``(table[type][code] - zero_point) * scale``.
 
-    def __repr__(self) -> str:
-        return "BitMoDFormat()"
+    Attributes:
+        scale: ``[out, groups]`` float32 (float16 values).
+        type_zero: ``[out, groups, 2]`` float32 holding integers: ``[..., 0]`` the type id, ``[..., 1]`` the
+            zero point (0 for the FP4 variants); stacked so that the pair travels as the second parameter.
+    """
+
+    scale: torch.Tensor
+    type_zero: torch.Tensor
+
+    @property
+    def type_ids(self) -> torch.Tensor:
+        """``[out, groups]``: the type id of each group."""
+        return self.type_zero[..., 0]
+
+    @property
+    def zero_point(self) -> torch.Tensor:
+        """``[out, groups]``: the integer zero point of each group."""
+        return self.type_zero[..., 1]
+
+
+def qparams(
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    types: torch.Tensor,
+    min_factor: torch.Tensor | None = None,
+    max_factor: torch.Tensor | None = None,
+) -> BitMoDParams:
+    """``(scale [out, groups], type_zero [out, groups, 2])`` (see the module) for the group extremes and
+    type ids ``[out, groups]``, differentiable in the factors."""
+    a_scale, a_zero = int_affine.compute_qparams(wmin, wmax, BITS, False, min_factor, max_factor)
+    lo_w, hi_w = int_affine.clip_extremes(wmin, wmax, min_factor, max_factor)
+    table = _group_tables(types)
+    affine = types == AFFINE
+    # int4's table starts at 0: give its (unused) branch a finite divisor so no NaN reaches the gradient
+    lo_t = torch.where(affine, -torch.ones_like(table[..., 0]), table[..., 0])
+    t_scale = fp16_round(torch.maximum(hi_w / table[..., -1], lo_w / lo_t)).clamp(min=MIN_SCALE)
+    scale = torch.where(affine, a_scale, t_scale)
+    zero_point = torch.where(affine, a_zero, torch.zeros_like(a_zero))
+    return BitMoDParams(scale, torch.stack([types.to(scale.dtype), zero_point], dim=-1))
+
+
+@register_format
+class BitMoDFormat(WeightFormat):
+    """Per-group mixture of 4-bit datatypes (INT4 asymmetric and four FP4 variants); see the module. The
+    ``bits`` arguments are the shared signature's and ignored (always 4)."""
+
+    dtype = DType.BITMOD
+    implied_bits = BITS
+    fixed_group_size = None
+    fixed_sym = True
+    params_type = BitMoDParams
 
     # ---------------------------------------------------------------- per-group parameters
 
@@ -108,6 +161,18 @@ class BitMoDFormat:
         """``(wmin, wmax, types)``, each ``[out, groups]``: the extremes (widened to 0) and the chosen type."""
         wmin, wmax = int_affine.group_minmax(wg)
         return wmin, wmax, choose_types(wg, wmin, wmax)
+
+    def choose_qparams(
+        self,
+        stats: Sequence[torch.Tensor],
+        scheme: Scheme,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+    ) -> BitMoDParams:
+        """:func:`qparams` of ``stats = (wmin, wmax, types)``; the format fixes the grid, so the scheme is
+        not read."""
+        wmin, wmax, types = stats
+        return qparams(wmin, wmax, types, min_factor, max_factor)
 
     def compute_qparams(
         self,
@@ -118,18 +183,9 @@ class BitMoDFormat:
         sym: bool | None = None,
         min_factor: torch.Tensor | None = None,
         max_factor: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale [out, groups], zero [out, groups, 2])`` (see the module), differentiable in the factors."""
-        a_scale, a_zero = int_affine.compute_qparams(wmin, wmax, BITS, False, min_factor, max_factor)
-        lo_w, hi_w = int_affine.clip_extremes(wmin, wmax, min_factor, max_factor)
-        table = _group_tables(types)
-        affine = types == AFFINE
-        # int4's table starts at 0: give its (unused) branch a finite divisor so no NaN reaches the gradient
-        lo_t = torch.where(affine, -torch.ones_like(table[..., 0]), table[..., 0])
-        t_scale = fp16_round(torch.maximum(hi_w / table[..., -1], lo_w / lo_t)).clamp(min=MIN_SCALE)
-        scale = torch.where(affine, a_scale, t_scale)
-        zero_point = torch.where(affine, a_zero, torch.zeros_like(a_zero))
-        return scale, torch.stack([types.to(scale.dtype), zero_point], dim=-1)
+    ) -> BitMoDParams:
+        """:meth:`choose_qparams`, positionally (``bits`` and ``sym`` are ignored)."""
+        return qparams(wmin, wmax, types, min_factor, max_factor)
 
     def fake_quant(
         self,
@@ -169,23 +225,23 @@ class BitMoDFormat:
 
     # ---------------------------------------------------------------- storage (QuantLinear buffers)
 
-    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def stored_layout(self, scheme: Scheme, out_features: int, groups: int) -> Layout:
         """``scales`` float16, ``qzeros`` uint8 and ``types`` uint8, each ``[out, groups]``."""
         shape = (out_features, groups)
         return {"scales": (shape, torch.float16), "qzeros": (shape, torch.uint8), "types": (shape, torch.uint8)}
 
-    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
         return {
             "scales": scale.detach().to(torch.float16),
             "qzeros": zero[..., 1].detach().to(torch.uint8),
             "types": zero[..., 0].detach().to(torch.uint8),
         }
 
-    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> BitMoDParams:
         scale = stored["scales"].float()
-        return scale, torch.stack([stored["types"].float(), stored["qzeros"].float()], dim=-1)
+        return BitMoDParams(scale, torch.stack([stored["types"].float(), stored["qzeros"].float()], dim=-1))
 
-    def group_bits(self, scheme: Any) -> int:
+    def group_bits(self, scheme: Scheme) -> int:
         """Bits stored per group besides the codes: a float16 scale, a 4-bit zero point, a 3-bit type id."""
         return 16 + BITS + TYPE_ID_BITS
 
@@ -198,6 +254,6 @@ def choose_types(wg: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor) -> to
     errors = []
     for type_id in range(len(TYPE_NAMES)):
         types = torch.full(wmin.shape, type_id, dtype=torch.uint8, device=wg.device)
-        scale, zero = fmt.compute_qparams(wmin, wmax, types)
+        scale, zero = qparams(wmin, wmax, types)
         errors.append((fmt.fake_quant(wg, scale, zero) - wg).pow(2).sum(-1))
     return torch.stack(errors).argmin(0).to(torch.uint8)

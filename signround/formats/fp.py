@@ -47,21 +47,29 @@ factor: ``scale = float16(max_factor * absmax / grid_max)`` per group (``absmax`
 gradient and stays 1). The scale is rounded through float16 because the checkpoint stores it so, and kept
 within float16's positive range (an all-zero group gets the smallest float16 subnormal; its codes are 0).
 
-**Shared signature.** Like every format (see :mod:`signround.formats`), the per-group parameters are a
-pair ``(scale, zero)`` of ``[out, groups]`` float32 tensors. For the floating-point family ``zero`` is a
-per-tensor multiplier broadcast to every group (1 here and for MX; NVFP4's float32 tensor scale), and a
-weight decodes to ``element(code) * (scale * zero)``. All tensors are grouped ``[out, groups, g]``.
+**Parameters.** Like every format (see :mod:`signround.formats.base`), the per-group parameters are a
+pair of ``[out, groups]`` float32 tensors, here :class:`FloatParams` ``(scale, tensor_scale)``: the second
+is a per-tensor multiplier broadcast to every group (1 here and for MX; NVFP4's float32 tensor scale), and
+a weight decodes to ``element(code) * (scale * tensor_scale)``. All tensors are grouped ``[out, groups, g]``.
+The methods' positional ``(scale, zero)`` are these two.
+
+**Registered formats.** One class per element format: :class:`FP4E2M1Format` .. :class:`FP8E5M2Format`
+(``fp4_e2m1`` .. ``fp8_e5m2``); :mod:`signround.formats.mx` and :mod:`signround.formats.nvfp4` subclass
+:class:`FloatFormat` with their own scale rules.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from signround.formats import int_affine
+from signround.formats.base import Layout, Scheme, WeightFormat, register_format
+from signround.formats.dtype import DType
 from signround.formats.int_affine import fp16_round
 
 FP16_MIN = 2.0**-24  # smallest positive float16 (subnormal)
@@ -226,23 +234,48 @@ def group_absmax(wmin: torch.Tensor, wmax: torch.Tensor, max_factor: torch.Tenso
     return absmax
 
 
-class FloatFormat:
-    """A minifloat grid with one float16 scale per group (``fp4_e2m1`` .. ``fp8_e5m2``).
+class FloatParams(NamedTuple):
+    """Per-group parameters of a minifloat grid: a weight decodes to ``element(code) * (scale *
+    tensor_scale)``; both ``[out, groups]`` float32.
 
-    Implements the format interface of :mod:`signround.formats`. ``bits`` and ``sym`` arguments are
-    accepted for that shared signature and ignored: the element format fixes both.
+    Attributes:
+        scale: the group's (block's) scale: a float16 value (``fp*``), a power of two (``mxfp4``), an e4m3
+            value (``nvfp4``).
+        tensor_scale: the per-tensor multiplier, the same in every group: 1, or NVFP4's float32 tensor scale.
     """
 
-    def __init__(self, element: Minifloat) -> None:
-        self.element = element
+    scale: torch.Tensor
+    tensor_scale: torch.Tensor
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.element.name})"
+
+class FloatFormat(WeightFormat):
+    """A minifloat grid with one float16 scale per group; the concrete formats below (and MXFP4 / NVFP4)
+    name their element format and data type.
+
+    The ``bits`` arguments are the shared signature's and ignored: the element format fixes the width.
+    """
+
+    element: ClassVar[Minifloat]
+    fixed_sym = True
+    params_type = FloatParams
 
     # ---------------------------------------------------------------- per-group parameters
 
     # Per-group ``(min, max)`` widened to include 0, the statistics the integer grid uses as well.
     group_minmax = staticmethod(int_affine.group_minmax)
+
+    def choose_qparams(
+        self,
+        stats: Sequence[torch.Tensor],
+        scheme: Scheme,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+    ) -> FloatParams:
+        """``(scale, tensor_scale)``, both ``[out, groups]`` float32, from the clipped absmax ``max_factor *
+        absmax`` of ``stats = (wmin, wmax)`` by :meth:`group_scales`; differentiable in ``max_factor``.
+        ``min_factor`` is unused (one clip factor) and so is the scheme (the format fixes the grid)."""
+        wmin, wmax = stats
+        return self._qparams(wmin, wmax, max_factor)
 
     def compute_qparams(
         self,
@@ -252,10 +285,12 @@ class FloatFormat:
         sym: bool | None = None,
         min_factor: torch.Tensor | None = None,
         max_factor: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, zero)``, both ``[out, groups]`` float32, from the clipped absmax ``max_factor * absmax``
-        by :meth:`group_scales`; differentiable in ``max_factor``. ``min_factor`` is unused (one clip factor)."""
-        return self.group_scales(group_absmax(wmin, wmax, max_factor), wmin, wmax)
+    ) -> FloatParams:
+        """:meth:`choose_qparams`, positionally (``bits``, ``sym`` and ``min_factor`` are ignored)."""
+        return self._qparams(wmin, wmax, max_factor)
+
+    def _qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, max_factor: torch.Tensor | None) -> FloatParams:
+        return FloatParams(*self.group_scales(group_absmax(wmin, wmax, max_factor), wmin, wmax))
 
     def group_scales(
         self, absmax: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor
@@ -276,9 +311,9 @@ class FloatFormat:
         v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Quantize-dequantize ``wg [out, groups, g]`` with offsets ``v`` (same shape, or None):
-        ``element(round(wg / s + v steps)) * s`` with ``s = scale * zero``; straight-through gradients
-        reach ``v``, ``scale`` and the clipping factors. Equals ``dequantize_codes(quantize_codes(.))``
-        bit for bit."""
+        ``element(round(wg / s + v steps)) * s`` with ``s = scale * zero`` (``zero``: the tensor scale);
+        straight-through gradients reach ``v``, ``scale`` and the clipping factors. Equals
+        ``dequantize_codes(quantize_codes(.))`` bit for bit."""
         s = (scale * zero).unsqueeze(-1)
         return round_to_grid(divide_by_scale(wg, s), self.element, v) * s
 
@@ -304,19 +339,71 @@ class FloatFormat:
 
     # ---------------------------------------------------------------- storage (QuantLinear buffers)
 
-    def group_bits(self, scheme: Any) -> int:
+    def group_bits(self, scheme: Scheme) -> int:
         """Storage bits per group besides the codes: one float16 scale."""
         return 16
 
-    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def stored_layout(self, scheme: Scheme, out_features: int, groups: int) -> Layout:
         """Buffers a ``QuantLinear`` holds besides ``qweight``: ``scales`` float16 ``[out, groups]``."""
         return {"scales": ((out_features, groups), torch.float16)}
 
-    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
         """``(scale, zero)`` -> the buffers of :meth:`stored_layout` (exact: the scale is a float16 value)."""
         return {"scales": scale.detach().to(torch.float16)}
 
-    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`to_stored`: float32 ``(scale, zero)`` ``[out, groups]``."""
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> FloatParams:
+        """Inverse of :meth:`to_stored`: float32 ``(scale, tensor_scale)`` ``[out, groups]``."""
         scale = stored["scales"].float()
-        return scale, torch.ones_like(scale)
+        return FloatParams(scale, torch.ones_like(scale))
+
+
+# ---------------------------------------------------------------- the registered formats (one float16 scale per group)
+
+
+@register_format
+class FP4E2M1Format(FloatFormat):
+    dtype = DType.FP4_E2M1
+    element = E2M1
+    implied_bits = E2M1.bits
+
+
+@register_format
+class FP4E1M2Format(FloatFormat):
+    dtype = DType.FP4_E1M2
+    element = E1M2
+    implied_bits = E1M2.bits
+
+
+@register_format
+class FP4E3M0Format(FloatFormat):
+    dtype = DType.FP4_E3M0
+    element = E3M0
+    implied_bits = E3M0.bits
+
+
+@register_format
+class FP6E2M3Format(FloatFormat):
+    dtype = DType.FP6_E2M3
+    element = E2M3
+    implied_bits = E2M3.bits
+
+
+@register_format
+class FP6E3M2Format(FloatFormat):
+    dtype = DType.FP6_E3M2
+    element = E3M2
+    implied_bits = E3M2.bits
+
+
+@register_format
+class FP8E4M3Format(FloatFormat):
+    dtype = DType.FP8_E4M3
+    element = E4M3
+    implied_bits = E4M3.bits
+
+
+@register_format
+class FP8E5M2Format(FloatFormat):
+    dtype = DType.FP8_E5M2
+    element = E5M2
+    implied_bits = E5M2.bits

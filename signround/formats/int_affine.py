@@ -11,21 +11,39 @@ One formula serves both flavours:
 clipping factors in [0, 1]. Scales are rounded through float16 (what the checkpoint stores), so the
 tuned model and the saved one compute the same numbers. All tensors are grouped ``[out, groups, g]``
 (see :func:`signround.primitives.to_groups`); per-group tensors are ``[out, groups]``.
+
+The parameters are :class:`AffineParams` ``(scale, zero_point)``; :class:`IntAffineFormat` is this module's
+registered format (its methods are the functions below).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
+from signround.formats.base import Layout, Scheme, WeightFormat, register_format
+from signround.formats.dtype import DType
 from signround.primitives import round_ste
 
 SCALE_DTYPE = torch.float16
 # Smallest |scale|: keeps all-zero groups finite (their codes are then all ``zero``).
 MIN_SCALE = 1e-5
+
+
+class AffineParams(NamedTuple):
+    """Per-group parameters of an affine grid ``w ~= (code - zero_point) * scale``, both ``[out, groups]``
+    (float32 while tuning; float16 / uint8 as :func:`from_stored` decodes them).
+
+    Attributes:
+        scale: the step (negative allowed on the symmetric grid: see the module docstring).
+        zero_point: the code of 0 (integers in ``[0, 2^bits - 1]``; ``2^(bits-1)`` when symmetric).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
 
 
 def group_minmax(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +70,7 @@ def compute_qparams(
     sym: bool,
     min_factor: torch.Tensor | None = None,
     max_factor: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> AffineParams:
     """Scale and zero point per group, differentiable in the clipping factors.
 
     Args:
@@ -62,8 +80,9 @@ def compute_qparams(
         min_factor, max_factor: ``[out, groups]`` clipping factors, clamped to [0, 1]; None means 1.
 
     Returns:
-        ``(scale, zero)``, both ``[out, groups]`` float32; ``scale`` holds float16-representable values,
-        ``zero`` holds integers in ``[0, 2^bits-1]`` (rounded with a straight-through gradient).
+        :class:`AffineParams` ``(scale, zero)``, both ``[out, groups]`` float32; ``scale`` holds
+        float16-representable values, ``zero`` holds integers in ``[0, 2^bits-1]`` (rounded with a
+        straight-through gradient).
     """
     wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
     maxq = 2**bits - 1
@@ -73,10 +92,10 @@ def compute_qparams(
         scale = fp16_round(extreme / -half)
         scale = torch.where(scale < 0, scale.clamp(max=-MIN_SCALE), scale.clamp(min=MIN_SCALE))
         zero = torch.full_like(scale, float(half))
-        return scale, zero
+        return AffineParams(scale, zero)
     scale = fp16_round((wmax - wmin) / maxq).clamp(min=MIN_SCALE)
     zero = round_ste(-wmin / scale).clamp(0, maxq)
-    return scale, zero
+    return AffineParams(scale, zero)
 
 
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +213,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 # ---------------------------------------------------------------- storage (QuantLinear buffers)
 
 
-def stored_layout(scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def stored_layout(scheme: Scheme, out_features: int, groups: int) -> Layout:
     """Buffers a ``QuantLinear`` holds besides ``qweight``: ``scales`` float16 ``[out, groups]``, and
     ``qzeros`` uint8 ``[out, groups]`` for asymmetric schemes (symmetric ones use the constant 2^(bits-1))."""
     layout = {"scales": ((out_features, groups), SCALE_DTYPE)}
@@ -203,7 +222,7 @@ def stored_layout(scheme: Any, out_features: int, groups: int) -> dict[str, tupl
     return layout
 
 
-def to_stored(scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+def to_stored(scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
     """``(scale, zero)`` from :func:`compute_qparams` -> the buffers of :func:`stored_layout` (exact)."""
     stored = {"scales": scale.detach().to(SCALE_DTYPE)}
     if not scheme.sym:
@@ -211,15 +230,52 @@ def to_stored(scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str,
     return stored
 
 
-def from_stored(stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def from_stored(stored: dict[str, torch.Tensor], scheme: Scheme) -> AffineParams:
     """Inverse of :func:`to_stored`: ``(scale float16, zero uint8)``, both ``[out, groups]``."""
     scale = stored["scales"]
     if scheme.sym:
-        return scale, torch.full_like(scale, 2 ** (scheme.bits - 1), dtype=torch.uint8)
-    return scale, stored["qzeros"]
+        return AffineParams(scale, torch.full_like(scale, 2 ** (scheme.bits - 1), dtype=torch.uint8))
+    return AffineParams(scale, stored["qzeros"])
 
 
-def group_bits(scheme: Any) -> int:
+def group_bits(scheme: Scheme) -> int:
     """Storage bits per group besides the codes: a float16 scale and, when asymmetric, a ``bits``-wide zero
     point (how auto_round / GPTQ checkpoints pack zeros)."""
     return 16 + (0 if scheme.sym else scheme.bits)
+
+
+# ---------------------------------------------------------------- the registered format
+
+
+@register_format
+class IntAffineFormat(WeightFormat):
+    """The integer affine grid: this module's functions as a :class:`~signround.formats.base.WeightFormat`
+    (the width and the symmetry are the scheme's)."""
+
+    dtype = DType.INT
+    implied_bits = None
+    fixed_group_size = None
+    fixed_sym = None
+    params_type = AffineParams
+
+    def choose_qparams(
+        self,
+        stats: Sequence[torch.Tensor],
+        scheme: Scheme,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+    ) -> AffineParams:
+        """:func:`compute_qparams` of ``stats = (wmin, wmax)`` at the scheme's width and symmetry."""
+        wmin, wmax = stats
+        return compute_qparams(wmin, wmax, scheme.bits, scheme.sym, min_factor, max_factor)
+
+    # The module's functions, unchanged (the class-body names on the right are the module's).
+    group_minmax = staticmethod(group_minmax)
+    compute_qparams = staticmethod(compute_qparams)
+    fake_quant = staticmethod(fake_quant)
+    quantize_codes = staticmethod(quantize_codes)
+    dequantize_codes = staticmethod(dequantize_codes)
+    stored_layout = staticmethod(stored_layout)
+    to_stored = staticmethod(to_stored)
+    from_stored = staticmethod(from_stored)
+    group_bits = staticmethod(group_bits)

@@ -23,19 +23,25 @@ A row whose groups do not fill its last super-block gets a partial one (its fact
 groups it has); GGUF stores K-quant rows only when the row length is a multiple of ``g * n``, which the
 GGUF exporter checks.
 
-In the shared ``(scale, zero)`` signature, ``scale`` is ``s'`` and ``zero`` is ``mn'``, both float32
-``[out, groups]``. Stored per ``QuantLinear``: ``scales`` and ``mins`` uint8 ``[out, groups]`` (``sc``,
-``m``) and ``d``, ``dmin`` float16 ``[out, super-blocks]``.
+The parameters are :class:`KQuantParams` ``(scale, minimum)``: ``s'`` and ``mn'``, both float32
+``[out, groups]`` (the methods' positional ``(scale, zero)``). Stored per ``QuantLinear``: ``scales`` and
+``mins`` uint8 ``[out, groups]`` (``sc``, ``m``) and ``d``, ``dmin`` float16 ``[out, super-blocks]``.
+
+Registered formats: :class:`Q4KFormat` and :class:`Q2KFormat` (this structure), :class:`Q6KFormat` and
+:class:`Q3KFormat` (the symmetric one, :class:`SymKQuantFormat`); ``Q4_K`` .. ``Q3_K`` are their
+registered instances.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from signround.formats.int_affine import clip_extremes, group_minmax
+from signround.formats.base import Layout, Scheme, WeightFormat, get_format, register_format
+from signround.formats.dtype import DType
+from signround.formats.int_affine import AffineParams, clip_extremes, group_minmax
 from signround.primitives import round_ste
 
 # Division guard for a group whose scale rounded to 0 (its codes are then all 0 or all max).
@@ -99,19 +105,46 @@ def factorize(values: torch.Tensor, n: int, smax: int) -> tuple[torch.Tensor, to
     return factor.to(torch.float16), ints.reshape(values.shape[0], -1)[:, :groups].to(torch.uint8)
 
 
-@dataclass(frozen=True)
-class KQuantFormat:
-    """A K-quant grid: ``bits``-bit codes in groups of ``group``, ``scale_bits``-bit group scales and
-    minimums under float16 super-block factors, ``per_super`` groups per super-block."""
+class KQuantParams(NamedTuple):
+    """Per-group parameters of a K-quant grid with a float minimum: ``w = q * scale - minimum``; both
+    ``[out, groups]`` float32.
 
-    bits: int
-    group: int
-    scale_bits: int
-    per_super: int
+    Attributes:
+        scale: ``s' = d * sc``, the group's step.
+        minimum: ``mn' = dmin * m >= 0``, subtracted after scaling (not an integer number of steps).
+    """
+
+    scale: torch.Tensor
+    minimum: torch.Tensor
+
+
+class KQuantFormat(WeightFormat):
+    """A K-quant grid: ``implied_bits``-bit codes in groups of ``fixed_group_size``, ``scale_bits``-bit group
+    scales and minimums under float16 super-block factors, ``per_super`` groups per super-block.
+
+    The ``bits`` arguments are the shared signature's and ignored: the format fixes the width.
+    """
+
+    implied_bits: ClassVar[int]
+    fixed_group_size: ClassVar[int]
+    scale_bits: ClassVar[int]
+    per_super: ClassVar[int]
+    fixed_sym = True
+    params_type = KQuantParams
+
+    @property
+    def bits(self) -> int:
+        """``implied_bits`` (the name callers outside the formats still use)."""
+        return self.implied_bits
+
+    @property
+    def group(self) -> int:
+        """``fixed_group_size`` (the name callers outside the formats still use)."""
+        return self.fixed_group_size
 
     @property
     def qmax(self) -> int:
-        return 2**self.bits - 1
+        return 2**self.implied_bits - 1
 
     @property
     def smax(self) -> int:
@@ -120,25 +153,52 @@ class KQuantFormat:
     def group_minmax(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return group_minmax(wg)
 
+    def choose_qparams(
+        self,
+        stats: Sequence[torch.Tensor],
+        scheme: Scheme,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+    ) -> KQuantParams:
+        """``(s', mn')`` ``[out, groups]`` float32 (module docstring) of ``stats = (wmin, wmax)``,
+        differentiable in the factors; the format fixes the grid, so the scheme is not read."""
+        wmin, wmax = stats
+        return self._qparams(wmin, wmax, min_factor, max_factor)
+
     def compute_qparams(
         self,
         wmin: torch.Tensor,
         wmax: torch.Tensor,
-        bits: int,
-        sym: bool,
+        bits: int | None = None,
+        sym: bool | None = None,
         min_factor: torch.Tensor | None = None,
         max_factor: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s', mn')`` ``[out, groups]`` float32 (module docstring), differentiable in the factors."""
+    ) -> KQuantParams:
+        """:meth:`choose_qparams`, positionally (``bits`` and ``sym`` are ignored)."""
+        return self._qparams(wmin, wmax, min_factor, max_factor)
+
+    def _qparams(
+        self,
+        wmin: torch.Tensor,
+        wmax: torch.Tensor,
+        min_factor: torch.Tensor | None,
+        max_factor: torch.Tensor | None,
+    ) -> KQuantParams:
         wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
         d, sc = two_level((wmax - wmin) / self.qmax, self.per_super, self.smax)
         dmin, m = two_level(-wmin, self.per_super, self.smax)
-        return expand(d, sc, self.per_super), expand(dmin, m, self.per_super)
+        return KQuantParams(expand(d, sc, self.per_super), expand(dmin, m, self.per_super))
 
     def fake_quant(
-        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+        self,
+        wg: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``q * s' - mn'`` for ``wg [out, groups, g]`` with rounding offsets ``v`` (straight-through)."""
+        """``q * s' - mn'`` for ``wg [out, groups, g]`` with rounding offsets ``v`` (straight-through);
+        ``zero`` is the minimum ``mn'``."""
         s = scale.unsqueeze(-1)
         mn = zero.unsqueeze(-1)
         x = (wg + mn) / s.clamp(min=TINY)
@@ -149,7 +209,12 @@ class KQuantFormat:
 
     @torch.no_grad()
     def quantize_codes(
-        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+        self,
+        wg: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """uint8 codes ``[out, groups, g]`` in ``[0, 2^bits)`` for the rounding of :meth:`fake_quant`."""
         x = (wg + zero.unsqueeze(-1)) / scale.unsqueeze(-1).clamp(min=TINY)
@@ -160,11 +225,11 @@ class KQuantFormat:
     def dequantize_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return codes.float() * scale.unsqueeze(-1) - zero.unsqueeze(-1)
 
-    def group_bits(self, scheme: Any) -> int:
+    def group_bits(self, scheme: Scheme) -> int:
         """Per group: its scale and minimum, plus its share of the two float16 super-block factors."""
         return 2 * self.scale_bits + 32 // self.per_super
 
-    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def stored_layout(self, scheme: Scheme, out_features: int, groups: int) -> Layout:
         supers = -(-groups // self.per_super)
         return {
             "scales": ((out_features, groups), torch.uint8),
@@ -173,42 +238,74 @@ class KQuantFormat:
             "dmin": ((out_features, supers), torch.float16),
         }
 
-    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
         d, sc = factorize(scale.detach().float(), self.per_super, self.smax)
         dmin, m = factorize(zero.detach().float(), self.per_super, self.smax)
         return {"scales": sc, "mins": m, "d": d, "dmin": dmin}
 
-    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> KQuantParams:
         scale = expand(stored["d"].float(), stored["scales"].float(), self.per_super)
         zero = expand(stored["dmin"].float(), stored["mins"].float(), self.per_super)
-        return scale, zero
+        return KQuantParams(scale, zero)
 
 
-Q4_K = KQuantFormat(bits=4, group=32, scale_bits=6, per_super=8)
-Q2_K = KQuantFormat(bits=2, group=16, scale_bits=4, per_super=16)
+@register_format
+class Q4KFormat(KQuantFormat):
+    """llama.cpp's Q4_K structure: 4-bit codes, groups of 32, 6-bit scales and minimums, 8 groups per
+    super-block."""
+
+    dtype = DType.Q4_K
+    implied_bits = 4
+    fixed_group_size = 32
+    scale_bits = 6
+    per_super = 8
 
 
-@dataclass(frozen=True)
-class SymKQuantFormat:
-    """A symmetric K-quant grid (Q6_K's and Q3_K's structure): ``w = (d * sc) * (q - 2^(bits-1))`` with ``q`` the
-    ``bits``-bit code, ``sc`` a signed ``scale_bits``-bit integer per group of ``group`` and ``d`` a float16
-    factor per super-block of ``per_super`` groups.
+@register_format
+class Q2KFormat(KQuantFormat):
+    """llama.cpp's Q2_K structure: 2-bit codes, groups of 16, 4-bit scales and minimums, 16 groups per
+    super-block."""
+
+    dtype = DType.Q2_K
+    implied_bits = 2
+    fixed_group_size = 16
+    scale_bits = 4
+    per_super = 16
+
+
+class SymKQuantFormat(WeightFormat):
+    """A symmetric K-quant grid (Q6_K's and Q3_K's structure): ``w = (d * sc) * (q - 2^(bits-1))`` with ``q``
+    the ``bits``-bit code, ``sc`` a signed ``scale_bits``-bit integer per group of ``fixed_group_size`` and
+    ``d`` a float16 factor per super-block of ``per_super`` groups.
 
     Per group, the scale is the full-range one of the ``int`` grid (the larger-magnitude extreme, times
     the clipping factor, lands on code 0 and the scale carries its sign); per super-block ``d = fp16(max
-    |s| / (2^(scale_bits-1) - 1))`` and ``sc = round(s / d)`` (straight-through). In the shared signature
-    ``scale`` is ``d * sc`` and ``zero`` is ``2^(bits-1)``. Stored: ``scales`` int8 ``[out, groups]``, ``d``
-    float16 ``[out, super-blocks]``.
+    |s| / (2^(scale_bits-1) - 1))`` and ``sc = round(s / d)`` (straight-through). The parameters are
+    :class:`~signround.formats.int_affine.AffineParams`: ``scale`` is ``d * sc`` and ``zero_point`` is
+    ``2^(bits-1)``. Stored: ``scales`` int8 ``[out, groups]``, ``d`` float16 ``[out, super-blocks]``. The
+    ``bits`` arguments are the shared signature's and ignored.
     """
 
-    bits: int
-    group: int
-    scale_bits: int
-    per_super: int
+    implied_bits: ClassVar[int]
+    fixed_group_size: ClassVar[int]
+    scale_bits: ClassVar[int]
+    per_super: ClassVar[int]
+    fixed_sym = True
+    params_type = AffineParams
+
+    @property
+    def bits(self) -> int:
+        """``implied_bits`` (the name callers outside the formats still use)."""
+        return self.implied_bits
+
+    @property
+    def group(self) -> int:
+        """``fixed_group_size`` (the name callers outside the formats still use)."""
+        return self.fixed_group_size
 
     @property
     def qmax(self) -> int:
-        return 2**self.bits - 1
+        return 2**self.implied_bits - 1
 
     @property
     def smax(self) -> int:
@@ -216,30 +313,57 @@ class SymKQuantFormat:
 
     @property
     def half(self) -> int:
-        return 2 ** (self.bits - 1)
+        return 2 ** (self.implied_bits - 1)
 
     def group_minmax(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return group_minmax(wg)
+
+    def choose_qparams(
+        self,
+        stats: Sequence[torch.Tensor],
+        scheme: Scheme,
+        min_factor: torch.Tensor | None = None,
+        max_factor: torch.Tensor | None = None,
+    ) -> AffineParams:
+        """``(d * sc, 2^(bits-1))`` ``[out, groups]`` float32 of ``stats = (wmin, wmax)``, differentiable in
+        the factors; the format fixes the grid, so the scheme is not read."""
+        wmin, wmax = stats
+        return self._qparams(wmin, wmax, min_factor, max_factor)
 
     def compute_qparams(
         self,
         wmin: torch.Tensor,
         wmax: torch.Tensor,
-        bits: int,
-        sym: bool,
+        bits: int | None = None,
+        sym: bool | None = None,
         min_factor: torch.Tensor | None = None,
         max_factor: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> AffineParams:
+        """:meth:`choose_qparams`, positionally (``bits`` and ``sym`` are ignored)."""
+        return self._qparams(wmin, wmax, min_factor, max_factor)
+
+    def _qparams(
+        self,
+        wmin: torch.Tensor,
+        wmax: torch.Tensor,
+        min_factor: torch.Tensor | None,
+        max_factor: torch.Tensor | None,
+    ) -> AffineParams:
         wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
         d, sc = two_level(torch.where(-wmin > wmax, wmin, wmax) / -self.half, self.per_super, self.smax, signed=True)
         scale = expand(d, sc, self.per_super)
-        return scale, torch.full_like(scale, float(self.half))
+        return AffineParams(scale, torch.full_like(scale, float(self.half)))
 
     def _safe(self, scale: torch.Tensor) -> torch.Tensor:
         return torch.where(scale == 0, torch.ones_like(scale), scale).unsqueeze(-1)
 
     def fake_quant(
-        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+        self,
+        wg: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(q - 2^(bits-1)) * scale`` with ``q = clamp(round(w / scale + v) + 2^(bits-1))``; a group whose
         scale rounded to 0 decodes to 0."""
@@ -251,7 +375,12 @@ class SymKQuantFormat:
 
     @torch.no_grad()
     def quantize_codes(
-        self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, v: torch.Tensor | None = None
+        self,
+        wg: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = wg / self._safe(scale)
         if v is not None:
@@ -261,24 +390,49 @@ class SymKQuantFormat:
     def dequantize_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return (codes.float() - self.half) * scale.unsqueeze(-1)
 
-    def group_bits(self, scheme: Any) -> int:
+    def group_bits(self, scheme: Scheme) -> int:
         return self.scale_bits + 16 // self.per_super
 
-    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def stored_layout(self, scheme: Scheme, out_features: int, groups: int) -> Layout:
         supers = -(-groups // self.per_super)
         return {"scales": ((out_features, groups), torch.int8), "d": ((out_features, supers), torch.float16)}
 
-    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
         """Exact: the largest ``|d * sc|`` of a super-block fixes ``d`` (see :func:`factorize`)."""
         values = scale.detach().float()
         d, ints = factorize(values.abs(), self.per_super, self.smax)
         signed = torch.where(values < 0, -ints.to(torch.int16), ints.to(torch.int16)).to(torch.int8)
         return {"scales": signed, "d": d}
 
-    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> AffineParams:
         scale = expand(stored["d"].float(), stored["scales"].float(), self.per_super)
-        return scale, torch.full_like(scale, float(self.half))
+        return AffineParams(scale, torch.full_like(scale, float(self.half)))
 
 
-Q6_K = SymKQuantFormat(bits=6, group=16, scale_bits=8, per_super=16)
-Q3_K = SymKQuantFormat(bits=3, group=16, scale_bits=6, per_super=16)
+@register_format
+class Q6KFormat(SymKQuantFormat):
+    """llama.cpp's Q6_K structure: 6-bit codes, groups of 16, signed 8-bit scales, 16 groups per super-block."""
+
+    dtype = DType.Q6_K
+    implied_bits = 6
+    fixed_group_size = 16
+    scale_bits = 8
+    per_super = 16
+
+
+@register_format
+class Q3KFormat(SymKQuantFormat):
+    """llama.cpp's Q3_K structure: 3-bit codes, groups of 16, signed 6-bit scales, 16 groups per super-block."""
+
+    dtype = DType.Q3_K
+    implied_bits = 3
+    fixed_group_size = 16
+    scale_bits = 6
+    per_super = 16
+
+
+# The registered instances, by llama.cpp's names.
+Q4_K = get_format(DType.Q4_K)
+Q2_K = get_format(DType.Q2_K)
+Q6_K = get_format(DType.Q6_K)
+Q3_K = get_format(DType.Q3_K)

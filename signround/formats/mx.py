@@ -21,11 +21,11 @@ Stored per ``QuantLinear``: ``scales`` uint8 ``[out, groups]`` holding the E8M0 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from signround.formats.fp import E2M1, FloatFormat
+from signround.formats.base import Layout, Scheme, register_format
+from signround.formats.dtype import DType
+from signround.formats.fp import E2M1, FloatFormat, FloatParams
 
 BLOCK = 32
 EMAX_ELEM = 2  # exponent of e2m1's largest normal, 6 = 1.5 * 2^2
@@ -47,11 +47,15 @@ def shared_exponent(absmax: torch.Tensor) -> torch.Tensor:
     return (exp - EMAX_ELEM).clamp(MIN_EXP, MAX_EXP)
 
 
+@register_format
 class MXFP4Format(FloatFormat):
-    """OCP MXFP4: e2m1 elements, one E8M0 (power-of-two) scale per block of 32."""
+    """OCP MXFP4: e2m1 elements, one E8M0 (power-of-two) scale per block of 32; parameters
+    :class:`~signround.formats.fp.FloatParams` ``(2^shared_exp, 1)``."""
 
-    def __init__(self) -> None:
-        super().__init__(E2M1)
+    dtype = DType.MXFP4
+    element = E2M1
+    implied_bits = E2M1.bits
+    fixed_group_size = BLOCK
 
     def group_scales(
         self, absmax: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor
@@ -63,20 +67,20 @@ class MXFP4Format(FloatFormat):
         scale = pow2(exp.detach()) + (smooth - smooth.detach())
         return scale, torch.ones_like(scale)
 
-    def group_bits(self, scheme: Any) -> int:
+    def group_bits(self, scheme: Scheme) -> int:
         """Storage bits per block besides the codes: one E8M0 byte."""
         return 8
 
-    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def stored_layout(self, scheme: Scheme, out_features: int, groups: int) -> Layout:
         """``scales`` uint8 ``[out, groups]``: E8M0 bytes (``2^(byte - 127)``)."""
         return {"scales": ((out_features, groups), torch.uint8)}
 
-    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
         mantissa, exponent = torch.frexp(scale.detach())  # scale = 0.5 * 2^exponent exactly
         if not bool((mantissa == 0.5).all()):
             raise ValueError("MXFP4 scales must be powers of two")
         return {"scales": (exponent - 1 + E8M0_BIAS).to(torch.uint8)}
 
-    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> FloatParams:
         scale = pow2(stored["scales"].to(torch.int32) - E8M0_BIAS)
-        return scale, torch.ones_like(scale)
+        return FloatParams(scale, torch.ones_like(scale))

@@ -16,8 +16,9 @@ My reading of NVIDIA's description, as implemented here (weights only):
 
 SignRound's clipping factor multiplies ``absmax_block`` before the e4m3 rounding (straight-through);
 rounding offsets work as for every minifloat grid (see :mod:`signround.formats.fp`, which also documents
-the 4-bit element codes, sign high). In the shared ``(scale, zero)`` signature, ``scale`` is ``s_b``
-(float32 holding e4m3 values) and ``zero`` is ``s_t`` broadcast to every block.
+the 4-bit element codes, sign high). The parameters are :class:`~signround.formats.fp.FloatParams`
+``(scale, tensor_scale)``: ``scale`` is ``s_b`` (float32 holding e4m3 values) and ``tensor_scale`` is
+``s_t`` broadcast to every block.
 
 Stored per ``QuantLinear``: ``scales`` float8_e4m3fn ``[out, groups]`` (``s_b``) and ``tensor_scale``
 float32 ``[1]`` (``s_t``).
@@ -25,11 +26,11 @@ float32 ``[1]`` (``s_t``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from signround.formats.fp import E2M1, E4M3, FloatFormat, round_to_grid
+from signround.formats.base import Layout, Scheme, register_format
+from signround.formats.dtype import DType
+from signround.formats.fp import E2M1, E4M3, FloatFormat, FloatParams, round_to_grid
 
 BLOCK = 16
 E2M1_MAX, E4M3_MAX = 6.0, 448.0
@@ -43,11 +44,14 @@ def tensor_scale(wmin: torch.Tensor, wmax: torch.Tensor) -> torch.Tensor:
     return (absmax / (E2M1_MAX * E4M3_MAX)).clamp(min=MIN_TENSOR_SCALE).detach()
 
 
+@register_format
 class NVFP4Format(FloatFormat):
     """NVFP4: e2m1 elements, an e4m3 scale per block of 16, a float32 scale per tensor."""
 
-    def __init__(self) -> None:
-        super().__init__(E2M1)
+    dtype = DType.NVFP4
+    element = E2M1
+    implied_bits = E2M1.bits
+    fixed_group_size = BLOCK
 
     def group_scales(
         self, absmax: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor
@@ -58,20 +62,20 @@ class NVFP4Format(FloatFormat):
         block = round_to_grid(absmax / (E2M1_MAX * s_t), E4M3)
         return block, s_t.expand_as(block)
 
-    def group_bits(self, scheme: Any) -> int:
+    def group_bits(self, scheme: Scheme) -> int:
         """Storage bits per block besides the codes: one e4m3 byte (the per-tensor float32 scale is not counted)."""
         return 8
 
-    def stored_layout(self, scheme: Any, out_features: int, groups: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    def stored_layout(self, scheme: Scheme, out_features: int, groups: int) -> Layout:
         """``scales`` float8_e4m3fn ``[out, groups]`` and ``tensor_scale`` float32 ``[1]``."""
         return {"scales": ((out_features, groups), torch.float8_e4m3fn), "tensor_scale": ((1,), torch.float32)}
 
-    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Any) -> dict[str, torch.Tensor]:
+    def to_stored(self, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:
         return {
             "scales": scale.detach().to(torch.float8_e4m3fn),
             "tensor_scale": zero.detach().reshape(-1)[:1].to(torch.float32).clone(),
         }
 
-    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_stored(self, stored: dict[str, torch.Tensor], scheme: Scheme) -> FloatParams:
         scale = stored["scales"].float()
-        return scale, stored["tensor_scale"].float().expand_as(scale)
+        return FloatParams(scale, stored["tensor_scale"].float().expand_as(scale))

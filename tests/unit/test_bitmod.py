@@ -17,6 +17,7 @@ from signround.mixed.budget import layer_bits
 from tests.conftest import quantize_tiny
 
 FMT = get_format("bitmod")
+SCHEME = QuantScheme(dtype="bitmod")
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # the OCP FP4 magnitudes, written out
 
 
@@ -32,7 +33,7 @@ def test_tables_are_int4_and_fp4_with_one_special_value():
 
 def _qparams(types: torch.Tensor, wg: torch.Tensor):
     wmin, wmax, _ = FMT.group_minmax(wg)
-    return FMT.compute_qparams(wmin, wmax, types)
+    return FMT.choose_qparams((wmin, wmax, types), SCHEME)
 
 
 @pytest.mark.parametrize("type_id", range(len(TYPE_NAMES)))
@@ -73,10 +74,10 @@ def test_type_choice_has_the_least_error_of_every_type():
     errors = []
     for type_id in range(len(TYPE_NAMES)):
         types = torch.full(wmin.shape, type_id, dtype=torch.uint8)
-        s, z = FMT.compute_qparams(wmin, wmax, types)
+        s, z = FMT.choose_qparams((wmin, wmax, types), SCHEME)
         errors.append((FMT.fake_quant(wg, s, z) - wg).pow(2).sum(-1))
     errors = torch.stack(errors)
-    s, z = FMT.compute_qparams(wmin, wmax, chosen)
+    s, z = FMT.choose_qparams((wmin, wmax, chosen), SCHEME)
     mixed = (FMT.fake_quant(wg, s, z) - wg).pow(2).sum(-1)
     assert torch.allclose(mixed, errors.min(0).values)
     assert len(torch.unique(chosen)) >= 3  # a real mixture on these weights
@@ -89,7 +90,7 @@ def test_sqnr_beats_int4_and_fp4_alone_on_gaussian_weights():
     def sqnr(dtype: str) -> float:
         fmt = get_format(dtype)
         scheme = QuantScheme(dtype=dtype)
-        s, z = fmt.compute_qparams(*fmt.group_minmax(w), scheme.bits, scheme.sym)
+        s, z = fmt.choose_qparams(fmt.group_minmax(w), scheme)
         err = fmt.fake_quant(w, s, z, scheme.bits) - w
         return float(10 * torch.log10(w.pow(2).sum() / err.pow(2).sum()))
 
@@ -106,7 +107,7 @@ def test_gradients_reach_offsets_and_both_clipping_factors():
     a = torch.ones(8, 2, requires_grad=True)
     b = torch.ones(8, 2, requires_grad=True)
     v = torch.zeros_like(wg, requires_grad=True)
-    s, z = FMT.compute_qparams(wmin, wmax, types, 4, True, a, b)
+    s, z = FMT.choose_qparams((wmin, wmax, types), SCHEME, a, b)
     FMT.fake_quant(wg, s, z, 4, v).pow(2).sum().backward()
     assert v.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
     assert a.grad[:4, 0].abs().sum() > 0  # int4_asym groups learn the lower clip too

@@ -1,7 +1,21 @@
+import dataclasses
+import json
+
 import pytest
 import torch
 
-from signround.config import CalibConfig, QuantScheme, TuneConfig, parse_layer_config
+from signround.config import (
+    ActDType,
+    ActGranularity,
+    ActScheme,
+    CalibConfig,
+    Init,
+    Loss,
+    QuantConfig,
+    QuantScheme,
+    TuneConfig,
+    parse_layer_config,
+)
 from signround.errors import SignRoundError
 from signround.formats import int_affine
 from signround.pack.packed import QuantLinear
@@ -34,6 +48,81 @@ def test_tune_and_calib_validation():
             TuneConfig(**bad)
     with pytest.raises(SignRoundError):
         CalibConfig(nsamples=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"dtype": "q4_k", "bits": 3}, "q4_k has 4 bits per weight, not 3; drop --bits or use --bits 4"),
+        (
+            {"dtype": "mxfp4", "group_size": 64},
+            "mxfp4 uses blocks of 32 weights, not 64; drop --group-size or use --group-size 32",
+        ),
+        (
+            {"dtype": "fp8_e4m3", "sym": False},
+            "fp8_e4m3 fixes its own grid (no symmetric/asymmetric choice); drop sym=false",
+        ),
+        ({"sym": 1}, "sym must be true or false, got 1"),
+    ],
+)
+def test_scheme_refusals_say_what_to_do(kwargs, message):
+    """The registered format's facts (width, block, symmetry) decide; the messages are the ones of the tables
+    they replaced."""
+    with pytest.raises(SignRoundError) as err:
+        QuantScheme(**kwargs)
+    assert str(err.value) == message
+
+
+def test_scheme_defaults_come_from_the_format():
+    assert (QuantScheme().bits, QuantScheme().group_size, QuantScheme().sym) == (4, 128, False)
+    assert (QuantScheme(dtype="nvfp4").bits, QuantScheme(dtype="nvfp4").group_size) == (4, 16)
+    assert QuantScheme(dtype="q2_k").sym and QuantScheme(dtype="fp6_e3m2").name == "W6G128-fp6_e3m2"
+
+
+def test_string_options_are_enums_that_read_as_their_strings():
+    tune = TuneConfig(loss="mse", init="none")
+    assert tune.loss is Loss.MSE and tune.init is Init.NONE
+    assert tune.loss == "mse" and f"{tune.loss}/{tune.init}" == "mse/none" and str(tune.init) == "none"
+    assert {"mse": 1}[tune.loss] == 1
+    act = ActScheme(dtype="fp8_e4m3", granularity="channel")
+    assert act.dtype is ActDType.FP8_E4M3 and act.granularity is ActGranularity.CHANNEL and act.bits == 8
+    assert act.name == "A8-fp8_e4m3-channel"
+    assert act.to_dict() == {"bits": 8, "dtype": "fp8_e4m3", "granularity": "channel"}
+    assert all(type(v) is not ActDType and type(v) is not ActGranularity for v in act.to_dict().values())
+    assert ActScheme() == ActScheme(bits=8, dtype=ActDType.INT, granularity=ActGranularity.TOKEN)
+    assert TuneConfig(loss=Loss.RELATIVE) == TuneConfig()
+
+
+def test_config_dumps_are_the_strings_ones():
+    """``json.dumps(dataclasses.asdict(cfg))`` (resume fingerprints) as it was with bare strings."""
+    cfg = QuantConfig(act=ActScheme(bits=4), tune=TuneConfig(loss="mse"))
+    got = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    assert got == (
+        '{"act": {"bits": 4, "dtype": "int", "granularity": "token"}, "calib": {"dataset": null, "nsamples": 128, '
+        '"seed": 42, "seqlen": 2048}, "layer_rules": [], "scheme": {"bits": 4, "dtype": "int", "group_size": 128, '
+        '"sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, "batch_size": 8, "init": "search", '
+        '"iters": 200, "loss": "mse", "lr": null, "method": "signround", "minmax_lr": null, "quant_inputs": true, '
+        '"seed": 42, "torch_compile": false, "use_best": true}}'
+    )
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: TuneConfig(loss="l1"), "loss must be one of relative, mse, got 'l1'"),
+        (lambda: TuneConfig(init="zero"), "init must be one of search, none, got 'zero'"),
+        (
+            lambda: ActScheme(dtype="fp16"),
+            "unknown activation dtype 'fp16'; choose one of ['int', 'fp8_e4m3', 'fp4_e2m1']",
+        ),
+        (lambda: ActScheme(dtype="fp8_e4m3", bits=4), "fp8_e4m3 activations are 8-bit; use --act-bits 8 or drop it"),
+        (lambda: ActScheme(granularity="tensor"), "activation granularity must be token or channel, got 'tensor'"),
+    ],
+)
+def test_option_refusals_are_worded_as_before(make, message):
+    with pytest.raises(SignRoundError) as err:
+        make()
+    assert str(err.value) == message
 
 
 def test_layer_config_parsing(tmp_path):

@@ -145,7 +145,7 @@ def _sqnr_db(w: torch.Tensor, deq: torch.Tensor) -> float:
 def _rtn_sqnr(w: torch.Tensor, scheme: QuantScheme) -> float:
     fmt = get_format(scheme.dtype)
     wg = to_groups(w, scheme.group_size)
-    scale, zero = fmt.compute_qparams(*fmt.group_minmax(wg), scheme.bits, scheme.sym)
+    scale, zero = fmt.choose_qparams(fmt.group_minmax(wg), scheme)
     return _sqnr_db(w, from_groups(fmt.fake_quant(wg, scale, zero, scheme.bits), w.shape[1]))
 
 
@@ -190,7 +190,7 @@ def test_mx_scale_is_a_power_of_two_in_e8m0():
     scheme = QuantScheme(dtype="mxfp4")
     fmt = get_format(scheme.dtype)
     wg = to_groups(w, 32)
-    scale, zero = fmt.compute_qparams(*fmt.group_minmax(wg), 4, True)
+    scale, zero = fmt.choose_qparams(fmt.group_minmax(wg), scheme)
     stored = fmt.to_stored(scale, zero, scheme)["scales"]
     assert stored.dtype == torch.uint8 and int(stored.max()) < 255  # 255 is E8M0's NaN
     assert torch.equal(scale, scale.to(torch.float8_e8m0fnu).float())  # torch's own E8M0 holds it exactly
@@ -212,7 +212,7 @@ def test_nvfp4_block_scales_are_e4m3_values_times_a_tensor_scale():
     scheme = QuantScheme(dtype="nvfp4")
     fmt = get_format(scheme.dtype)
     wg = to_groups(w, 16)
-    scale, zero = fmt.compute_qparams(*fmt.group_minmax(wg), 4, True)
+    scale, zero = fmt.choose_qparams(fmt.group_minmax(wg), scheme)
     s_t = float(w.abs().max()) / (6 * 448)
     assert torch.all(zero == torch.tensor(s_t, dtype=torch.float32))
     assert torch.equal(scale, scale.to(torch.float8_e4m3fn).float())  # representable in e4m3
@@ -234,7 +234,7 @@ def test_straight_through_gradients(dtype):
     v = torch.zeros_like(wg, requires_grad=True)
     a = torch.ones(wg.shape[:2], requires_grad=True)
     b = torch.ones(wg.shape[:2], requires_grad=True)
-    scale, zero = fmt.compute_qparams(*fmt.group_minmax(wg.detach()), scheme.bits, True, b, a)
+    scale, zero = fmt.choose_qparams(fmt.group_minmax(wg.detach()), scheme, b, a)
     deq = fmt.fake_quant(wg, scale, zero, scheme.bits, v)
     deq.sum().backward()
     s = (scale * zero).detach().unsqueeze(-1)
@@ -295,7 +295,7 @@ def test_quant_linear_dequantizes_like_fake_quant(dtype):
     fmt = get_format(dtype)
     w = torch.randn(24, 80)  # 80 is not a multiple of 32 or 48: a padded last group
     wg = to_groups(w, scheme.group_size)
-    scale, zero = fmt.compute_qparams(*fmt.group_minmax(wg), scheme.bits, True)
+    scale, zero = fmt.choose_qparams(fmt.group_minmax(wg), scheme)
     v = torch.rand_like(wg) - 0.5
     codes = from_groups(fmt.quantize_codes(wg, scale, zero, scheme.bits, v), 80)
     layer = QuantLinear.from_codes(codes, scale, zero, scheme, None)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from signround.formats import int_affine as F
-from signround.primitives import from_groups, int_range, round_ste, to_groups
+from signround.primitives import from_groups, round_ste, to_groups
 
 
 def _grouped(out=16, inp=200, g=64, seed=0):
@@ -69,11 +69,6 @@ def test_asym_grid_spans_min_to_max():
     assert float(scale) == pytest.approx(1.2 / 15, rel=1e-3)
     codes = F.quantize_codes(wg, scale, zero, 4)
     assert int(codes.min()) == 0 and int(codes.max()) == 15
-
-
-def test_int_range():
-    assert int_range(4, True) == (-8, 7)
-    assert int_range(3, False) == (0, 7)
 
 
 def _sqnr_db(w, deq):
