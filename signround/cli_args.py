@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any
 
-from signround.config import INITS, LOSSES, DType
+from signround.config import ActDType, ActGranularity, DType, Init, Loss, Method, Sensitivity, Solver
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="Double Rounding: lower widths this checkpoint also serves (e.g. 6,4,3,2 with --bits 8); "
         "`signround eval --bits 4` derives one",
     )
-    p.add_argument("--method", choices=["signround", "rtn"], default="signround")
+    p.add_argument("--method", choices=[m.value for m in Method], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -60,13 +60,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-last", action="store_true", help="keep each block's last step instead of its best")
     p.add_argument(
         "--loss",
-        choices=LOSSES,
+        choices=[v.value for v in Loss],
         default="relative",
         help="tuning objective: per-token error relative to the float output (default) or auto-round's plain MSE",
     )
     p.add_argument(
         "--init",
-        choices=INITS,
+        choices=[v.value for v in Init],
         default="search",
         help="clipping start: a grid search weighted by the inputs' mean square (default) or unclipped (none)",
     )
@@ -128,10 +128,10 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         "--target-size", default=None, help="size of the whole checkpoint, e.g. 60MB (float parts at 16 bits)"
     )
     g.add_argument("--bit-options", default="2,3,4,8", help="widths a layer may take (default 2,3,4,8)")
-    g.add_argument("--alloc-solver", choices=["ilp", "greedy"], default="ilp", help="integer program or greedy")
+    g.add_argument("--alloc-solver", choices=[s.value for s in Solver], default="ilp", help="integer program or greedy")
     g.add_argument(
         "--sensitivity",
-        choices=["block", "block-mse", "fisher"],
+        choices=[s.value for s in Sensitivity],
         default="block",
         help="block: block-output error weighted by the loss gradient (default); block-mse: unweighted; "
         "fisher: weight-space Fisher proxy",
@@ -139,10 +139,10 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
     a = p.add_argument_group("activations (fake-quantized: simulated in evaluation, native format only)")
     a.add_argument("--act-bits", type=int, default=None, help="quantize every quantized linear's input: 8 or 4 bits")
-    a.add_argument("--act-dtype", choices=["int", "fp8_e4m3", "fp4_e2m1"], default=None, help="default int")
+    a.add_argument("--act-dtype", choices=[d.value for d in ActDType], default=None, help="default int")
     a.add_argument(
         "--act-granularity",
-        choices=["token", "channel"],
+        choices=[g.value for g in ActGranularity],
         default=None,
         help="token: dynamic per-token scales (default); channel: static per-channel scales from calibration",
     )

@@ -32,7 +32,7 @@ def rtn_error(weight: torch.Tensor, x2: torch.Tensor, scheme: QuantScheme) -> fl
     inputs' per-channel mean squares ``x2 [in]``."""
     fmt = get_format(scheme.dtype)
     wg = to_groups(weight.float(), scheme.group_size)
-    scale, zero = fmt.compute_qparams(*fmt.group_minmax(wg), scheme.bits, scheme.sym)
+    scale, zero = fmt.choose_qparams(fmt.group_minmax(wg), scheme)
     q = from_groups(fmt.fake_quant(wg, scale, zero, scheme.bits), weight.shape[1])
     return float(((q - weight.float()).pow(2) * x2.float()).sum())
 

@@ -66,7 +66,7 @@ class TunableWeight:
         fmt = get_format(self.scheme.dtype)
         a = self.min_factor if min_factor is None else min_factor
         b = self.max_factor if max_factor is None else max_factor
-        return fmt.compute_qparams(*self.stats, self.scheme.bits, self.scheme.sym, a, b)
+        return fmt.choose_qparams(self.stats, self.scheme, a, b)
 
     def grouped_fake_quant(
         self,

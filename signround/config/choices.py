@@ -1,0 +1,125 @@
+"""Every string option of a run as an enum defined once: each accepts its value, and compares, hashes,
+formats and JSON-encodes as it (so code and files written for the bare strings read it unchanged)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from signround.errors import SignRoundError
+from signround.formats.fp import E2M1, E4M3
+
+
+class _Choice(str, enum.Enum):
+    """A string option: equal to, hashed, JSON-encoded and formatted (``str()``, f-strings) as its value, so
+    that code written for the bare strings it replaces reads it unchanged."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Method(_Choice):
+    """How rounding is decided: learned (SignRound) or round-to-nearest."""
+
+    SIGNROUND = "signround"
+    RTN = "rtn"
+
+
+class Loss(_Choice):
+    """The block-output error SignRound tunes against (see :attr:`TuneConfig.loss`)."""
+
+    RELATIVE = "relative"
+    MSE = "mse"
+
+
+class Init(_Choice):
+    """Where the clipping factors start (see :attr:`TuneConfig.init`)."""
+
+    SEARCH = "search"
+    NONE = "none"
+
+
+class ActDType(_Choice):
+    """Number format of quantized activations (see :class:`ActScheme`)."""
+
+    INT = "int"
+    FP8_E4M3 = "fp8_e4m3"
+    FP4_E2M1 = "fp4_e2m1"
+
+    @property
+    def implied_bits(self) -> int | None:
+        """Bits fixed by the element format (None for ``int``, whose width is free)."""
+        return {ActDType.INT: None, ActDType.FP8_E4M3: E4M3.bits, ActDType.FP4_E2M1: E2M1.bits}[self]
+
+
+class ActGranularity(_Choice):
+    """Which activations share a scale (see :class:`ActScheme`)."""
+
+    TOKEN = "token"
+    CHANNEL = "channel"
+
+
+class Solver(_Choice):
+    """How mixed precision solves for per-layer bits: exactly (scipy's HiGHS integer program) or greedily."""
+
+    ILP = "ilp"
+    GREEDY = "greedy"
+
+
+class Sensitivity(_Choice):
+    """How mixed precision measures a layer's sensitivity to its width (see :mod:`signround.mixed`)."""
+
+    BLOCK = "block"
+    BLOCK_MSE = "block-mse"
+    FISHER = "fisher"
+
+
+def _choice(kind: type[enum.Enum], value: Any, what: str) -> Any:
+    """``kind(value)``, or a one-line error naming the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise SignRoundError(f"unknown {what} {value!r}; use {' or '.join(k.value for k in kind)}") from None
+
+
+GGUF_MIXES = ("q4_k_m",)  # gguf types whose layers mix K-quant types (llama.cpp's Q4_K_M)
+GGUF_KQUANTS = ("q4_k", "q2_k", "q6_k", "q3_k")
+
+
+class ExportFormat(_Choice):
+    """A checkpoint format a run is written in (``--format``); the key of the exporter registry
+    (:mod:`signround.export`). Values are the names users type."""
+
+    NATIVE = "native"
+    AUTO_ROUND = "auto_round"
+    GPTQ = "gptq"
+    COMPRESSED_TENSORS = "compressed-tensors"
+    GGUF_F16 = "gguf:f16"
+    GGUF_Q8_0 = "gguf:q8_0"
+    GGUF_Q4_0 = "gguf:q4_0"
+    GGUF_Q4_1 = "gguf:q4_1"
+    GGUF_Q4_K = "gguf:q4_k"
+    GGUF_Q2_K = "gguf:q2_k"
+    GGUF_Q6_K = "gguf:q6_k"
+    GGUF_Q3_K = "gguf:q3_k"
+    GGUF_Q4_K_M = "gguf:q4_k_m"
+
+    @property
+    def gguf_type(self) -> str | None:
+        """``gguf:q4_k_m`` -> ``q4_k_m``; None for the other formats."""
+        return self.value[len("gguf:") :] if self.value.startswith("gguf:") else None
+
+    @property
+    def gguf_mix(self) -> str | None:
+        """The gguf type, when the file's layer types follow from the type itself (K-quants need fallbacks for
+        rows that are not a multiple of 256; mixes upgrade some layers): the plan adds those rules."""
+        qtype = self.gguf_type
+        return qtype if qtype in GGUF_KQUANTS or qtype in GGUF_MIXES else None
+
+    @property
+    def subfolder(self) -> str:
+        """Folder name when several formats are written: ``gguf:q4_k_m`` -> ``gguf-q4_k_m``."""
+        return self.value.replace(":", "-")

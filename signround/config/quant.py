@@ -1,0 +1,92 @@
+"""The whole run's config: :class:`QuantConfig`, validated as a whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from signround.config.choices import ActGranularity, ExportFormat
+from signround.config.scheme import (
+    LayerRule,
+    QuantScheme,
+    parse_candidates,
+    parse_layer_config,
+    parse_serve_bits,
+    resolve_scheme,
+)
+from signround.config.stages import ActScheme, CalibConfig, ExportConfig, MixedSpec, TuneConfig
+from signround.errors import SignRoundError
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides what a run produces (recorded in the checkpoint), validated as a whole: an
+    option combination that cannot go together is refused here, so the CLI and the Python API refuse the
+    same things with the same message.
+
+    Attributes:
+        scheme: the default scheme of every quantized linear (a :class:`QuantScheme` or a preset name).
+        layer_rules: per-layer overrides, later ones winning: rules, or ``{regex: {"bits": 8}}`` (a dict, JSON
+            text or a .json path; ``null`` keeps a layer float) parsed over ``scheme``.
+        tune: how rounding is learned. calib: which calibration tokens.
+        serve_bits: Double Rounding: lower widths the checkpoint also serves (``"6,4,3,2"`` or a sequence).
+        act: quantize every quantized linear's input (fake-quant). smooth: with ``act``, fold searched
+            per-channel smoothing scales into the norms / up_proj first.
+        mixed: choose each layer's bits for a size budget (:class:`MixedSpec`); ``scheme`` then gives the
+            group size and symmetry.
+        format_search: per layer, the grid of least activation-weighted error among these data types of one
+            width (``"fp4_e2m1,fp4_e1m2"`` or a sequence; parsed into schemes over ``scheme``).
+        export: the formats the run is written in (:class:`ExportConfig`); their layer mixes and checks are
+            part of the plan.
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    layer_rules: tuple[LayerRule, ...] = ()
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    serve_bits: tuple[int, ...] = ()
+    act: ActScheme | None = None
+    smooth: bool = False
+    mixed: MixedSpec | None = None
+    format_search: tuple[QuantScheme, ...] = ()
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        scheme = resolve_scheme(self.scheme)
+        object.__setattr__(self, "scheme", scheme)
+        if not (isinstance(self.layer_rules, tuple) and all(isinstance(r, LayerRule) for r in self.layer_rules)):
+            object.__setattr__(self, "layer_rules", parse_layer_config(self.layer_rules, scheme))
+        object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, scheme))
+        if self.smooth and self.act is None:
+            raise SignRoundError("--smooth balances weights against quantized activations; add --act-bits")
+        if self.mixed is not None and self.serve_bits:
+            raise SignRoundError(
+                "--serve-bits derives one width for every layer; drop it or the mixed-precision options"
+            )
+        if self.mixed is not None and scheme.dtype.is_float:
+            raise SignRoundError(f"mixed precision chooses integer widths; drop --data-type {scheme.dtype.value}")
+        formats = self.export.formats
+        if self.act is not None and formats != (ExportFormat.NATIVE,):
+            others = [f.value for f in formats if f is not ExportFormat.NATIVE]
+            raise SignRoundError(
+                f"{', '.join(others)} cannot store quantized activations; use --format native for a model "
+                "quantized with --act-bits"
+            )
+        if self.mixed is not None and any(f.gguf_type for f in formats):
+            raise SignRoundError(
+                "gguf formats store one width for every layer; drop gguf from --format for a mixed-precision run "
+                "(auto_round, gptq, compressed-tensors and native keep per-layer bits)"
+            )
+        if self.format_search is not None and self.format_search != ():
+            object.__setattr__(self, "format_search", parse_candidates(self.format_search, scheme))
+            if self.mixed is not None or self.serve_bits:
+                raise SignRoundError(
+                    "--format-search chooses the grid per layer; drop --avg-bits/--target-size/--serve-bits"
+                )
+        else:
+            object.__setattr__(self, "format_search", ())
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
+        static = self.act is not None and (self.act.granularity is ActGranularity.CHANNEL or self.smooth)
+        return self.tune.iters > 0 or static

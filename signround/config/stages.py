@@ -1,0 +1,250 @@
+"""How each stage runs: activations (:class:`ActScheme`), tuning (:class:`TuneConfig`), calibration
+(:class:`CalibConfig`), mixed precision (:class:`MixedSpec`) and export (:class:`ExportConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from signround.config.choices import (
+    ActDType,
+    ActGranularity,
+    ExportFormat,
+    Init,
+    Loss,
+    Method,
+    Sensitivity,
+    Solver,
+    _choice,
+)
+from signround.config.scheme import MAX_BITS, MIN_BITS, QuantScheme
+from signround.errors import SignRoundError
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """How the input of every quantized linear is quantized (fake-quant; see :mod:`signround.act.quant`).
+
+    Attributes:
+        bits: 2..8 for ``int`` (default 8); implied by ``fp8_e4m3`` (8) and ``fp4_e2m1`` (4).
+        dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1`` (an :class:`ActDType`;
+            its value is accepted and converted).
+        granularity: ``token`` (one scale per token from its absmax, at run time) or ``channel`` (one static
+            scale per input channel, calibrated from the calibration data and stored as ``input_scale``); an
+            :class:`ActGranularity` or its value.
+    """
+
+    bits: int | None = None
+    dtype: ActDType = ActDType.INT
+    granularity: ActGranularity = ActGranularity.TOKEN
+
+    def __post_init__(self) -> None:
+        try:
+            dtype = ActDType(self.dtype)
+        except ValueError:
+            choices = [d.value for d in ActDType]
+            raise SignRoundError(f"unknown activation dtype {self.dtype!r}; choose one of {choices}") from None
+        implied = dtype.implied_bits
+        bits = self.bits if self.bits is not None else (implied or 8)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise SignRoundError(f"activation bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        if implied is not None and bits != implied:
+            raise SignRoundError(f"{dtype.value} activations are {implied}-bit; use --act-bits {implied} or drop it")
+        try:
+            granularity = ActGranularity(self.granularity)
+        except ValueError:
+            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}") from None
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "granularity", granularity)
+        object.__setattr__(self, "bits", bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "dtype": self.dtype.value, "granularity": self.granularity.value}
+
+    @property
+    def name(self) -> str:
+        return f"A{self.bits}-{self.dtype.value}-{self.granularity.value}"
+
+
+# The values, for argparse's choices
+LOSSES = tuple(m.value for m in Loss)
+INITS = tuple(m.value for m in Init)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How rounding and clipping are learned. Defaults are auto-round's.
+
+    Attributes:
+        method: ``signround`` (learned) or ``rtn`` (round to nearest, no tuning).
+        iters: signed-gradient steps per block (0 means RTN).
+        lr: step size of the rounding offsets; ``None`` means 1/iters.
+        minmax_lr: step size of the clipping factors; ``None`` means ``lr``.
+        batch_size: calibration samples per step.
+        use_best: keep the parameters of the step with the lowest batch loss (auto-round's rule; default),
+            else the last step's (no copy of the tuned tensors is taken then). Neither wins consistently on
+            perplexity: the last step scores lower on the whole calibration set in every block measured, yet
+            the model's perplexity was better with it at 50 iterations and worse at 200 (bench/results/NOTES.md).
+        seed: seeds batch sampling.
+        amp: run each tuning step's forward and backward under bfloat16 autocast (matmuls in bfloat16;
+            weights, rounding parameters, targets and the loss stay float32), as auto-round's ``amp``.
+        quant_inputs: tune each block on the quantized model's inputs (the default; auto-round's
+            ``enable_quanted_input``), else on the float model's, which makes blocks independent of each
+            other (``--fp-inputs``; required by block-parallel tuning).
+        loss: the block-output error tuned against. ``relative`` (default): per token, the mean squared
+            error over the hidden dimension divided by the float output's mean square, averaged over tokens,
+            so that the few tokens with massive activations (the attention-sink position) do not outweigh
+            all others; ``mse``: the plain mean squared error of the paper and auto-round
+            (bench/results/NOTES.md has the measurements behind the default).
+        init: where the clipping factors start. ``search`` (default): per group, the shrink ratio of the
+            extremes (1.0 down to 0.5) with the least weight error weighted by the inputs' mean square,
+            measured on the calibration inputs (llama.cpp's imatrix idea, :mod:`signround.tune.init`);
+            ``none``: unclipped (factors 1), as auto-round.
+        torch_compile: run the tuning steps' integer-grid quantize-dequantize (``--data-type int``, the
+            default; the other data types stay eager) through ``torch.compile`` (one fused loop
+            for its forward and one for its backward instead of about 20 passes over each weight; about 20 s
+            of compilation once per process, a C++ compiler on the CPU); the forward's values are the
+            eager ones bit for bit, the clipping gradients' group sums may differ in the last bits, so a run
+            may tune to a slightly different result. Off by default: on a 2-core CPU the steps ran 4-9%
+            faster, a whole run took 0.92 of the eager time at 50 iterations and 1.05 at 200, within the
+            machine's drift (bench/results/NOTES.md). auto-round's
+            ``enable_torch_compile`` compiles more: its block forward as well.
+    """
+
+    method: Method = Method.SIGNROUND
+    iters: int = 200
+    lr: float | None = None
+    minmax_lr: float | None = None
+    batch_size: int = 8
+    use_best: bool = True
+    seed: int = 42
+    amp: bool = False
+    quant_inputs: bool = True
+    loss: Loss = Loss.RELATIVE
+    init: Init = Init.SEARCH
+    torch_compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.method))
+        try:
+            object.__setattr__(self, "loss", Loss(self.loss))
+        except ValueError:
+            raise SignRoundError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}") from None
+        try:
+            object.__setattr__(self, "init", Init(self.init))
+        except ValueError:
+            raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}") from None
+        if self.iters < 0:
+            raise SignRoundError(f"iters must be >= 0, got {self.iters}")
+        if self.method is Method.RTN:
+            object.__setattr__(self, "iters", 0)
+        if self.batch_size < 1:
+            raise SignRoundError(f"batch size must be >= 1, got {self.batch_size}")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise SignRoundError(f"{name} must be > 0, got {value}")
+
+    @property
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.0 / max(self.iters, 1)
+
+    @property
+    def effective_minmax_lr(self) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.effective_lr
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Which calibration tokens are used.
+
+    Attributes:
+        dataset: a local .txt/.jsonl/.parquet path, an HF dataset name, or None for data-free
+            calibration (the model generates its own text).
+        nsamples: number of sequences.
+        seqlen: tokens per sequence.
+        seed: seeds shuffling and generation.
+    """
+
+    dataset: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise SignRoundError(f"nsamples must be >= 1, got {self.nsamples}")
+        if self.seqlen < 8:
+            raise SignRoundError(f"seqlen must be >= 8, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class MixedSpec:
+    """What a mixed-precision allocation aims for.
+
+    Attributes:
+        bit_options: the widths a layer may take (2..8).
+        avg_bits: average bits per quantized weight, scale and zero overhead included; or
+        target_bytes: the size of the whole checkpoint (float parts at 16 bits per value).
+        solver: ``ilp`` (exact, scipy's HiGHS) or ``greedy``.
+        sensitivity: ``block`` (measured block-output error weighted by the loss gradient, default),
+            ``block-mse`` (unweighted block-output error) or ``fisher`` (weight-space proxy).
+        nsamples: calibration sequences used to measure sensitivities.
+    """
+
+    bit_options: tuple[int, ...] = (2, 3, 4, 8)
+    avg_bits: float | None = None
+    target_bytes: int | None = None
+    solver: Solver = Solver.ILP
+    sensitivity: Sensitivity = Sensitivity.BLOCK
+    nsamples: int = 32
+
+    def __post_init__(self) -> None:
+        opts = tuple(sorted(set(int(b) for b in self.bit_options)))
+        if not opts:
+            raise SignRoundError("--bit-options is empty; give widths like 2,3,4,8")
+        for b in opts:
+            QuantScheme(bits=b)  # validates the range
+        object.__setattr__(self, "bit_options", opts)
+        if (self.avg_bits is None) == (self.target_bytes is None):
+            raise SignRoundError("give exactly one of --avg-bits and --target-size")
+        object.__setattr__(self, "solver", _choice(Solver, self.solver, "allocation solver"))
+        object.__setattr__(self, "sensitivity", _choice(Sensitivity, self.sensitivity, "sensitivity"))
+        if self.nsamples < 1:
+            raise SignRoundError(f"sensitivity nsamples must be >= 1, got {self.nsamples}")
+
+
+def parse_formats(spec: Any) -> tuple[ExportFormat, ...]:
+    """``"native,auto_round"`` (or a sequence of names) -> formats; unknown or repeated names are refused."""
+    names = (
+        [f.strip() for f in spec.split(",")] if isinstance(spec, str) else [str(getattr(f, "value", f)) for f in spec]
+    )
+    names = [n for n in names if n]
+    choices = ", ".join(sorted(f.value for f in ExportFormat))
+    if not names:
+        raise SignRoundError(f"--format is empty; choose from {choices}")
+    for n in names:
+        if n not in {f.value for f in ExportFormat}:
+            raise SignRoundError(f"unknown format {n!r}; choose from {choices}")
+    if len(set(names)) != len(names):
+        raise SignRoundError(f"--format lists a format twice: {','.join(names)}")
+    return tuple(ExportFormat(n) for n in names)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The formats a run is written in (checked before tuning) and their options.
+
+    Attributes:
+        formats: ``"native,gguf:q4_0"``, a sequence of names or :class:`ExportFormat` values.
+        allow_partial_groups: compressed-tensors: write groups that do not divide a layer's width (stock
+            readers cannot run them).
+    """
+
+    formats: tuple[ExportFormat, ...] = (ExportFormat.NATIVE,)
+    allow_partial_groups: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", parse_formats(self.formats))
