@@ -1,70 +1,85 @@
-"""Writers of quantized checkpoints, in a registry keyed by format name.
+"""Writers of quantized checkpoints, one registered :class:`Exporter` per :class:`ExportFormat`.
 
-An exporter is ``write(model, tokenizer, folder, **options) -> None`` writing into an empty, existing folder,
-plus an optional ``check(model, planned, **options)`` that refuses, before any tuning, a layer plan the format
-cannot store (``planned``: :class:`signround.export.common.Planned` per quantized layer). The caller
-(:func:`save`) owns atomicity (temporary folder, rename at the end). Exporters read ``QuantLinear`` layers
-only; they never import the tuning code.
+An exporter (:mod:`signround.export.registry`) has ``write(model, tokenizer, folder, options)``, writing into
+an empty, existing folder, and ``check(model, planned, options)``, refusing before any tuning a layer plan
+the format cannot store (``planned``: a :class:`signround.model.blocks.Planned` per quantized layer).
+:func:`save` owns atomicity (temporary folder, rename at the end). Exporters read ``QuantLinear`` layers
+only; they never import the tuning code. Importing this package registers every exporter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from signround.errors import SignRoundError
+
+# importing each exporter module registers its exporters
+from signround.export import ct, gguf_export, gptq, native  # noqa: F401
 from signround.export.atomic import atomic_folder
-from signround.export.common import Planned, planned_from_model
-from signround.export.ct import check_ct, write_compressed_tensors
-from signround.export.gguf_export import GGUF_TYPES, check_gguf_plan, write_gguf
-from signround.export.gptq import check_gptq_layout, write_auto_round, write_gptq
-from signround.export.native import write_native
+from signround.export.common import planned_from_model
+from signround.export.registry import Exporter, ExportFormat, ExportOptions, get_exporter, register_exporter
+from signround.model.blocks import Planned
+
+FormatSpec = str | ExportFormat | Sequence[str | ExportFormat]
+
+__all__ = [
+    "ExportFormat",
+    "ExportOptions",
+    "Exporter",
+    "check_formats",
+    "format_names",
+    "get_exporter",
+    "parse_formats",
+    "refuse_activations",
+    "register_exporter",
+    "save",
+]
 
 
-class Exporter(NamedTuple):
-    write: Callable[..., None]
-    check: Callable[..., None] | None = None
+def format_names() -> list[str]:
+    """Every format name, sorted (what ``--format`` accepts)."""
+    return sorted(f.value for f in ExportFormat)
 
 
-_EXPORTERS: dict[str, Exporter] = {}
-
-
-def register_exporter(name: str, write: Callable[..., None], check: Callable[..., None] | None = None) -> None:
-    if name in _EXPORTERS:
-        raise ValueError(f"exporter {name!r} is already registered")
-    _EXPORTERS[name] = Exporter(write, check)
-
-
-def exporter_names() -> list[str]:
-    return sorted(_EXPORTERS)
-
-
-def parse_formats(spec: str | list[str]) -> list[str]:
-    """``"native,auto_round"`` -> ``["native", "auto_round"]``; unknown or repeated names are refused."""
+def parse_formats(spec: FormatSpec) -> list[ExportFormat]:
+    """``"native,auto_round"`` (or a list of names or formats) -> ``[ExportFormat.NATIVE,
+    ExportFormat.AUTO_ROUND]``; unknown or repeated names are refused."""
     names = [f.strip() for f in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     if not names:
-        raise SignRoundError(f"--format is empty; choose from {', '.join(exporter_names())}")
+        raise SignRoundError(f"--format is empty; choose from {', '.join(format_names())}")
+    formats = []
     for n in names:
-        if n not in _EXPORTERS:
-            raise SignRoundError(f"unknown format {n!r}; choose from {', '.join(exporter_names())}")
-    if len(set(names)) != len(names):
+        try:
+            formats.append(ExportFormat(n))
+        except ValueError:
+            raise SignRoundError(f"unknown format {n!r}; choose from {', '.join(format_names())}") from None
+    if len(set(formats)) != len(formats):
         raise SignRoundError(f"--format lists a format twice: {','.join(names)}")
-    return names
+    return formats
 
 
-def check_formats(model: Any, planned: list[Planned], formats: list[str], **options: Any) -> None:
+def check_formats(
+    model: Any,
+    planned: Sequence[Planned],
+    formats: Sequence[ExportFormat],
+    options: ExportOptions = ExportOptions(),  # noqa: B008 - frozen, so one shared default is safe
+    *,
+    allow_partial_groups: bool | None = None,  # temporary: removed when cli.py moves to ExportOptions
+) -> None:
     """Run each format's check on the planned layers (before tuning, so a long run never fails at the end)."""
+    if allow_partial_groups is not None:  # temporary: removed when cli.py moves to ExportOptions
+        options = ExportOptions(allow_partial_groups=allow_partial_groups)
     for fmt in formats:
-        check = _EXPORTERS[fmt].check
-        if check is not None:
-            check(model, planned, **options)
+        get_exporter(fmt).check(model, planned, options)
 
 
-def refuse_activations(formats: list[str]) -> None:
-    """Only the native format stores activation quantization (its scheme and static input scales)."""
-    others = [f for f in formats if f != "native"]
+def refuse_activations(formats: Sequence[ExportFormat]) -> None:
+    """Refuse the formats that cannot store quantized activations (only the native one stores their scheme
+    and static input scales)."""
+    others = [f for f in formats if not get_exporter(f).stores_activations]
     if others:
         raise SignRoundError(
             f"{', '.join(others)} cannot store quantized activations; use --format native for a model quantized "
@@ -72,51 +87,33 @@ def refuse_activations(formats: list[str]) -> None:
         )
 
 
-def subfolder(fmt: str) -> str:
-    """Folder name of ``fmt`` when several formats are written: ``gguf:q4_k_m`` -> ``gguf-q4_k_m``."""
-    return fmt.replace(":", "-")
-
-
 def save(
     model: Any,
     tokenizer: Any,
     output: str | Path,
-    fmt: str | list[str] = "native",
+    formats: FormatSpec = ExportFormat.NATIVE,
+    *,
     overwrite: bool = False,
-    **options: Any,
+    options: ExportOptions = ExportOptions(),  # noqa: B008 - frozen, so one shared default is safe
+    allow_partial_groups: bool | None = None,  # temporary: removed when cli.py moves to ExportOptions
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) to ``output`` atomically, in one format or several.
 
     One format: ``output`` is that format's folder. Several (``"native,auto_round"`` or a list): ``output``
-    holds one subfolder per format (``output/native``, ``output/auto_round``, ``output/gguf-q4_1``).
-    ``options`` go to the exporters (e.g. ``allow_partial_groups=True`` for compressed-tensors).
+    holds one subfolder per format (``output/native``, ``output/auto_round``, ``output/gguf-q4_1``:
+    :attr:`ExportFormat.subfolder`). The formats' checks run first; nothing is written when one refuses.
     """
-    formats = parse_formats(fmt)
-    check_formats(model, planned_from_model(model), formats, **options)
+    if allow_partial_groups is not None:  # temporary: removed when cli.py moves to ExportOptions
+        stream = getattr(model, "signround_stream", None)  # the attribute cli.py sets on a --low-memory run
+        options = ExportOptions(allow_partial_groups=allow_partial_groups, stream=stream)
+    fmts = parse_formats(formats)
+    check_formats(model, planned_from_model(model), fmts, options)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("activations") and formats != ["native"]:
-        refuse_activations(formats)
+    if isinstance(qc, dict) and qc.get("activations"):
+        refuse_activations(fmts)
     with atomic_folder(output, overwrite=overwrite) as tmp:
-        for f in formats:
-            target = tmp if len(formats) == 1 else tmp / subfolder(f)
+        for f in fmts:
+            target = tmp if len(fmts) == 1 else tmp / f.subfolder
             target.mkdir(exist_ok=True)
-            _EXPORTERS[f].write(model, tokenizer, target, **options)
+            get_exporter(f).write(model, tokenizer, target, options)
     return Path(output)
-
-
-register_exporter("native", write_native)
-register_exporter("auto_round", write_auto_round, lambda m, p, **o: check_gptq_layout(m, p, "auto_round"))
-register_exporter("gptq", write_gptq, lambda m, p, **o: check_gptq_layout(m, p, "gptq"))
-register_exporter("compressed-tensors", write_compressed_tensors, check_ct)
-
-
-def _register_gguf(qtype: str) -> None:
-    register_exporter(
-        f"gguf:{qtype}",
-        lambda model, tokenizer, folder, **_: write_gguf(model, tokenizer, folder, qtype),
-        lambda model, planned, **_: check_gguf_plan(model, planned, qtype),
-    )
-
-
-for _qtype in GGUF_TYPES:
-    _register_gguf(_qtype)

@@ -29,6 +29,7 @@ Only integer, MXFP4 and NVFP4 grids export here; the group must divide the layer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from torch import nn
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
 from signround.export.common import Planned, planned_from_model, quantized_layers, write_hf_folder
+from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.pack.packed import QuantLinear
 
 
@@ -65,7 +67,7 @@ def _divisor_hint(width: int, group: int) -> int | None:
 FP4_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
 
 
-def check_ct(model: nn.Module, planned: list[Planned], allow_partial_groups: bool = False, **_: Any) -> None:
+def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups: bool = False) -> None:
     """Refuse what compressed-tensors cannot hold: grids other than int / mxfp4 / nvfp4, and (unless
     ``allow_partial_groups``, integer grids only) groups that do not divide a layer's input width, which
     stock readers fail on at the first forward."""
@@ -164,10 +166,22 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, Any
 
 
 def write_compressed_tensors(
-    model: nn.Module, tokenizer: Any, folder: Path, allow_partial_groups: bool = False, **_: Any
+    model: nn.Module, tokenizer: Any, folder: Path, allow_partial_groups: bool = False
 ) -> None:
     check_ct(model, planned_from_model(model), allow_partial_groups)
     layers = quantized_layers(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tensors = {name: layer_tensors(layer, dtype) for name, layer in layers.items()}
     write_hf_folder(model, tokenizer, folder, tensors, ct_config(model, layers))
+
+
+@register_exporter(ExportFormat.COMPRESSED_TENSORS)
+class CompressedTensorsExporter(Exporter):
+    """compressed-tensors ``pack-quantized`` (and the FP4 variants); ``options.allow_partial_groups`` lets
+    integer groups that do not divide a layer's width through."""
+
+    def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
+        check_ct(model, planned, options.allow_partial_groups)
+
+    def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
+        write_compressed_tensors(model, tokenizer, folder, options.allow_partial_groups)

@@ -47,7 +47,7 @@ readers (llama.cpp, transformers' GGUF loader) expect it and transformers undoes
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,17 @@ from torch import nn
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
 from signround.export import gguf_kquant as kquant
+from signround.export.common import planned_from_model
 from signround.export.gguf_kquant import KQUANTS, MIXES
 from signround.export.gguf_tokenizer import add_tokenizer
+from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
+from signround.model.blocks import Planned
 from signround.pack.packed import QuantLinear
 
 log = logging.getLogger("signround")
 
-GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0", "q4_1", *KQUANTS, *MIXES)
+GGUF_FORMATS: tuple[ExportFormat, ...] = tuple(f for f in ExportFormat if f.is_gguf)
+GGUF_TYPES: tuple[str, ...] = tuple(f.gguf_type for f in GGUF_FORMATS)  # "f16", "q8_0", ..., "q4_k_m"
 _KTYPES = (*KQUANTS, *MIXES)  # written from layers tuned on K-quant grids (:mod:`signround.export.gguf_kquant`)
 BLOCK = 32  # elements per ggml block, and the group size every block type here requires
 
@@ -109,8 +113,8 @@ def _run_hint(qtype: str) -> str:
     return f"run `signround quantize --bits {grid.bits} --group-size {BLOCK}{sym} --format gguf:{qtype}`"
 
 
-def _fits(scheme: QuantScheme, qtype: str, in_features: int | None = None) -> bool:
-    """Whether ``qtype`` stores ``scheme`` exactly (for a K-quant, at this input width when given)."""
+def _fits(scheme: QuantScheme, qtype: str, in_features: int) -> bool:
+    """Whether ``qtype`` stores ``scheme`` exactly (for a K-quant, at this input width)."""
     if qtype in _KTYPES:
         return kquant.fits(scheme, qtype, in_features)
     grid = _GRIDS[qtype]
@@ -119,7 +123,7 @@ def _fits(scheme: QuantScheme, qtype: str, in_features: int | None = None) -> bo
     )
 
 
-def _mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int | None = None) -> SignRoundError:
+def _mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int) -> SignRoundError:
     if qtype in _KTYPES:
         return kquant.mismatch(qtype, what, scheme, in_features)
     grid = _GRIDS[qtype]
@@ -131,23 +135,6 @@ def _mismatch(qtype: str, what: str, scheme: QuantScheme, in_features: int | Non
     return SignRoundError(
         f"gguf:{qtype} stores {grid.words} groups of {BLOCK}; {what} is {scheme.name}; {_run_hint(qtype)}"
     )
-
-
-def check_gguf_compatible(schemes: Iterable[QuantScheme | None], qtype: str) -> None:
-    """Fail fast (before tuning) when a scheme cannot be written exactly as ``qtype``.
-
-    ``f16`` takes any scheme (the weights are dequantized); the block types need exactly their grid
-    (module docstring). ``None`` entries (layers kept in full precision) are always fine.
-
-    Raises:
-        SignRoundError: unknown ``qtype``, or a scheme that does not match it.
-    """
-    _check_qtype(qtype)
-    if qtype == "f16":
-        return
-    for scheme in schemes:
-        if scheme is not None and not _fits(scheme, qtype):
-            raise _mismatch(qtype, "the requested scheme", scheme)
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -345,41 +332,14 @@ def _tensors(model: Any, qtype: str) -> Iterable[tuple[str, np.ndarray, GGMLQuan
         yield "output.weight", data, raw
 
 
-def _check_model(model: Any, qtype: str) -> None:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+def _check_llama(model: Any) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type != "llama":
         raise SignRoundError(f"gguf export supports LLaMA-architecture models; {model_type} is not supported yet")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise SignRoundError(f"gguf export supports SiLU LLaMA models; this one uses {config.hidden_act}")
-    if qtype == "f16":
-        return
-    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if not quantized:
-        raise SignRoundError(
-            f"gguf:{qtype} needs a model quantized by signround ({_run_hint(qtype)}); "
-            f"use gguf:f16 to export a float model"
-        )
-    for name, layer in quantized:  # all checked before any block is built
-        if not _fits(layer.scheme, qtype, layer.in_features):
-            raise _mismatch(qtype, name, layer.scheme, layer.in_features)
-        if layer.in_features % BLOCK:
-            raise SignRoundError(
-                f"{name} has {layer.in_features} input features, not a multiple of {BLOCK}; "
-                f"gguf:{qtype} blocks cannot hold its partial last group"
-            )
 
 
-def check_gguf_plan(model: Any, planned: Iterable[Any], qtype: str) -> None:
-    """Before tuning: the architecture is supported and every planned layer (``name``, ``scheme``,
-    ``in_features``) fits ``qtype`` exactly."""
-    _check_qtype(qtype)
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
-        raise SignRoundError(f"gguf export supports LLaMA-architecture models; {model_type} is not supported yet")
-    if qtype == "f16":
-        return
+def _check_layers(planned: Iterable[Planned], qtype: str) -> None:
+    """Every layer (``name``, ``scheme``, ``in_features``) fits the block type ``qtype`` exactly."""
     for p in planned:
         if not _fits(p.scheme, qtype, p.in_features):
             raise _mismatch(qtype, p.name, p.scheme, p.in_features)
@@ -388,6 +348,37 @@ def check_gguf_plan(model: Any, planned: Iterable[Any], qtype: str) -> None:
                 f"{p.name} has {p.in_features} input features, not a multiple of {BLOCK}; "
                 f"gguf:{qtype} blocks cannot hold its partial last group"
             )
+
+
+def _check_model(model: Any, qtype: str) -> None:
+    _check_llama(model)
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise SignRoundError(f"gguf export supports SiLU LLaMA models; this one uses {config.hidden_act}")
+    if qtype == "f16":
+        return
+    quantized = planned_from_model(model)
+    if not quantized:
+        raise SignRoundError(
+            f"gguf:{qtype} needs a model quantized by signround ({_run_hint(qtype)}); "
+            f"use gguf:f16 to export a float model"
+        )
+    _check_layers(quantized, qtype)  # all checked before any block is built
+
+
+def check_gguf_plan(model: Any, planned: Iterable[Planned], qtype: str) -> None:
+    """Before tuning: ``qtype`` is a GGUF type, the architecture is supported, and every planned layer fits
+    ``qtype`` exactly (``f16`` takes any scheme: it stores the dequantized weights).
+
+    Raises:
+        SignRoundError: unknown ``qtype``, not a LLaMA model, or a layer ``qtype`` cannot store exactly (the
+            message names the layer and the ``signround quantize`` options that produce a fitting model).
+    """
+    _check_qtype(qtype)
+    _check_llama(model)
+    if qtype == "f16":
+        return
+    _check_layers(planned, qtype)
 
 
 def write_gguf(model: Any, tokenizer: Any, folder: Path, qtype: str) -> Path:
@@ -416,3 +407,14 @@ def write_gguf(model: Any, tokenizer: Any, folder: Path, qtype: str) -> Path:
         writer.close()
     log.info("wrote %s", path)
     return path
+
+
+@register_exporter(*GGUF_FORMATS)
+class GGUFExporter(Exporter):
+    """``gguf:<type>``: one llama.cpp file of that type (module docstring)."""
+
+    def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
+        check_gguf_plan(model, planned, self.format.gguf_type)
+
+    def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
+        write_gguf(model, tokenizer, folder, self.format.gguf_type)

@@ -19,6 +19,7 @@ Dequantized weight (both): ``W[o, i] = (code - zero) * scale`` with the group ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from signround.export.common import (
     quantized_layers,
     write_hf_folder,
 )
+from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.pack.bitpack import pack_bitstream
 from signround.pack.packed import QuantLinear
 
@@ -60,7 +62,7 @@ def gptq_tensors(layer: QuantLinear, zero_offset: int, with_g_idx: bool) -> dict
     return tensors
 
 
-def check_gptq_layout(model: nn.Module, planned: list[Planned], fmt: str = "gptq", **_: Any) -> None:
+def check_gptq_layout(model: nn.Module, planned: Sequence[Planned], fmt: str = "gptq") -> None:
     """Refuse layers the GPTQ layout cannot hold (checked before tuning by the CLI)."""
     for p in planned:
         if p.in_features % 32 or p.out_features % 32:
@@ -137,14 +139,14 @@ def gptq_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def write_auto_round(model: nn.Module, tokenizer: Any, folder: Path, **_: Any) -> None:
+def write_auto_round(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     """auto-round's ``auto_round`` packing: GPTQ layout, zero points stored as they are, no ``g_idx``."""
     check_gptq_layout(model, planned_from_model(model), "auto_round")
     tensors = {name: gptq_tensors(layer, 0, False) for name, layer in quantized_layers(model).items()}
     write_hf_folder(model, tokenizer, folder, tensors, auto_round_config(model))
 
 
-def write_gptq(model: nn.Module, tokenizer: Any, folder: Path, **_: Any) -> None:
+def write_gptq(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     """GPTQ v1: zero points stored minus one, ``g_idx`` present, ``desc_act`` false."""
     check_gptq_layout(model, planned_from_model(model), "gptq")
     tensors = {}
@@ -157,3 +159,25 @@ def write_gptq(model: nn.Module, tokenizer: Any, folder: Path, **_: Any) -> None
             )
         tensors[name] = gptq_tensors(layer, zero_offset=-1, with_g_idx=True)
     write_hf_folder(model, tokenizer, folder, tensors, gptq_config(model))
+
+
+@register_exporter(ExportFormat.AUTO_ROUND)
+class AutoRoundExporter(Exporter):
+    """auto-round's ``auto_round`` packing (:func:`write_auto_round`)."""
+
+    def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
+        check_gptq_layout(model, planned, self.format)
+
+    def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
+        write_auto_round(model, tokenizer, folder)
+
+
+@register_exporter(ExportFormat.GPTQ)
+class GPTQExporter(Exporter):
+    """GPTQ v1 (:func:`write_gptq`)."""
+
+    def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
+        check_gptq_layout(model, planned, self.format)
+
+    def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
+        write_gptq(model, tokenizer, folder)

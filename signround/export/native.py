@@ -21,17 +21,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
+from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
+from signround.model.lazy import BlockStream
 from signround.pack.packed import QuantLinear
 
 log = logging.getLogger("signround")
 
 
-def write_native(model: Any, tokenizer: Any, folder: Path, **_: Any) -> None:
-    """Write ``model`` (with ``QuantLinear`` layers and ``config.quantization_config``) into ``folder``."""
+def write_native(model: Any, tokenizer: Any, folder: Path, stream: BlockStream | None = None) -> None:
+    """Write ``model`` (with ``QuantLinear`` layers and ``config.quantization_config``) into ``folder``; the
+    blocks of a streamed run (``stream``, whose model holds none) block by block (:func:`write_streamed`)."""
     qc = getattr(model.config, "quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "signround":
         raise SignRoundError("this model was not quantized by signround; run signround.quantize first")
-    stream = getattr(model, "signround_stream", None)
     if stream is not None:
         write_streamed(model, folder, stream)
     else:
@@ -40,7 +42,7 @@ def write_native(model: Any, tokenizer: Any, folder: Path, **_: Any) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def write_streamed(model: Any, folder: Path, stream: Any) -> None:
+def write_streamed(model: Any, folder: Path, stream: BlockStream) -> None:
     """Write a streamed (``--low-memory``) run's checkpoint one block at a time: shard 1 holds the tensors
     outside the blocks (a tied output head is stored once, as transformers does), shard ``i + 2`` block
     ``i``'s tensors read back from its run-state file; ``model.safetensors.index.json`` maps names to shards.
@@ -73,6 +75,17 @@ def write_streamed(model: Any, folder: Path, stream: Any) -> None:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
+
+
+@register_exporter(ExportFormat.NATIVE)
+class NativeExporter(Exporter):
+    """signround's own checkpoint, the one format that stores activation quantization; a streamed run's
+    blocks come from ``options.stream``."""
+
+    stores_activations = True
+
+    def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
+        write_native(model, tokenizer, folder, options.stream)
 
 
 def _state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -103,10 +103,10 @@ def test_kill_while_writing_the_output(tmp_path, setup):
     driver = (
         "import os, signal, sys\n"
         "import signround.export as ex\n"
-        "def crash(model, tok, folder, **options):\n"
+        "def crash(model, tok, folder, options):\n"
         "    (folder / 'model.safetensors').write_bytes(b'half a file')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "ex._EXPORTERS['native'] = ex.Exporter(crash)\n"
+        "ex.get_exporter(ex.ExportFormat.NATIVE).write = crash\n"
         "from signround.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -14,6 +14,9 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 import signround
 from signround import export
 from signround.errors import SignRoundError
+from signround.export import ExportFormat, ExportOptions
+from signround.export.gguf_export import GGUF_TYPES
+from signround.export.gguf_kquant import KQUANTS, MIXES
 from signround.pack.packed import QuantLinear
 from tests.conftest import make_model, quantize_tiny
 
@@ -62,7 +65,7 @@ def test_mixed_precision_configs(tmp_path, tokenizer):
         tokenizer,
         layer_config={r"down_proj": {"bits": 8}, r"layers\.1\.self_attn\.o_proj": None},
     )
-    export.save(q, tokenizer, tmp_path / "out", "auto_round,gptq,compressed-tensors", allow_partial_groups=False)
+    export.save(q, tokenizer, tmp_path / "out", "auto_round,gptq,compressed-tensors", options=ExportOptions())
     ar = json.loads((tmp_path / "out/auto_round/config.json").read_text())["quantization_config"]
     assert ar["extra_config"]["model.layers.0.mlp.down_proj"]["bits"] == 8
     assert ar["extra_config"]["model.layers.1.self_attn.o_proj"]["bits"] == 16
@@ -105,7 +108,7 @@ def test_compressed_tensors_refuses_partial_groups_with_a_fix(tmp_path, tokenize
     q = quantize_tiny(tokenizer, scheme=signround.QuantScheme(bits=4, group_size=64))
     with pytest.raises(SignRoundError, match="--group-size 32"):
         export.save(q, tokenizer, tmp_path / "ct", "compressed-tensors")
-    export.save(q, tokenizer, tmp_path / "ct", "compressed-tensors", allow_partial_groups=True)
+    export.save(q, tokenizer, tmp_path / "ct", "compressed-tensors", options=ExportOptions(allow_partial_groups=True))
     assert (tmp_path / "ct" / "model.safetensors").is_file()
 
 
@@ -117,3 +120,60 @@ def test_unknown_or_repeated_format(tmp_path, tokenizer):
         export.save(q, tokenizer, tmp_path / "x", "native,native")
     with pytest.raises(SignRoundError, match="no quantized layers"):
         export.save(make_model("llama"), tokenizer, tmp_path / "x", "auto_round")
+    with pytest.raises(SignRoundError, match="unknown format 'gguf:q5_k'"):
+        export.parse_formats("gguf:q5_k")
+    with pytest.raises(SignRoundError, match="--format is empty"):
+        export.parse_formats(" , ")
+
+
+def test_format_names_and_properties():
+    assert export.parse_formats("native, gguf:q4_k_m") == [ExportFormat.NATIVE, ExportFormat.GGUF_Q4_K_M]
+    assert export.parse_formats([ExportFormat.GPTQ, "auto_round"]) == [ExportFormat.GPTQ, ExportFormat.AUTO_ROUND]
+    fmt = ExportFormat.GGUF_Q4_K_M
+    assert (str(fmt), f"{fmt}", fmt == "gguf:q4_k_m") == ("gguf:q4_k_m", "gguf:q4_k_m", True)
+    assert (fmt.is_gguf, fmt.gguf_type, fmt.is_kquant, fmt.is_mix, fmt.subfolder) == (
+        True, "q4_k_m", True, True, "gguf-q4_k_m",
+    )  # fmt: skip
+    q4_0, ct = ExportFormat.GGUF_Q4_0, ExportFormat.COMPRESSED_TENSORS
+    assert (q4_0.gguf_type, q4_0.is_kquant, q4_0.is_mix) == ("q4_0", False, False)
+    assert (ct.is_gguf, ct.gguf_type, ct.is_kquant, ct.subfolder) == (False, None, False, "compressed-tensors")
+    # one member per GGUF type; the K-quant ones are exactly gguf_kquant's types and mixes
+    assert tuple(f.gguf_type for f in ExportFormat if f.is_gguf) == GGUF_TYPES
+    assert {f.gguf_type for f in ExportFormat if f.is_kquant} == {*KQUANTS, *MIXES}
+    assert {f.gguf_type for f in ExportFormat if f.is_mix} == set(MIXES)
+    assert export.format_names() == sorted(f.value for f in ExportFormat)
+
+
+def test_every_format_has_one_registered_exporter():
+    for fmt in ExportFormat:
+        exporter = export.get_exporter(fmt)
+        assert isinstance(exporter, export.Exporter) and exporter.format is fmt
+    assert [f for f in ExportFormat if export.get_exporter(f).stores_activations] == [ExportFormat.NATIVE]
+    with pytest.raises(SignRoundError, match="gptq, gguf:q8_0 cannot store quantized activations"):
+        export.refuse_activations([ExportFormat.NATIVE, ExportFormat.GPTQ, ExportFormat.GGUF_Q8_0])
+
+
+def test_registering_a_format_twice_is_refused(monkeypatch):
+    from signround.export import registry
+
+    native = export.get_exporter(ExportFormat.NATIVE)
+
+    class Other(export.Exporter):
+        def write(self, model, tokenizer, folder, options):
+            raise AssertionError("never registered")
+
+    with pytest.raises(ValueError, match="exporter native is already registered by NativeExporter"):
+        export.register_exporter(ExportFormat.NATIVE)(Other)
+    with pytest.raises(ValueError, match="exporter gptq is already registered by GPTQExporter"):
+        export.register_exporter(ExportFormat.GPTQ, ExportFormat.NATIVE)(Other)
+    with pytest.raises(ValueError, match="needs at least one"):
+        export.register_exporter()
+    assert export.get_exporter(ExportFormat.NATIVE) is native  # nothing of Other was registered
+    assert all(type(export.get_exporter(f)) is not Other for f in ExportFormat)
+    monkeypatch.delitem(registry._EXPORTERS, ExportFormat.NATIVE)  # restored after the test
+    with pytest.raises(LookupError, match="no exporter is registered for native"):
+        export.get_exporter("native")
+    with pytest.raises(ValueError, match="register_exporter lists native twice for Other"):
+        export.register_exporter(ExportFormat.NATIVE, ExportFormat.NATIVE)(Other)
+    assert export.register_exporter("native")(Other) is Other
+    assert type(export.get_exporter(ExportFormat.NATIVE)) is Other

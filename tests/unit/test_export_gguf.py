@@ -15,14 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import signround
 from signround.errors import SignRoundError
-from signround.export.gguf_export import (
-    GGUF_TYPES,
-    check_gguf_compatible,
-    q4_1_offsets,
-    rope_permutation,
-    write_gguf,
-)
+from signround.export.gguf_export import GGUF_TYPES, check_gguf_plan, q4_1_offsets, rope_permutation, write_gguf
 from signround.export.gguf_tokenizer import pre_tokenizer_name
+from signround.model.blocks import Planned
 from signround.pack.packed import QuantLinear
 from tests.conftest import build_tokenizer, make_model, quantize_tiny
 
@@ -241,22 +236,35 @@ def test_mismatched_scheme_names_layer_and_fix(tokenizer, quantized, tmp_path):
         write_gguf(make_model("llama"), tokenizer, tmp_path, "q4_1")
 
 
-def test_check_gguf_compatible():
+def test_check_gguf_plan():
+    """The check ``--format gguf:<type>`` runs before tuning, on the planned layers (name, scheme, shape)."""
+    llama = make_model("llama", layers=1)
+
+    def plan(*schemes, in_features=64):
+        return [Planned(f"model.layers.0.mlp.l{i}", s, in_features, 64) for i, s in enumerate(schemes)]
+
     for qtype, scheme in SCHEMES.items():
-        check_gguf_compatible([scheme, None], qtype)
-        check_gguf_compatible([scheme], "f16")
-    with pytest.raises(SignRoundError, match=r"gguf:q4_1 stores asymmetric 4-bit groups of 32; .* W4G128-asym"):
-        check_gguf_compatible([signround.QuantScheme(bits=4, group_size=128)], "q4_1")
+        check_gguf_plan(llama, plan(scheme), qtype)
+        check_gguf_plan(llama, plan(scheme), "f16")
+    with pytest.raises(SignRoundError, match=r"gguf:q4_1 stores asymmetric 4-bit groups of 32; .*l0 is W4G128-asym"):
+        check_gguf_plan(llama, plan(signround.QuantScheme(bits=4, group_size=128)), "q4_1")
     with pytest.raises(SignRoundError, match="--bits 4 --group-size 32 --format gguf:q4_1`$"):
-        check_gguf_compatible([SCHEMES["q4_0"]], "q4_1")
+        check_gguf_plan(llama, plan(SCHEMES["q4_1"], SCHEMES["q4_0"]), "q4_1")
+    with pytest.raises(SignRoundError, match="l0 has 48 input features, not a multiple of 32"):
+        check_gguf_plan(llama, plan(SCHEMES["q4_0"], in_features=48), "q4_0")
     with pytest.raises(SignRoundError, match="unknown gguf type 'q5_k'"):
-        check_gguf_compatible([], "q5_k")
+        check_gguf_plan(llama, [], "q5_k")
+    with pytest.raises(SignRoundError, match="supports LLaMA-architecture models; qwen2 is not supported yet"):
+        check_gguf_plan(make_model("qwen2", layers=1), [], "f16")
     assert GGUF_TYPES == ("f16", "q8_0", "q4_0", "q4_1", "q4_k", "q2_k", "q6_k", "q3_k", "q4_k_m")
-    check_gguf_compatible([signround.QuantScheme(dtype="q4_k"), signround.QuantScheme(bits=5, group_size=32, sym=True)],
-                          "q4_k")  # fmt: skip
+    # a K-quant type on rows of a multiple of 256 weights, its fallback grid on any width
+    check_gguf_plan(llama, plan(signround.QuantScheme(dtype="q4_k"), in_features=256), "q4_k")
+    check_gguf_plan(llama, plan(signround.QuantScheme(bits=5, group_size=32, sym=True)), "q4_k")
+    with pytest.raises(SignRoundError, match="gguf:q4_k stores Q4_K rows of a multiple of 256 weights; .*l0 has 64"):
+        check_gguf_plan(llama, plan(signround.QuantScheme(dtype="q4_k")), "q4_k")
     wanted = r"gguf:q4_k stores Q4_K \(and W5G32-sym as Q5_0\) layers; .* W4G32-asym; run .*--data-type q4_k"
     with pytest.raises(SignRoundError, match=wanted):
-        check_gguf_compatible([SCHEMES["q4_1"]], "q4_k")
+        check_gguf_plan(llama, plan(SCHEMES["q4_1"]), "q4_k")
 
 
 def test_non_llama_and_non_bpe_are_refused(tokenizer, tmp_path):
