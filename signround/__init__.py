@@ -12,6 +12,8 @@ Public API::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from signround._version import __version__
@@ -45,7 +47,6 @@ _LAZY = {
     "format_scores": "signround.eval.harness",
     "PplResult": "signround.eval.ppl",
     "perplexity": "signround.eval.ppl",
-    "save": "signround.export",
     "Allocation": "signround.mixed",
     "allocate_bits": "signround.mixed",
     "load_model": "signround.model.load",
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
     from signround.api import QuantResult, quantize, quantize_run
     from signround.eval.harness import TaskScore, evaluate_tasks, format_scores
     from signround.eval.ppl import PplResult, perplexity
-    from signround.export import save
     from signround.mixed import Allocation, allocate_bits
     from signround.model.load import load_model
     from signround.pipeline import RunOptions, run
@@ -79,6 +79,24 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'signround' has no attribute {name!r}")
+
+
+def save(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    formats: str | Sequence[str] = "native",
+    *,
+    overwrite: bool = False,
+    allow_partial_groups: bool = False,
+) -> Path:
+    """Write a quantized ``model`` (and ``tokenizer``) to ``path`` atomically, in one format or several
+    (``"native,gptq,gguf:q4_0"``: one subfolder each); see :func:`signround.export.save`.
+    ``allow_partial_groups`` lets compressed-tensors write groups that do not divide a layer's width."""
+    from signround import export
+
+    options = export.ExportOptions(allow_partial_groups=allow_partial_groups)
+    return export.save(model, tokenizer, path, formats, overwrite=overwrite, options=options)
 
 
 __all__ = [

@@ -58,16 +58,9 @@ def _quantize(args: argparse.Namespace) -> int:
     if rank != 0:  # rank 0 writes the output and the report
         dist.finish()
         return 0
-    if args.low_memory:
-        model.signround_stream = stream  # TEMP
-    out = export.save(
-        model,
-        tokenizer,
-        args.output,
-        [f.value for f in cfg.export.formats],
-        overwrite=args.overwrite,
-        allow_partial_groups=cfg.export.allow_partial_groups,
-    )  # TEMP
+    # a --low-memory run freed each block once persisted: the native writer reads them back from the run folder
+    written = export.ExportOptions(cfg.export.allow_partial_groups, stream if args.low_memory else None)
+    out = export.save(model, tokenizer, args.output, cfg.export.formats, overwrite=args.overwrite, options=written)
     shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete; the run state is no longer needed
     if result.plan.allocation is not None:
         print(result.plan.allocation.table())
@@ -103,9 +96,8 @@ def _export(args: argparse.Namespace) -> int:
     formats = export.parse_formats(args.format)
     check_output(args.output, args.overwrite)
     model, tokenizer = load_model(args.model, bits=args.bits)
-    out = export.save(
-        model, tokenizer, args.output, formats, overwrite=args.overwrite, allow_partial_groups=args.allow_partial_groups
-    )
+    options = export.ExportOptions(allow_partial_groups=args.allow_partial_groups)
+    out = export.save(model, tokenizer, args.output, formats, overwrite=args.overwrite, options=options)
     print(f"saved {out} ({', '.join(formats)})")
     return 0
 

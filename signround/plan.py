@@ -108,18 +108,14 @@ def make_plan(model: nn.Module, tokenizer: Any, cfg: QuantConfig, data: Any = No
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + choice.rules())
     added: tuple[LayerRule, ...] = ()
     for fmt in cfg.export.formats:
-        if fmt.gguf_mix is None:
+        if not fmt.is_kquant:
             continue
-        rules = format_rules(planned_layers(model, cfg), fmt.gguf_mix, int(model.config.num_hidden_layers))
+        rules = format_rules(planned_layers(model, cfg), fmt.gguf_type, int(model.config.num_hidden_layers))
         if rules:  # the mix's per-layer types, then the fallbacks for rows llama.cpp cannot hold as K-quants
             log.info("%s: per-layer types and fallbacks: %s", fmt.value,
                      ", ".join(f"{r.pattern.rstrip('$')}: {r.scheme.name}" for r in rules))  # fmt: skip
             cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + rules)
             added += rules
-    export.check_formats(
-        model,
-        planned_layers(model, cfg),
-        [f.value for f in cfg.export.formats],
-        allow_partial_groups=cfg.export.allow_partial_groups,
-    )  # fmt: skip  TEMP
+    options = export.ExportOptions(allow_partial_groups=cfg.export.allow_partial_groups)
+    export.check_formats(model, planned_layers(model, cfg), cfg.export.formats, options)
     return Plan(cfg, tokens, allocation, choice, added)

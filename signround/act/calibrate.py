@@ -9,10 +9,6 @@ import torch
 from torch import nn
 
 from signround.act.quant import channel_scales, fake_quant_channel
-
-# temporary: re-exported until tune/signround.py imports it from signround.act.quant, where it moved (tune
-# ranks below this module, and act.smooth, which imports tune, imports this one)
-from signround.act.quant import quantized_inputs as quantized_inputs
 from signround.config import ActScheme
 
 # clip ratios tried for static per-channel activation scales (1.0: the calibration absmax itself)

@@ -85,8 +85,11 @@ def _choice(kind: type[enum.Enum], value: Any, what: str) -> Any:
         raise SignRoundError(f"unknown {what} {value!r}; use {' or '.join(k.value for k in kind)}") from None
 
 
-GGUF_MIXES = ("q4_k_m",)  # gguf types whose layers mix K-quant types (llama.cpp's Q4_K_M)
+GGUF_PREFIX = "gguf:"
+# The gguf K-quant types and mixes (the keys of signround.export.gguf_kquant's KQUANTS and MIXES, which a test
+# holds equal): their files need per-layer types the plan adds before tuning.
 GGUF_KQUANTS = ("q4_k", "q2_k", "q6_k", "q3_k")
+GGUF_MIXES = ("q4_k_m",)  # gguf types whose layers mix two K-quant types (llama.cpp's Q4_K_M)
 
 
 class ExportFormat(_Choice):
@@ -108,16 +111,25 @@ class ExportFormat(_Choice):
     GGUF_Q4_K_M = "gguf:q4_k_m"
 
     @property
-    def gguf_type(self) -> str | None:
-        """``gguf:q4_k_m`` -> ``q4_k_m``; None for the other formats."""
-        return self.value[len("gguf:") :] if self.value.startswith("gguf:") else None
+    def is_gguf(self) -> bool:
+        return self.value.startswith(GGUF_PREFIX)
 
     @property
-    def gguf_mix(self) -> str | None:
-        """The gguf type, when the file's layer types follow from the type itself (K-quants need fallbacks for
-        rows that are not a multiple of 256; mixes upgrade some layers): the plan adds those rules."""
-        qtype = self.gguf_type
-        return qtype if qtype in GGUF_KQUANTS or qtype in GGUF_MIXES else None
+    def gguf_type(self) -> str | None:
+        """The GGUF type (``q4_k_m`` for ``gguf:q4_k_m``); None for the other formats."""
+        return self.value[len(GGUF_PREFIX) :] if self.is_gguf else None
+
+    @property
+    def is_kquant(self) -> bool:
+        """A GGUF K-quant type or mix (:mod:`signround.export.gguf_kquant`): the format changes the layer plan
+        (``gguf_kquant.format_rules``: a mix's upgraded layers, and the fallback grid of rows that are not a
+        multiple of 256 weights)."""
+        return self.gguf_type in GGUF_KQUANTS or self.gguf_type in GGUF_MIXES
+
+    @property
+    def is_mix(self) -> bool:
+        """A GGUF mix of two K-quant types (``gguf:q4_k_m``: Q4_K with some layers Q6_K)."""
+        return self.gguf_type in GGUF_MIXES
 
     @property
     def subfolder(self) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from signround.config import parse_formats as config_parse_formats
 from signround.errors import SignRoundError
 
 # importing each exporter module registers its exporters
@@ -29,7 +30,6 @@ __all__ = [
     "ExportOptions",
     "Exporter",
     "check_formats",
-    "format_names",
     "get_exporter",
     "parse_formats",
     "refuse_activations",
@@ -38,27 +38,10 @@ __all__ = [
 ]
 
 
-def format_names() -> list[str]:
-    """Every format name, sorted (what ``--format`` accepts)."""
-    return sorted(f.value for f in ExportFormat)
-
-
 def parse_formats(spec: FormatSpec) -> list[ExportFormat]:
     """``"native,auto_round"`` (or a list of names or formats) -> ``[ExportFormat.NATIVE,
-    ExportFormat.AUTO_ROUND]``; unknown or repeated names are refused."""
-    names = [f.strip() for f in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [n for n in names if n]
-    if not names:
-        raise SignRoundError(f"--format is empty; choose from {', '.join(format_names())}")
-    formats = []
-    for n in names:
-        try:
-            formats.append(ExportFormat(n))
-        except ValueError:
-            raise SignRoundError(f"unknown format {n!r}; choose from {', '.join(format_names())}") from None
-    if len(set(formats)) != len(formats):
-        raise SignRoundError(f"--format lists a format twice: {','.join(names)}")
-    return formats
+    ExportFormat.AUTO_ROUND]``; unknown or repeated names are refused (:func:`signround.config.parse_formats`)."""
+    return list(config_parse_formats(spec))
 
 
 def check_formats(
@@ -66,12 +49,8 @@ def check_formats(
     planned: Sequence[Planned],
     formats: Sequence[ExportFormat],
     options: ExportOptions = ExportOptions(),  # noqa: B008 - frozen, so one shared default is safe
-    *,
-    allow_partial_groups: bool | None = None,  # temporary: removed when cli.py moves to ExportOptions
 ) -> None:
     """Run each format's check on the planned layers (before tuning, so a long run never fails at the end)."""
-    if allow_partial_groups is not None:  # temporary: removed when cli.py moves to ExportOptions
-        options = ExportOptions(allow_partial_groups=allow_partial_groups)
     for fmt in formats:
         get_exporter(fmt).check(model, planned, options)
 
@@ -95,7 +74,6 @@ def save(
     *,
     overwrite: bool = False,
     options: ExportOptions = ExportOptions(),  # noqa: B008 - frozen, so one shared default is safe
-    allow_partial_groups: bool | None = None,  # temporary: removed when cli.py moves to ExportOptions
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) to ``output`` atomically, in one format or several.
 
@@ -103,9 +81,6 @@ def save(
     holds one subfolder per format (``output/native``, ``output/auto_round``, ``output/gguf-q4_1``:
     :attr:`ExportFormat.subfolder`). The formats' checks run first; nothing is written when one refuses.
     """
-    if allow_partial_groups is not None:  # temporary: removed when cli.py moves to ExportOptions
-        stream = getattr(model, "signround_stream", None)  # the attribute cli.py sets on a --low-memory run
-        options = ExportOptions(allow_partial_groups=allow_partial_groups, stream=stream)
     fmts = parse_formats(formats)
     check_formats(model, planned_from_model(model), fmts, options)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)

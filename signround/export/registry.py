@@ -1,7 +1,8 @@
 """The export formats, their options, and the registry of exporters keyed by format.
 
-:class:`ExportFormat` names every format once; its value is the name a user gives to ``--format``
-(``native``, ``gguf:q4_k_m``). An exporter is a subclass of :class:`Exporter` that registers itself for
+:class:`~signround.config.ExportFormat` (defined once, in the config layer, so a config can refuse what a
+format cannot hold) names every format; its value is the name a user gives to ``--format`` (``native``,
+``gguf:q4_k_m``). An exporter is a subclass of :class:`Exporter` that registers itself for
 one or more formats with :func:`register_exporter` when its module is imported (one instance per format,
 which knows its format); registering a format twice is an error. :mod:`signround.export` imports every
 exporter module, so ``get_exporter`` finds each format there.
@@ -10,65 +11,14 @@ exporter module, so ``get_exporter`` finds each format there.
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from signround.export.gguf_kquant import KQUANTS, MIXES
+from signround.config import ExportFormat
 from signround.model.blocks import Planned
 from signround.model.lazy import BlockStream
-
-GGUF_PREFIX = "gguf:"
-
-
-class ExportFormat(str, enum.Enum):
-    """A checkpoint format; ``str(fmt)`` and f-strings give the user-visible name (the value)."""
-
-    NATIVE = "native"
-    AUTO_ROUND = "auto_round"
-    GPTQ = "gptq"
-    COMPRESSED_TENSORS = "compressed-tensors"
-    # one GGUF file of llama.cpp's type ``<type>`` (signround.export.gguf_export, whose GGUF_TYPES lists these)
-    GGUF_F16 = "gguf:f16"
-    GGUF_Q8_0 = "gguf:q8_0"
-    GGUF_Q4_0 = "gguf:q4_0"
-    GGUF_Q4_1 = "gguf:q4_1"
-    GGUF_Q4_K = "gguf:q4_k"
-    GGUF_Q2_K = "gguf:q2_k"
-    GGUF_Q6_K = "gguf:q6_k"
-    GGUF_Q3_K = "gguf:q3_k"
-    GGUF_Q4_K_M = "gguf:q4_k_m"
-
-    __str__ = str.__str__
-    __format__ = str.__format__
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.value.startswith(GGUF_PREFIX)
-
-    @property
-    def gguf_type(self) -> str | None:
-        """The GGUF type (``q4_k_m`` for ``gguf:q4_k_m``); None for the other formats."""
-        return self.value[len(GGUF_PREFIX) :] if self.is_gguf else None
-
-    @property
-    def is_kquant(self) -> bool:
-        """A GGUF K-quant type or mix (:mod:`signround.export.gguf_kquant`): the format changes the layer
-        plan (``gguf_kquant.format_rules``: a mix's upgraded layers, and the fallback grid of rows that are
-        not a multiple of 256 weights)."""
-        return self.gguf_type in KQUANTS or self.gguf_type in MIXES
-
-    @property
-    def is_mix(self) -> bool:
-        """A GGUF mix of two K-quant types (``gguf:q4_k_m``: Q4_K with some layers Q6_K)."""
-        return self.gguf_type in MIXES
-
-    @property
-    def subfolder(self) -> str:
-        """The folder of this format when several are written at once: ``gguf:q4_k_m`` -> ``gguf-q4_k_m``."""
-        return self.value.replace(":", "-")
 
 
 @dataclass(frozen=True)

@@ -282,11 +282,11 @@ def test_disk_full_keeps_the_previous_output(capsys, tmp_path, model_dir, calib_
     assert main(quantize_args(model_dir, out, "--dataset", str(calib_jsonl))) == 0
     before = (out / "model.safetensors").read_bytes()
 
-    def full(model, tokenizer, folder, **options):
+    def full(model, tokenizer, folder, options):
         (folder / "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setitem(ex._EXPORTERS, "native", ex.Exporter(full))
+    monkeypatch.setattr(ex.get_exporter(ex.ExportFormat.NATIVE), "write", full)
     code, lines = run_cli(capsys, *quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--overwrite"))
     assert code == 2 and len(lines) == 1 and "disk full" in lines[0]
     assert (out / "model.safetensors").read_bytes() == before

@@ -47,7 +47,7 @@ def test_prompts_follow_lm_eval(tmp_path):
     from lm_eval.tasks import TaskManager
 
     from signround.eval.harness import _prepared
-    from signround.model.load import cache_dir
+    from signround.paths import cache_dir
 
     for name in TASKS:
         cfg = task_config(name, _prepared(TASKS[name], tasks_dir(), cache_dir() / "tasks"))

@@ -86,14 +86,15 @@ def test_w4a8_checkpoint_saves_reloads_and_evaluates_the_same(tmp_path, tokenize
 def test_tuning_with_quantized_inputs_beats_rtn_under_the_same_inputs(granularity):
     from signround.act.calibrate import input_absmax, static_scales
     from signround.act.quant import quantized_inputs
-    from signround.tune.signround import block_mse, tune_block
+    from signround.tune.signround import ActInputs, BlockData, block_mse, tune_block
     from tests.unit.test_fp_formats import _block_setup, _weights
 
     block, x, y, kw, schemes = _block_setup(QuantScheme(bits=3, group_size=32))
     act = ActScheme(bits=4, granularity=granularity)
     scales = static_scales(input_absmax(block, x, kw, list(schemes), 8), act) if granularity == "channel" else None
-    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0, act=act, act_scales=scales)
-    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0, act=act, act_scales=scales)
+    data, inputs = BlockData(x, y, kw), ActInputs(act, scales)
+    rtn = tune_block(block, data, schemes, TuneConfig(iters=0), seed=0, act=inputs)
+    sr = tune_block(block, data, schemes, TuneConfig(iters=60, batch_size=4), seed=0, act=inputs)
     with quantized_inputs(block, list(schemes), act, scales):
         loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn), "relative")
         loss_sr = block_mse(block, x, y, kw, 8, _weights(sr), "relative")

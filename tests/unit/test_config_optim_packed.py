@@ -100,8 +100,9 @@ def test_config_dumps_are_the_strings_ones():
     assert got == (
         '{"act": {"bits": 4, "dtype": "int", "granularity": "token"}, "calib": {"dataset": null, "nsamples": 128, '
         '"seed": 42, "seqlen": 2048}, "export": {"allow_partial_groups": false, "formats": ["native"]}, '
-        '"format_search": [], "layer_rules": [], "mixed": null, "scheme": {"bits": 4, "dtype": "int", "group_size": 128, '
-        '"sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, "batch_size": 8, "init": "search", '
+        '"format_search": [], "layer_rules": [], "mixed": null, "scheme": {"bits": 4, "dtype": "int", '
+        '"group_size": 128, "sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, '
+        '"batch_size": 8, "init": "search", '
         '"iters": 200, "loss": "mse", "lr": null, "method": "signround", "minmax_lr": null, "quant_inputs": true, '
         '"seed": 42, "torch_compile": false, "use_best": true}}'
     )

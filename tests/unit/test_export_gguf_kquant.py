@@ -30,11 +30,11 @@ BLOCK_BYTES = {"q4_k": 144, "q2_k": 84, "q6_k": 210, "q3_k": 110}
 
 def _grid(fmt=Q4_K, out=16, width=512, seed=0):
     torch.manual_seed(seed)
-    wg = to_groups(torch.randn(out, width) * 0.02, fmt.group)
+    wg = to_groups(torch.randn(out, width) * 0.02, fmt.fixed_group_size)
     wmin, wmax = fmt.group_minmax(wg)
     a = torch.rand_like(wmin) * 0.4 + 0.6
     b = torch.rand_like(wmin) * 0.4 + 0.6
-    scale, zero = fmt.compute_qparams(wmin, wmax, fmt.bits, True, a, b)
+    scale, zero = fmt.choose_qparams((wmin, wmax), QuantScheme(dtype=fmt.dtype), a, b)
     v = (torch.rand_like(wg) - 0.5) * 0.8
     return wg, scale, zero, v
 
@@ -65,9 +65,9 @@ def test_two_level_parameters_are_stored_exactly(name, width):
     assert stored["d"].shape == (16, -(-width // 256))
     s2, z2 = fmt.from_stored(stored, None)
     assert torch.equal(s2, scale) and torch.equal(z2, zero)
-    codes = fmt.quantize_codes(wg, scale, zero, fmt.bits, v)
+    codes = fmt.quantize_codes(wg, scale, zero, fmt.implied_bits, v)
     assert int(codes.max()) <= fmt.qmax
-    assert torch.equal(fmt.dequantize_codes(codes, s2, z2), fmt.fake_quant(wg, scale, zero, fmt.bits, v))
+    assert torch.equal(fmt.dequantize_codes(codes, s2, z2), fmt.fake_quant(wg, scale, zero, fmt.implied_bits, v))
 
 
 def test_minimum_is_not_tied_to_the_step():
@@ -85,8 +85,8 @@ def test_gradients_reach_offsets_and_clipping(name):
     a = torch.full_like(wmin, 0.9, requires_grad=True)
     b = torch.full_like(wmin, 0.9, requires_grad=True)
     v = v.clone().requires_grad_()
-    scale, zero = fmt.compute_qparams(wmin, wmax, fmt.bits, True, a, b)
-    (fmt.fake_quant(wg, scale, zero, fmt.bits, v) - wg).pow(2).sum().backward()
+    scale, zero = fmt.choose_qparams((wmin, wmax), QuantScheme(dtype=fmt.dtype), a, b)
+    (fmt.fake_quant(wg, scale, zero, fmt.implied_bits, v) - wg).pow(2).sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (a, b, v))
 
 
@@ -94,11 +94,13 @@ def test_gradients_reach_offsets_and_clipping(name):
 def test_k_quant_bytes_decode_exactly_with_the_gguf_package(name):
     fmt, ggml = FORMATS[name], KQUANTS[name].ggml
     wg, scale, zero, v = _grid(fmt, out=8, width=768)
-    codes = from_groups(fmt.quantize_codes(wg, scale, zero, fmt.bits, v), 768).numpy()
+    codes = from_groups(fmt.quantize_codes(wg, scale, zero, fmt.implied_bits, v), 768).numpy()
     st = {k: t.numpy() for k, t in fmt.to_stored(scale, zero, None).items()}
     raw = encode_kquant(name, codes, st)
     assert raw.shape == (8, 3 * BLOCK_BYTES[name])
-    want = from_groups(fmt.dequantize_codes(torch.from_numpy(codes).reshape(8, -1, fmt.group), scale, zero), 768)
+    want = from_groups(
+        fmt.dequantize_codes(torch.from_numpy(codes).reshape(8, -1, fmt.fixed_group_size), scale, zero), 768
+    )
     np.testing.assert_array_equal(dequantize(raw, ggml), want.numpy())
 
 

@@ -276,11 +276,12 @@ def _weights(result) -> dict[str, torch.Tensor]:
 
 def test_signround_beats_rtn_on_fp4_block_output():
     from signround.config import TuneConfig
-    from signround.tune.signround import block_mse, tune_block
+    from signround.tune.signround import BlockData, block_mse, tune_block
 
     block, x, y, kw, schemes = _block_setup(QuantScheme(dtype="fp4_e2m1", group_size=32))
-    rtn = tune_block(block, x, y, kw, schemes, TuneConfig(iters=0), seed=0)
-    sr = tune_block(block, x, y, kw, schemes, TuneConfig(iters=60, batch_size=4), seed=0)
+    data = BlockData(x, y, kw)
+    rtn = tune_block(block, data, schemes, TuneConfig(iters=0), seed=0)
+    sr = tune_block(block, data, schemes, TuneConfig(iters=60, batch_size=4), seed=0)
     loss_rtn = block_mse(block, x, y, kw, 8, _weights(rtn), "relative")
     loss_sr = block_mse(block, x, y, kw, 8, _weights(sr), "relative")
     assert abs(loss_rtn - sr.rtn_loss) < 1e-6 * max(1.0, loss_rtn)  # the tuned run starts from the same RTN

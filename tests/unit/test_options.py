@@ -86,3 +86,15 @@ def test_config_accepts_what_the_cli_spells_as_text():
     assert [s.dtype.value for s in cfg.format_search] == ["int", "fp4_e2m1"]
     assert [f.value for f in cfg.export.formats] == ["native", "gptq"]
     assert QuantConfig(layer_rules=cfg.layer_rules).layer_rules == cfg.layer_rules  # parsed once, kept as is
+
+
+def test_the_config_layer_knows_the_exporters_kquant_types():
+    """``ExportFormat.is_kquant`` (config layer) lists the gguf K-quant types and mixes that the gguf exporter
+    implements: the plan adds their per-layer types before tuning."""
+    from signround.config import GGUF_KQUANTS, GGUF_MIXES, ExportFormat
+    from signround.export.gguf_export import GGUF_TYPES
+    from signround.export.gguf_kquant import KQUANTS, MIXES
+
+    assert set(GGUF_KQUANTS) == set(KQUANTS) and set(GGUF_MIXES) == set(MIXES)
+    assert {f.gguf_type for f in ExportFormat if f.is_gguf} == set(GGUF_TYPES)
+    assert [f.value for f in ExportFormat if f.is_kquant] == [f"gguf:{t}" for t in (*GGUF_KQUANTS, *GGUF_MIXES)]
