@@ -22,11 +22,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from signround.config import ActScheme
+from signround.config import ActDType, ActScheme
 from signround.formats.fp import E2M1, E4M3, Minifloat, round_to_grid
 
-ACT_DTYPES = ("int", "fp8_e4m3", "fp4_e2m1")
-_ELEMENT: dict[str, Minifloat] = {"fp8_e4m3": E4M3, "fp4_e2m1": E2M1}
+ACT_DTYPES = tuple(d.value for d in ActDType)
+_ELEMENT: dict[str, Minifloat] = {ActDType.FP8_E4M3: E4M3, ActDType.FP4_E2M1: E2M1}
 MIN_SCALE = 1e-8
 
 

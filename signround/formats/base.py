@@ -73,9 +73,6 @@ class WeightFormat(abc.ABC):
       exact conversions between those tensors and the parameters;
     * ``group_bits(scheme) -> int``: storage bits per group besides the codes (scale, zero point, type id),
       for size budgets and bits-per-weight reports.
-
-    ``compute_qparams(*stats, bits, sym, min_factor, max_factor)`` is the positional form of
-    :meth:`choose_qparams` that callers used before it (every format keeps it).
     """
 
     dtype: ClassVar[DType]

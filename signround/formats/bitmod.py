@@ -174,19 +174,6 @@ class BitMoDFormat(WeightFormat):
         wmin, wmax, types = stats
         return qparams(wmin, wmax, types, min_factor, max_factor)
 
-    def compute_qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        types: torch.Tensor,
-        bits: int | None = None,
-        sym: bool | None = None,
-        min_factor: torch.Tensor | None = None,
-        max_factor: torch.Tensor | None = None,
-    ) -> BitMoDParams:
-        """:meth:`choose_qparams`, positionally (``bits`` and ``sym`` are ignored)."""
-        return qparams(wmin, wmax, types, min_factor, max_factor)
-
     def fake_quant(
         self,
         wg: torch.Tensor,

@@ -277,18 +277,6 @@ class FloatFormat(WeightFormat):
         wmin, wmax = stats
         return self._qparams(wmin, wmax, max_factor)
 
-    def compute_qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        bits: int | None = None,
-        sym: bool | None = None,
-        min_factor: torch.Tensor | None = None,
-        max_factor: torch.Tensor | None = None,
-    ) -> FloatParams:
-        """:meth:`choose_qparams`, positionally (``bits``, ``sym`` and ``min_factor`` are ignored)."""
-        return self._qparams(wmin, wmax, max_factor)
-
     def _qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, max_factor: torch.Tensor | None) -> FloatParams:
         return FloatParams(*self.group_scales(group_absmax(wmin, wmax, max_factor), wmin, wmax))
 

@@ -165,18 +165,6 @@ class KQuantFormat(WeightFormat):
         wmin, wmax = stats
         return self._qparams(wmin, wmax, min_factor, max_factor)
 
-    def compute_qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        bits: int | None = None,
-        sym: bool | None = None,
-        min_factor: torch.Tensor | None = None,
-        max_factor: torch.Tensor | None = None,
-    ) -> KQuantParams:
-        """:meth:`choose_qparams`, positionally (``bits`` and ``sym`` are ignored)."""
-        return self._qparams(wmin, wmax, min_factor, max_factor)
-
     def _qparams(
         self,
         wmin: torch.Tensor,
@@ -328,18 +316,6 @@ class SymKQuantFormat(WeightFormat):
         """``(d * sc, 2^(bits-1))`` ``[out, groups]`` float32 of ``stats = (wmin, wmax)``, differentiable in
         the factors; the format fixes the grid, so the scheme is not read."""
         wmin, wmax = stats
-        return self._qparams(wmin, wmax, min_factor, max_factor)
-
-    def compute_qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        bits: int | None = None,
-        sym: bool | None = None,
-        min_factor: torch.Tensor | None = None,
-        max_factor: torch.Tensor | None = None,
-    ) -> AffineParams:
-        """:meth:`choose_qparams`, positionally (``bits`` and ``sym`` are ignored)."""
         return self._qparams(wmin, wmax, min_factor, max_factor)
 
     def _qparams(
