@@ -12,7 +12,7 @@ import torch
 import signround
 from signround.config import CalibConfig, QuantConfig, QuantScheme, TuneConfig
 from signround.model.load import load_model
-from signround.pipeline import run
+from signround.pipeline import RunOptions, run
 from tests.conftest import SHARED_DATA
 
 CALIB = SHARED_DATA / "calib-c4.jsonl"
@@ -45,7 +45,7 @@ def test_signround_block_loss_below_rtn(smollm2, bits):
         tune=TuneConfig(iters=30, batch_size=4),
         calib=CalibConfig(dataset=str(CALIB), nsamples=16, seqlen=128),
     )
-    report = run(small, tokenizer, cfg, progress=False)
+    report = run(small, tokenizer, cfg, options=RunOptions(progress=False))
     assert len(report.blocks) == 2
     for block in report.blocks:
         # final_loss: the saved (packed) block over all calibration samples; rtn_loss: plain rounding
