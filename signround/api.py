@@ -54,6 +54,7 @@ class QuantResult:
             **({} if r.peak_gpu_gb is None else {"peak_gpu_gb": r.peak_gpu_gb}),
             "scheme": self.plan.config.scheme.name,
             "blocks": [vars(b) for b in r.blocks],
+            "weights": self.plan.weights.to_dict(),
         }
         if self.plan.allocation is not None:
             out["mixed_precision"] = {

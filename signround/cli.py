@@ -65,6 +65,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if result.plan.allocation is not None:
         print(result.plan.allocation.table())
     print(result.report.summary())
+    print(result.plan.weights.summary())
     print(f"saved {out}")
     summary = result.to_dict()
     if args.eval_ppl:

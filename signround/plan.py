@@ -13,8 +13,10 @@ combinations that cannot go together), the plan decides each layer's scheme:
    are not a multiple of 256);
 
 then runs every export format's check on the resulting layers, so a run the formats cannot store fails
-before any tuning. The result is one config whose ``layer_rules`` hold every decision, the calibration
-tokens the decisions were measured on (the run reuses them), and what the checkpoint records about them.
+before any tuning. Every decoder weight tensor is accounted for (:mod:`signround.model.accounting`): a
+weight matrix the pipeline cannot quantize and no rule keeps float is refused first. The result is one
+config whose ``layer_rules`` hold every decision, the calibration tokens the decisions were measured on (the
+run reuses them), and what the checkpoint records about them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from signround.config import LayerRule, QuantConfig
 from signround.export.gguf_kquant import format_rules
 from signround.mixed import Allocation, allocate_bits
 from signround.mixed.formats import FormatChoice, choose_formats
+from signround.model.accounting import WeightAccount, account_model
 from signround.model.blocks import Planned, find_blocks, resolve_schemes
 
 log = logging.getLogger("signround")
@@ -49,9 +52,12 @@ class Plan:
         allocation: the mixed-precision allocation (None without ``cfg.mixed``).
         format_choice: the format search's choice (None without ``cfg.format_search``).
         export_rules: the rules the export formats' layer mix added.
+        weights: the fate of every decoder weight tensor under ``config`` (quantized with which scheme, or
+            kept float by which rule or default).
     """
 
     config: QuantConfig
+    weights: WeightAccount
     tokens: torch.Tensor | None = None
     allocation: Allocation | None = None
     format_choice: FormatChoice | None = None
@@ -94,6 +100,8 @@ def make_plan(model: nn.Module, tokenizer: Any, cfg: QuantConfig, data: Any = No
     Raises:
         SignRoundError: a budget below the smallest size, a layer an export format cannot store, ...
     """
+    prefix, blocks = find_blocks(model)
+    account_model(prefix, blocks, cfg.scheme, cfg.layer_rules).refuse_unsupported()  # before any work
     tokens = None
     if cfg.mixed is not None or cfg.format_search:  # both choose per-layer schemes from calibration data
         tokens = resolve_tokens(model, tokenizer, cfg.calib, data)
@@ -118,4 +126,6 @@ def make_plan(model: nn.Module, tokenizer: Any, cfg: QuantConfig, data: Any = No
             added += rules
     options = export.ExportOptions(allow_partial_groups=cfg.export.allow_partial_groups)
     export.check_formats(model, planned_layers(model, cfg), cfg.export.formats, options)
-    return Plan(cfg, tokens, allocation, choice, added)
+    weights = account_model(prefix, blocks, cfg.scheme, cfg.layer_rules)
+    log.info("%s", weights.summary())
+    return Plan(cfg, weights, tokens, allocation, choice, added)

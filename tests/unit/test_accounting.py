@@ -1,0 +1,81 @@
+"""Every decoder weight accounted for: quantized, kept float by a rule, kept float by default (norms, biases,
+routers), or refused before any work (a weight matrix the pipeline cannot quantize, such as fused experts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from signround.cli import main
+from signround.config import QuantScheme, parse_layer_config
+from signround.errors import SignRoundError
+from signround.model.accounting import Fate, account_model
+from signround.model.blocks import find_blocks
+from tests.conftest import VOCAB, make_model
+
+GPT_OSS = dict(
+    hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, head_dim=16, bos_token_id=0, eos_token_id=1,
+    pad_token_id=1,
+)  # fmt: skip
+
+
+def gpt_oss():
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **GPT_OSS)).eval()
+
+
+def account(model, rules=None):
+    prefix, blocks = find_blocks(model)
+    base = QuantScheme(bits=4, group_size=32)
+    return account_model(prefix, blocks, base, parse_layer_config(rules, base))
+
+
+def test_a_dense_model_quantizes_every_linear_and_keeps_norms_float():
+    acc = account(make_model("llama"), {r"self_attn\.o_proj": None})
+    fates = {f.name: f for f in acc.fates}
+    assert fates["model.layers.0.mlp.down_proj.weight"].fate is Fate.QUANTIZED
+    assert fates["model.layers.0.mlp.down_proj.weight"].why == "W4G32-asym"
+    assert fates["model.layers.1.self_attn.o_proj.weight"].fate is Fate.FLOAT_BY_RULE
+    assert fates["model.layers.1.input_layernorm.weight"].why == "norm/bias"
+    assert not acc.of(Fate.UNSUPPORTED)
+    # 2 blocks x (7 linears + 2 norms); o_proj kept float in both
+    assert acc.summary().startswith("quantized 12 of 18 decoder weight tensors (")
+    acc.refuse_unsupported()
+
+
+def test_fused_experts_are_refused_not_left_float():
+    """gpt-oss's experts are 3-D parameters, not linears: refused with what to do, never silently float."""
+    acc = account(gpt_oss())
+    bad = {f.name for f in acc.of(Fate.UNSUPPORTED)}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in bad and "model.layers.1.mlp.experts.down_proj" in bad
+    routers = [f for f in acc.fates if f.why == "router"]
+    assert [f.name for f in routers] == ["model.layers.0.mlp.router.weight", "model.layers.1.mlp.router.weight"]
+    with pytest.raises(SignRoundError, match=r"8 decoder weight tensor\(s\) cannot be quantized.*mlp\.experts"):
+        acc.refuse_unsupported()
+    kept = account(gpt_oss(), {"mlp.experts": None})
+    kept.refuse_unsupported()
+    assert {f.name for f in kept.of(Fate.FLOAT_BY_RULE)} >= bad
+
+
+def test_the_cli_refuses_fused_experts_before_any_work_and_reports_every_fate(tmp_path, tokenizer, capsys):
+    gpt_oss().save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    capsys.readouterr()  # the saving's own progress bars
+    argv = ["quantize", "--model", str(tmp_path / "moe"), "--bits", "4", "--group-size", "32", "--method", "rtn",
+            "--quiet"]  # fmt: skip
+    assert main([*argv, "--output", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be quantized" in err[0] and "--layer-config" in err[0]
+    assert not (tmp_path / "refused").exists()
+    # kept float explicitly, as the error says: the run goes through and the report names every fate
+    rule = ["--layer-config", '{"mlp.experts": null}', "--report", str(tmp_path / "r.json")]
+    assert main([*argv, *rule, "--output", str(tmp_path / "kept")]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized 8 of " in printed and "float by rule: mlp.experts x8" in printed
+    tensors = json.loads((tmp_path / "r.json").read_text())["weights"]["tensors"]
+    fates = {t["name"]: t["fate"] for t in tensors}
+    assert fates["model.layers.0.mlp.experts.gate_up_proj"] == "float by rule"
+    assert fates["model.layers.0.self_attn.q_proj.weight"] == "quantized"
+    assert fates["model.layers.0.mlp.router.weight"] == "float by default"
