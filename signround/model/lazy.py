@@ -95,6 +95,7 @@ def load_skeleton(
     except (ValueError, OSError, KeyError) as exc:
         raise SignRoundError(f"cannot build the model of {folder}: {str(exc).splitlines()[0]}") from None
     prefix, blocks = find_blocks(model)
+    _check_block_names(index, prefix, blocks)
     outside = [n for n in index.names() if not n.startswith(prefix + ".")]
     result = model.load_state_dict(index.load(outside, dtype), strict=False, assign=True)
     model.tie_weights()
@@ -104,6 +105,24 @@ def load_skeleton(
         raise SignRoundError(f"weights in {folder} do not fit its config: {what}")
     model.eval()
     return model, load_tokenizer(str(path)), BlockStream(index, prefix, blocks, dtype, keep)
+
+
+def _check_block_names(index: SafetensorsIndex, prefix: str, blocks: nn.ModuleList) -> None:
+    """Refuse, before any block is read, a checkpoint whose block tensors are named otherwise than the module
+    tree (transformers renames some on load, e.g. per-expert tensors into fused mixture-of-experts ones), so
+    that the caller can load it whole through transformers instead of failing at block ``i``.
+
+    Raises:
+        SignRoundError: a block parameter the files do not hold under its module name.
+    """
+    names = set(index.names())
+    for i, block in enumerate(blocks):
+        missing = [f"{prefix}.{i}.{n}" for n, _ in block.named_parameters() if f"{prefix}.{i}.{n}" not in names]
+        if missing:
+            raise SignRoundError(
+                f"the weights in {index.folder} are not named as the model's modules (e.g. {missing[0]}); "
+                "transformers converts them on load: load the model whole (drop --low-memory)"
+            )
 
 
 class BlockStream:
