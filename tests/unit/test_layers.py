@@ -38,6 +38,7 @@ RANKS: dict[str, int] = {
     "signround.pack": 4,
     "signround.model": 5,  # the package init; model.load ranks higher
     "signround.model.blocks": 5,
+    "signround.model.experts": 5,
     "signround.model.lazy": 5,
     "signround.model.tokenizer": 5,
     "signround.calib": 5,
