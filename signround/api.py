@@ -25,6 +25,7 @@ from torch import nn
 from signround import dist
 from signround.config import QuantConfig, QuantScheme
 from signround.errors import SignRoundError
+from signround.model.experts import unfuse_experts
 from signround.model.lazy import BlockStream, load_skeleton
 from signround.model.load import load_model, read_quantization_config, resolve_model
 from signround.pipeline import RunOptions, run
@@ -113,6 +114,9 @@ def quantize_run(
     model from :func:`load_for_quantize` (None for a model in memory); the other arguments are
     :func:`quantize`'s. A resumed run (``options.resume``) calibrates on the tokens its run folder saved."""
     options = options or RunOptions()
+    unfused = unfuse_experts(model)  # fused 3-D experts -> one linear per expert (as auto-round)
+    if unfused:
+        log.info("mixture of experts: %d expert modules unfused into one linear per expert", len(unfused))
     data = None
     if isinstance(dataset, str):
         config = dataclasses.replace(config, calib=dataclasses.replace(config.calib, dataset=dataset))

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
+from signround.model.experts import unfuse_experts
 from signround.model.lazy import BlockStream
 from signround.pack.packed import QuantLinear
 
@@ -37,7 +38,9 @@ def write_native(model: Any, tokenizer: Any, folder: Path, stream: BlockStream |
     if stream is not None:
         write_streamed(model, folder, stream)
     else:
-        model.save_pretrained(folder)
+        # tensors under the module tree's own names, as write_streamed and load_quantized use them (no revert
+        # to a checkpoint layout transformers converts on load, e.g. Mixtral's block_sparse_moe)
+        model.save_pretrained(folder, save_original_format=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -117,6 +120,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         qc = qc.to_dict()
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # a quantized mixture of experts is stored one linear per expert, as it was tuned
     try:
         fields = ("bits", "dtype", "granularity")
         act = ActScheme(**{k: qc["activations"][k] for k in fields}) if qc.get("activations") else None

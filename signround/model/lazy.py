@@ -22,6 +22,7 @@ from torch import nn
 
 from signround.errors import SignRoundError
 from signround.model.blocks import find_blocks
+from signround.model.experts import UnfusedExperts, split_fused_state, unfuse_experts
 from signround.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("signround")
@@ -94,6 +95,7 @@ def load_skeleton(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, OSError, KeyError) as exc:
         raise SignRoundError(f"cannot build the model of {folder}: {str(exc).splitlines()[0]}") from None
+    unfuse_experts(model)  # one linear per expert (signround.model.experts); fused files are split per block
     prefix, blocks = find_blocks(model)
     _check_block_names(index, prefix, blocks)
     outside = [n for n in index.names() if not n.startswith(prefix + ".")]
@@ -117,7 +119,17 @@ def _check_block_names(index: SafetensorsIndex, prefix: str, blocks: nn.ModuleLi
     """
     names = set(index.names())
     for i, block in enumerate(blocks):
-        missing = [f"{prefix}.{i}.{n}" for n, _ in block.named_parameters() if f"{prefix}.{i}.{n}" not in names]
+        # an unfused experts module's weights may come from its fused tensors (split when the block is read)
+        fused = {
+            n
+            for n, m in block.named_modules()
+            if isinstance(m, UnfusedExperts) and f"{prefix}.{i}.{n}.down_proj" in names
+        }
+        missing = [
+            f"{prefix}.{i}.{n}"
+            for n, _ in block.named_parameters()
+            if f"{prefix}.{i}.{n}" not in names and n.rsplit(".", 3)[0] not in fused
+        ]
         if missing:
             raise SignRoundError(
                 f"the weights in {index.folder} are not named as the model's modules (e.g. {missing[0]}); "
@@ -151,6 +163,7 @@ class BlockStream:
         head = f"{self.prefix}.{i}."
         names = [n for n in self.index.names() if n.startswith(head)]
         state = {n[len(head) :]: t for n, t in self.index.load(names, self.dtype).items()}
+        state = split_fused_state(block, state)  # fused expert tensors -> the per-expert linears
         result = block.load_state_dict(state, strict=False, assign=True)
         missing = [n for n, p in block.named_parameters() if p.device.type == "meta"]
         if missing or result.unexpected_keys:

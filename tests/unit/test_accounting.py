@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from signround import QuantConfig, RunOptions, TuneConfig, quantize
 from signround.cli import main
 from signround.config import QuantScheme, parse_layer_config
 from signround.errors import SignRoundError
 from signround.model.accounting import Fate, account_model
 from signround.model.blocks import find_blocks
+from signround.pack.packed import QuantLinear
 from tests.conftest import VOCAB, make_model
 
 GPT_OSS = dict(
@@ -46,7 +49,8 @@ def test_a_dense_model_quantizes_every_linear_and_keeps_norms_float():
 
 
 def test_fused_experts_are_refused_not_left_float():
-    """gpt-oss's experts are 3-D parameters, not linears: refused with what to do, never silently float."""
+    """Fused 3-D experts (gpt-oss's, before they are unfused) are not linears: refused with what to do, never
+    silently float."""
     acc = account(gpt_oss())
     bad = {f.name for f in acc.of(Fate.UNSUPPORTED)}
     assert "model.layers.0.mlp.experts.gate_up_proj" in bad and "model.layers.1.mlp.experts.down_proj" in bad
@@ -59,23 +63,42 @@ def test_fused_experts_are_refused_not_left_float():
     assert {f.name for f in kept.of(Fate.FLOAT_BY_RULE)} >= bad
 
 
-def test_the_cli_refuses_fused_experts_before_any_work_and_reports_every_fate(tmp_path, tokenizer, capsys):
+class FusedThing(torch.nn.Module):
+    """A module of a family signround does not know, holding a 3-D weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2, 64, 64))
+
+    def forward(self, x):
+        return x
+
+
+def test_an_unknown_fused_weight_is_refused_before_any_work(tokenizer):
+    model = make_model("llama")
+    model.model.layers[1].mlp.fused = FusedThing()
+    cfg = QuantConfig(scheme=QuantScheme(bits=4, group_size=32), tune=TuneConfig(iters=2))
+    with pytest.raises(SignRoundError, match=r"1 decoder weight tensor\(s\) cannot be quantized, e\.g\. "
+                       r"model\.layers\.1\.mlp\.fused\.weight \[2, 64, 64\] \(FusedThing"):  # fmt: skip
+        quantize(model, tokenizer, cfg, dataset=["never read"], options=RunOptions(progress=False))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any block was touched
+
+
+def test_the_cli_reports_every_fate_of_a_moe_model(tmp_path, tokenizer, capsys):
     gpt_oss().save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
     capsys.readouterr()  # the saving's own progress bars
     argv = ["quantize", "--model", str(tmp_path / "moe"), "--bits", "4", "--group-size", "32", "--method", "rtn",
-            "--quiet"]  # fmt: skip
-    assert main([*argv, "--output", str(tmp_path / "refused")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot be quantized" in err[0] and "--layer-config" in err[0]
-    assert not (tmp_path / "refused").exists()
-    # kept float explicitly, as the error says: the run goes through and the report names every fate
-    rule = ["--layer-config", '{"mlp.experts": null}', "--report", str(tmp_path / "r.json")]
-    assert main([*argv, *rule, "--output", str(tmp_path / "kept")]) == 0
-    printed = capsys.readouterr().out
-    assert "quantized 8 of " in printed and "float by rule: mlp.experts x8" in printed
-    tensors = json.loads((tmp_path / "r.json").read_text())["weights"]["tensors"]
-    fates = {t["name"]: t["fate"] for t in tensors}
-    assert fates["model.layers.0.mlp.experts.gate_up_proj"] == "float by rule"
-    assert fates["model.layers.0.self_attn.q_proj.weight"] == "quantized"
+            "--quiet", "--report", str(tmp_path / "r.json")]  # fmt: skip
+    assert main([*argv, "--output", str(tmp_path / "all")]) == 0
+    assert "quantized 32 of 74 decoder weight tensors" in capsys.readouterr().out  # experts unfused and quantized
+    fates = {t["name"]: t["fate"] for t in json.loads((tmp_path / "r.json").read_text())["weights"]["tensors"]}
+    assert fates["model.layers.0.mlp.experts.3.down_proj.weight"] == "quantized"
     assert fates["model.layers.0.mlp.router.weight"] == "float by default"
+    # experts kept float by a rule: the report says which rule
+    rule = ["--layer-config", '{"mlp.experts": null}']
+    assert main([*argv, *rule, "--output", str(tmp_path / "kept")]) == 0
+    assert "float by rule: mlp.experts x48" in capsys.readouterr().out
+    fates = {t["name"]: t["fate"] for t in json.loads((tmp_path / "r.json").read_text())["weights"]["tensors"]}
+    assert fates["model.layers.0.mlp.experts.0.gate_proj.weight"] == "float by rule"
+    assert fates["model.layers.0.self_attn.q_proj.weight"] == "quantized"

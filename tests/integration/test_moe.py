@@ -1,0 +1,70 @@
+"""Mixture-of-experts families end to end on tiny random-init models: the fused experts are unfused into one
+linear per expert, every expert is quantized (none left float), the native checkpoint reloads with the same
+logits, and the streamed (--low-memory) run writes the same tensors as the whole-model one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import signround
+from signround.cli import main
+from signround.model.accounting import Fate
+from signround.pack.packed import QuantLinear
+from tests.conftest import corpus, make_config
+from tests.unit.test_experts import MOE_LAYERS, build
+
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "olmoe", "deepseek_v3"]
+QUIET = signround.RunOptions(progress=False)
+
+
+def _cfg():
+    return make_config(scheme=signround.QuantScheme(bits=4, group_size=16), iters=2, nsamples=4, seqlen=32,
+                       batch_size=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_expert_is_quantized_and_the_checkpoint_reloads(family, tokenizer, tmp_path):
+    model = build(family)
+    result = signround.quantize_run(model, tokenizer, _cfg(), corpus(20, seed=1), QUIET)
+    weights = result.plan.weights
+    assert not weights.of(Fate.UNSUPPORTED)
+    experts = [n for n, m in model.named_modules() if ".mlp.experts." in n and isinstance(m, QuantLinear)]
+    layers = MOE_LAYERS.get(family, [0, 1])
+    assert len(experts) == len(layers) * 4 * 3  # 4 experts x gate/up/down in every MoE layer
+    assert f"model.layers.{layers[0]}.mlp.experts.3.down_proj" in experts
+    floats = {f.why for f in weights.fates if f.fate is not Fate.QUANTIZED}
+    assert floats <= {"norm/bias", "router"}  # routers stay float by default; nothing else is left float
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x).logits
+    signround.save(model, tokenizer, tmp_path / "q")
+    reloaded, _ = signround.load_model(str(tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, expected)
+
+
+def _tensors(folder):
+    """Every tensor of a checkpoint folder (one file, or the streamed run's shards)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # per-expert and fused names on disk
+def test_streamed_and_whole_runs_write_the_same_moe_checkpoint(family, tokenizer, tmp_path):
+    build(family).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
+    argv = ["quantize", "--model", str(tmp_path / "float"), "--bits", "4", "--group-size", "16", "--iters", "2",
+            "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--dataset", str(tmp_path / "calib.jsonl"),
+            "--quiet"]  # fmt: skip
+    assert main([*argv, "--output", str(tmp_path / "whole")]) == 0
+    assert main([*argv, "--low-memory", "--output", str(tmp_path / "streamed")]) == 0
+    whole, streamed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert whole.keys() == streamed.keys() and "model.layers.1.mlp.experts.3.up_proj.qweight" in whole
+    assert all(torch.equal(whole[k], streamed[k]) for k in whole)
