@@ -68,3 +68,38 @@ def test_streamed_and_whole_runs_write_the_same_moe_checkpoint(family, tokenizer
     whole, streamed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
     assert whole.keys() == streamed.keys() and "model.layers.1.mlp.experts.3.up_proj.qweight" in whole
     assert all(torch.equal(whole[k], streamed[k]) for k in whole)
+
+
+def test_compressed_tensors_export_of_a_moe_loads_in_transformers(tokenizer, tmp_path):
+    """Third-party reader: transformers + compressed-tensors loads the per-expert export (fusing it into its own
+    experts module) with the logits of signround's checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        head_dim=16,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name or ".mlp.gate." in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    cfg = make_config(scheme=signround.QuantScheme(bits=4, group_size=32, sym=True), method="rtn")
+    signround.quantize(model, tokenizer, cfg, None, QUIET)
+    x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(x).logits
+    signround.save(model, tokenizer, tmp_path / "ct", "compressed-tensors")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ours, AutoModelForCausalLM.from_config(model.config)(x).logits)  # not a fresh init
