@@ -1,12 +1,15 @@
 """Memory benchmark (not a test): peak RSS of a quantization run that streams blocks (``--low-memory``)
 against one that holds the model, on synthetic LLaMA-shaped models of one width at 1x and 2x depth, and
-on SmolLM2-135M next to auto-round 0.16.1 (bench environment) at the same settings.
+on SmolLM2-135M next to auto-round 0.16.1 (bench environment) at the same settings. ``--vocab N`` adds a
+large-vocabulary row: 2 layers of hidden 640 with a tied N x 640 embedding (262144: Gemma's vocabulary, 0.7 GB
+of float32 weights, nearly all embedding), next to auto-round too unless ``--skip-autoround``.
 
 Every run is a separate process (the peak RSS is its own ``VmHWM``, from signround's ``--report``).
 The synthetic models have random weights (saved to safetensors first, with SmolLM2's tokenizer); their
 quality means nothing, only memory is measured. Finished rows in ``--work`` are reused.
 
     python bench/memory.py --work /tmp/bench/mem
+    python bench/memory.py --work /tmp/bench/mem --rows vocab --vocab 262144 --skip-autoround --results /tmp/bench/mem
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, ROOT, Recipe, autoround_quantize, pyplot, signround_quantize  # noqa: E402
 
 
-def synthetic(work: Path, layers: int, hidden: int, intermediate: int) -> Path:
-    """A random-init LLaMA-shaped model (GQA 16 heads / 4 kv heads) saved with SmolLM2's tokenizer."""
-    folder = work / f"synthetic-h{hidden}-l{layers}"
+def synthetic(work: Path, layers: int, hidden: int, intermediate: int, vocab: int | None = None) -> Path:
+    """A random-init LLaMA-shaped model (GQA 16 heads / 4 kv heads, tied embedding) saved with SmolLM2's
+    tokenizer; ``vocab`` rows of embedding (None: the tokenizer's 49152; a larger one leaves rows unused)."""
+    folder = work / (f"synthetic-h{hidden}-l{layers}" + (f"-v{vocab}" if vocab else ""))
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -34,7 +38,7 @@ def synthetic(work: Path, layers: int, hidden: int, intermediate: int) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -59,17 +63,31 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--skip-autoround", action="store_true")
+    p.add_argument(
+        "--rows",
+        default="depth,smollm2",
+        help="comma-separated models to run: depth (the 1x/2x synthetic pair), smollm2, vocab (--vocab adds it)",
+    )
+    p.add_argument("--vocab", type=int, default=0, help="embedding rows of the large-vocabulary model (e.g. 262144)")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where memory.md/.json/.png go")
     args = p.parse_args()
     command = "python " + shlex.join(["bench/memory.py", *sys.argv[1:]])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     dataset = str(DATA / "calib-c4.jsonl")
+    wanted = set(args.rows.split(",")) | ({"vocab"} if args.vocab > 0 else set())
+    if "vocab" in wanted and args.vocab <= 0:
+        raise SystemExit("--rows vocab needs --vocab N (the embedding rows, e.g. 262144)")
     rows = []
-    models = [
-        (f"synthetic {args.layers * k} layers", str(synthetic(work, args.layers * k, args.hidden, args.intermediate)))
-        for k in (1, 2)
-    ]
-    models.append(("SmolLM2-135M", "smollm2-135m"))
+    models = []
+    if "depth" in wanted:
+        for k in (1, 2):
+            folder = synthetic(work, args.layers * k, args.hidden, args.intermediate)
+            models.append((f"synthetic {args.layers * k} layers", str(folder)))
+    if "smollm2" in wanted:
+        models.append(("SmolLM2-135M", "smollm2-135m"))
+    if "vocab" in wanted:
+        models.append((vocab_label(args.vocab), str(synthetic(work, 2, 640, 1024, args.vocab))))
     for label, model in models:
         recipe = Recipe(model, dataset, args.nsamples, args.seqlen, args.batch_size, 42)
         tag = Path(model).name
@@ -79,16 +97,22 @@ def main() -> None:
             tool = "signround --low-memory" if low else "signround"
             rows.append({"model": label, "tool": tool, "peak_rss_gb": rep["peak_rss_gb"], "seconds": rep["seconds"]})
             write(command, args, rows)
-        if model == "smollm2-135m" and not args.skip_autoround:
+        if not label.startswith("synthetic ") and not args.skip_autoround:  # SmolLM2 and the large vocabulary
             rep = autoround_quantize(recipe, 4, 128, False, args.iters, work / f"{tag}-w4g128-autoround")
             tool = "auto-round 0.16.1"
             rows.append({"model": label, "tool": tool, "peak_rss_gb": rep["peak_rss_gb"], "seconds": rep["seconds"]})
             write(command, args, rows)
-    print((ROOT / "bench" / "results" / "memory.md").read_text())
+    print((Path(args.results) / "memory.md").read_text())
+
+
+def vocab_label(vocab: int) -> str:
+    """The table's name of the large-vocabulary model."""
+    return f"vocab {vocab} x 640, 2 layers"
 
 
 def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
-    results = ROOT / "bench" / "results"
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "memory.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Peak memory of a quantization run",
@@ -100,7 +124,13 @@ def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
         "`VmHWM` when tuning ends (loading and tuning; the checkpoint write that follows is not counted, for "
         "either tool). Synthetic models: LLaMA-shaped, hidden "
         f"{args.hidden}, intermediate {args.intermediate}, 16 heads / 4 kv heads, SmolLM2's vocabulary, random "
-        "weights in safetensors.",
+        "weights in safetensors."
+        + (
+            f" Large-vocabulary model: LLaMA-shaped, 2 layers, hidden 640, intermediate 1024, a tied {args.vocab} "
+            "x 640 embedding, random weights."
+            if args.vocab
+            else ""
+        ),
         "",
         "| model | tool | peak RSS GB | seconds |",
         "|---|---|---:|---:|",
@@ -113,10 +143,11 @@ def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
     for tool in ("signround", "signround --low-memory"):
         if (one, tool) in by and (two, tool) in by:
             lines.append(f"- {tool}: 2x depth / 1x depth peak RSS = {by[(two, tool)] / by[(one, tool)]:.3f}")
-    for tool in ("signround", "signround --low-memory"):
-        key, ref = ("SmolLM2-135M", tool), ("SmolLM2-135M", "auto-round 0.16.1")
-        if key in by and ref in by:
-            lines.append(f"- SmolLM2-135M, {tool} / auto-round peak RSS = {by[key] / by[ref]:.3f}")
+    for model in ("SmolLM2-135M", vocab_label(args.vocab)):
+        for tool in ("signround", "signround --low-memory"):
+            key, ref = (model, tool), (model, "auto-round 0.16.1")
+            if key in by and ref in by:
+                lines.append(f"- {model}, {tool} / auto-round peak RSS = {by[key] / by[ref]:.3f}")
     (results / "memory.md").write_text("\n".join(lines) + "\n")
     plot(rows, results / "memory.png")
 
