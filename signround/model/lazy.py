@@ -3,9 +3,10 @@
 ``load_skeleton(folder)`` reads ``config.json``, builds the model with every parameter on the meta device
 (buffers such as rotary frequencies are computed for real) and loads only the tensors outside the decoder
 blocks (embeddings, final norm, output head) from the safetensors files. ``BlockStream.materialize(i)``
-then reads block ``i``'s tensors from the shards (``safe_open``: one tensor at a time, nothing else is
-read), and ``release(i)`` puts the block back on the meta device once its packed layers are persisted.
-Peak memory is the skeleton plus one block plus the calibration activations, whatever the depth.
+then reads block ``i``'s tensors from the shards (:func:`signround.model.files.read_safetensors`: plain
+reads into owned memory, nothing else is read or left mapped), and ``release(i)`` puts the block back on
+the meta device once its packed layers are persisted. Peak memory is the skeleton plus one block plus the
+calibration activations, whatever the depth.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from signround.errors import SignRoundError
-from signround.model.blocks import find_blocks
+from signround.model.blocks import check_finite, find_blocks
 from signround.model.experts import UnfusedExperts, split_fused_state, unfuse_experts
+from signround.model.files import read_safetensors
 from signround.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("signround")
@@ -59,13 +61,8 @@ class SafetensorsIndex:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, wanted in by_file.items():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in wanted:
-                        # a copy: get_tensor's result is a view of the file's memory map, which would stay
-                        # mapped (and resident) for as long as any tensor read through it lives
-                        t = f.get_tensor(name)
-                        out[name] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+            try:  # plain reads into owned memory: nothing stays mapped (signround.model.files)
+                out.update(read_safetensors(path, wanted, dtype))
             except (SafetensorError, OSError) as exc:
                 raise SignRoundError(f"cannot read {path.name}: {exc}; the model files are corrupt") from None
         return out
@@ -169,9 +166,7 @@ class BlockStream:
         if missing or result.unexpected_keys:
             what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
             raise SignRoundError(f"weights of {head[:-1]} in {self.index.folder} do not fit its config: {what}")
-        for name, p in block.named_parameters():
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                raise SignRoundError(f"weight {head}{name} contains NaN or Inf; the model file is corrupt")
+        check_finite(block, head)
         return block
 
     def release(self, i: int, packed_file: Path) -> None:

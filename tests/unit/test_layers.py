@@ -39,6 +39,8 @@ RANKS: dict[str, int] = {
     "signround.model": 5,  # the package init; model.load ranks higher
     "signround.model.blocks": 5,
     "signround.model.experts": 5,
+    "signround.model.files": 5,
+    "signround.model.accounting": 5,
     "signround.model.lazy": 5,
     "signround.model.tokenizer": 5,
     "signround.calib": 5,

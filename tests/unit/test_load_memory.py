@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from signround.errors import SignRoundError
-from signround.model import load
-from signround.model.load import check_finite, read_safetensors
+from signround.model import blocks, files
+from signround.model.blocks import check_finite
+from signround.model.files import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, HIDDEN = 65536, 512
@@ -57,7 +58,8 @@ def measure(body: str, folder: Path) -> dict:
 import json, sys
 import torch
 import transformers.models.llama.modeling_llama  # imported before the baseline: not part of loading
-from signround.model.load import load_model, read_safetensors
+from signround.model.files import read_safetensors
+from signround.model.load import load_model
 from signround.report import peak_rss_gb
 folder = sys.argv[1]
 base = peak_rss_gb()
@@ -97,7 +99,7 @@ nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def test_read_safetensors_matches_the_safetensors_reader(tmp_path, monkeypatch):
-    monkeypatch.setattr(load, "_READ_CHUNK", 1000)  # many slices per cast tensor
+    monkeypatch.setattr(files, "_READ_CHUNK", 1000)  # many slices per cast tensor
     torch.manual_seed(0)
     stored = {
         "f32": torch.randn(37, 11),
@@ -128,7 +130,7 @@ def test_read_safetensors_refuses_a_truncated_file(tmp_path):
 
 
 def test_check_finite_finds_nan_past_the_first_slice(monkeypatch):
-    monkeypatch.setattr(load, "_FINITE_CHUNK", 64)
+    monkeypatch.setattr(blocks, "_FINITE_CHUNK", 64)
     model = torch.nn.Sequential(torch.nn.Linear(8, 100))
     check_finite(model)
     with torch.no_grad():
