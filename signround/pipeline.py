@@ -33,6 +33,7 @@ from signround.calib.data import resolve_tokens
 from signround.config import ActScheme, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks, resolve_schemes
+from signround.model.experts import routed_tokens
 from signround.model.lazy import BlockStream
 from signround.pack.packed import QuantLinear
 from signround.report import BlockReport, RunReport, native_bf16_cpu, peak_gpu_gb, peak_rss_gb, release_freed_memory
@@ -246,7 +247,13 @@ def _quantize_block(
     """Targets, tuning and finalizing of block ``i``; returns the next block's float and quantized inputs."""
     tune = ctx.cfg.tune
     block, home = ctx.load(i)
-    targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
+    with routed_tokens(block) as routed:  # the float block routes the float inputs: each expert's share
+        targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
+    expert_tokens = {name: c.tolist() for name, c in routed.items()} or None
+    if expert_tokens:
+        least = min((min(c), name, c.index(min(c))) for name, c in expert_tokens.items())
+        log.info("block %d: calibration tokens per expert %s; least: expert %d of %s with %d",
+                 i, {n: c for n, c in expert_tokens.items()}, least[2], least[1], least[0])  # fmt: skip
     if not torch.isfinite(targets).all():
         raise SignRoundError(f"block {i} produced non-finite outputs on the calibration data; check the model")
     x = q_inputs if tune.quant_inputs else fp_inputs
@@ -267,7 +274,7 @@ def _quantize_block(
     ctx.report.blocks.append(
         BlockReport(
             i, f"{ctx.prefix}.{i}", result.rtn_loss, result.first_loss, result.best_loss, final, result.steps,
-            result.seconds,
+            result.seconds, expert_tokens,
         )
     )  # fmt: skip
     ctx.persist(i, block, fp_inputs, q_inputs)

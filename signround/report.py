@@ -26,6 +26,8 @@ class BlockReport:
     final_loss: float
     steps: int
     seconds: float
+    # mixture of experts: calibration tokens the float model routed to each expert, {experts module: [E]}
+    expert_tokens: dict[str, list[int]] | None = None
 
 
 @dataclass

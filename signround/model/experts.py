@@ -29,9 +29,12 @@ fused layout).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
+import inspect
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -362,3 +365,28 @@ def fuse_expert_tensors(
             raise SignRoundError(f"per-expert biases under {p[:-1]}, but the {layout.value} layout has none")
         out[p + fused] = _join_one(fused, [torch.stack([per[e] for e in range(count)]) for per in present], layout)
     return out
+
+
+@contextlib.contextmanager
+def routed_tokens(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the context, count how many tokens each expert of every :class:`UnfusedExperts` in ``block``
+    is routed (top-k choices: a token counts once for each expert it picks). Yields ``{module name: int64
+    [E]}`` (relative to ``block``), filled as the block runs."""
+    counts: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, module: UnfusedExperts, args: tuple, kwargs: dict) -> None:
+        index = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())[1]
+        flat = index.reshape(-1)
+        seen = torch.bincount(flat[(flat >= 0) & (flat < len(module))].long().cpu(), minlength=len(module))
+        counts[name] = counts[name] + seen if name in counts else seen
+
+    handles = [
+        m.register_forward_pre_hook(lambda m, a, k, n=n: hook(n, m, a, k), with_kwargs=True)
+        for n, m in block.named_modules()
+        if isinstance(m, UnfusedExperts)
+    ]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()

@@ -36,6 +36,11 @@ def test_every_expert_is_quantized_and_the_checkpoint_reloads(family, tokenizer,
     layers = MOE_LAYERS.get(family, [0, 1])
     assert len(experts) == len(layers) * 4 * 3  # 4 experts x gate/up/down in every MoE layer
     assert f"model.layers.{layers[0]}.mlp.experts.3.down_proj" in experts
+    for b in result.report.blocks:  # every calibration token routed to top-k = 2 experts of each MoE layer
+        if b.index in layers:
+            assert list(b.expert_tokens) == ["mlp.experts"] and sum(b.expert_tokens["mlp.experts"]) == 4 * 32 * 2
+        else:
+            assert b.expert_tokens is None  # DeepSeek-V3's dense first layer
     floats = {f.why for f in weights.fates if f.fate is not Fate.QUANTIZED}
     assert floats <= {"norm/bias", "router"}  # routers stay float by default; nothing else is left float
     x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
