@@ -133,16 +133,6 @@ class KQuantFormat(WeightFormat):
     params_type = KQuantParams
 
     @property
-    def bits(self) -> int:
-        """``implied_bits`` (the name callers outside the formats still use)."""
-        return self.implied_bits
-
-    @property
-    def group(self) -> int:
-        """``fixed_group_size`` (the name callers outside the formats still use)."""
-        return self.fixed_group_size
-
-    @property
     def qmax(self) -> int:
         return 2**self.implied_bits - 1
 
@@ -280,16 +270,6 @@ class SymKQuantFormat(WeightFormat):
     per_super: ClassVar[int]
     fixed_sym = True
     params_type = AffineParams
-
-    @property
-    def bits(self) -> int:
-        """``implied_bits`` (the name callers outside the formats still use)."""
-        return self.implied_bits
-
-    @property
-    def group(self) -> int:
-        """``fixed_group_size`` (the name callers outside the formats still use)."""
-        return self.fixed_group_size
 
     @property
     def qmax(self) -> int:
