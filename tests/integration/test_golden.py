@@ -10,7 +10,8 @@ digest); a refusal's is ``[exit code, first stderr line]``. The expected values 
 
 Regenerate (only with the code whose behaviour is the reference, never to make a failing case pass):
 
-    PYTHONPATH=/work/golden-src .venv/bin/python tests/integration/test_golden.py --regen
+    git worktree add ../ref 961edd1   # a checkout of the reference commit
+    PYTHONPATH=../ref .venv/bin/python tests/integration/test_golden.py --regen
 
 ``PYTHONPATH`` picks the signround source to record (the script prints which one it imported and stores
 its path and git commit in the JSON); without it the installed tree is used. ``--check`` instead compares
