@@ -275,9 +275,6 @@ class FloatFormat(WeightFormat):
         absmax`` of ``stats = (wmin, wmax)`` by :meth:`group_scales`; differentiable in ``max_factor``.
         ``min_factor`` is unused (one clip factor) and so is the scheme (the format fixes the grid)."""
         wmin, wmax = stats
-        return self._qparams(wmin, wmax, max_factor)
-
-    def _qparams(self, wmin: torch.Tensor, wmax: torch.Tensor, max_factor: torch.Tensor | None) -> FloatParams:
         return FloatParams(*self.group_scales(group_absmax(wmin, wmax, max_factor), wmin, wmax))
 
     def group_scales(

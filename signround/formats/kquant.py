@@ -152,17 +152,7 @@ class KQuantFormat(WeightFormat):
     ) -> KQuantParams:
         """``(s', mn')`` ``[out, groups]`` float32 (module docstring) of ``stats = (wmin, wmax)``,
         differentiable in the factors; the format fixes the grid, so the scheme is not read."""
-        wmin, wmax = stats
-        return self._qparams(wmin, wmax, min_factor, max_factor)
-
-    def _qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        min_factor: torch.Tensor | None,
-        max_factor: torch.Tensor | None,
-    ) -> KQuantParams:
-        wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
+        wmin, wmax = clip_extremes(*stats, min_factor, max_factor)
         d, sc = two_level((wmax - wmin) / self.qmax, self.per_super, self.smax)
         dmin, m = two_level(-wmin, self.per_super, self.smax)
         return KQuantParams(expand(d, sc, self.per_super), expand(dmin, m, self.per_super))
@@ -295,17 +285,7 @@ class SymKQuantFormat(WeightFormat):
     ) -> AffineParams:
         """``(d * sc, 2^(bits-1))`` ``[out, groups]`` float32 of ``stats = (wmin, wmax)``, differentiable in
         the factors; the format fixes the grid, so the scheme is not read."""
-        wmin, wmax = stats
-        return self._qparams(wmin, wmax, min_factor, max_factor)
-
-    def _qparams(
-        self,
-        wmin: torch.Tensor,
-        wmax: torch.Tensor,
-        min_factor: torch.Tensor | None,
-        max_factor: torch.Tensor | None,
-    ) -> AffineParams:
-        wmin, wmax = clip_extremes(wmin, wmax, min_factor, max_factor)
+        wmin, wmax = clip_extremes(*stats, min_factor, max_factor)
         d, sc = two_level(torch.where(-wmin > wmax, wmin, wmax) / -self.half, self.per_super, self.smax, signed=True)
         scale = expand(d, sc, self.per_super)
         return AffineParams(scale, torch.full_like(scale, float(self.half)))

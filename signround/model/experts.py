@@ -367,6 +367,11 @@ def fuse_expert_tensors(
     return out
 
 
+def _index_parameter(module: UnfusedExperts) -> str:
+    """The name of ``module.forward``'s routing-index parameter (its second)."""
+    return list(inspect.signature(module.forward).parameters)[1]
+
+
 @contextlib.contextmanager
 def routed_tokens(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Within the context, count how many tokens each expert of every :class:`UnfusedExperts` in ``block``
@@ -375,7 +380,8 @@ def routed_tokens(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     counts: dict[str, torch.Tensor] = {}
 
     def hook(name: str, module: UnfusedExperts, args: tuple, kwargs: dict) -> None:
-        index = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())[1]
+        # the routing indices are forward's second parameter (top_k_index, or gpt-oss's router_indices)
+        index = args[1] if len(args) > 1 else kwargs[_index_parameter(module)]
         flat = index.reshape(-1)
         seen = torch.bincount(flat[(flat >= 0) & (flat < len(module))].long().cpu(), minlength=len(module))
         counts[name] = counts[name] + seen if name in counts else seen
