@@ -25,11 +25,17 @@ library's ``MXFP4A16`` / ``NVFP4A16`` weight arguments):
   reader divides by it, so a weight is ours up to one float32 rounding of that reciprocal.
 
 Only integer, MXFP4 and NVFP4 grids export here; the group must divide the layer width (no override).
+
+Mixtures of experts are written one linear per expert under the names the serving engines read
+(:func:`signround.export.moe_names.serving_name`: Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``, the
+module tree's ``mlp.experts.{e}.{gate,up,down}_proj`` elsewhere); the routers stay float and are listed in
+``ignore``. gpt-oss is refused before tuning: no reader loads its experts one linear per expert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,13 @@ from torch import nn
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
-from signround.export.common import Planned, planned_from_model, quantized_layers, write_hf_folder
+from signround.export.common import Planned, planned_from_model, quantized_layers
+from signround.export.moe_names import per_expert_unreadable, serving_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
+from signround.model.experts import UnfusedExperts
 from signround.pack.packed import QuantLinear
+
+log = logging.getLogger("signround")
 
 
 def _ct():
@@ -72,6 +82,7 @@ def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups:
     ``allow_partial_groups``, integer grids only) groups that do not divide a layer's input width, which
     stock readers fail on at the first forward."""
     _ct()
+    check_moe(model, planned)
     for p in planned:
         dtype = p.scheme.dtype.value
         if dtype in FP4_FORMATS:
@@ -93,6 +104,32 @@ def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups:
                 f"compressed-tensors readers (vLLM, transformers) cannot run group size {g} on {p.name} "
                 f"(input width {p.in_features}); {fix}, or pass --allow-partial-groups to write it anyway"
             )
+
+
+def check_moe(model: nn.Module, planned: Sequence[Planned]) -> None:
+    """Refuse a mixture of experts whose per-expert layers no reader loads (gpt-oss); warn about asymmetric
+    experts, which transformers 5.24 cannot load (its expert decompression drops ``weight_zero_point``) and
+    vLLM runs only with its Marlin MoE kernels (its other WNA16 MoE kernels assert symmetric weights)."""
+    if not any(isinstance(m, UnfusedExperts) for m in model.modules()):
+        return
+    model_type = getattr(model.config, "model_type", "")
+    if (why := per_expert_unreadable(model_type)) is not None:
+        raise SignRoundError(f"compressed-tensors cannot store this {model_type} mixture of experts: {why}; "
+                             "use --format native")  # fmt: skip
+    asym = [p.name for p in planned if ".experts." in p.name and not p.scheme.sym and p.scheme.dtype.value == "int"]
+    if asym:
+        log.warning(
+            "compressed-tensors: %d asymmetric expert layers (e.g. %s): transformers cannot load asymmetric MoE "
+            "experts and vLLM only with its Marlin kernels; quantize with --sym for an export every reader loads",
+            len(asym),
+            asym[0],
+        )
+
+
+def is_router(module: nn.Module) -> bool:
+    """A mixture-of-experts router (transformers' ``*Router`` modules, as :mod:`signround.model.accounting`
+    tells them): float, listed in ``ignore`` so no reader quantizes it."""
+    return type(module).__name__.endswith("Router")
 
 
 def fp4_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
@@ -126,12 +163,13 @@ def layer_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, torch.Ten
     return tensors
 
 
-def ct_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, Any]:
-    """``quantization_config``: one config group per distinct scheme; float linears go to ``ignore``."""
+def ct_config(model: nn.Module, layers: dict[str, QuantLinear], rename: Callable[[str], str]) -> dict[str, Any]:
+    """``quantization_config``: one config group per distinct scheme; float linears and routers go to
+    ``ignore``. Module names pass through ``rename`` (the serving names, :func:`serving_names`)."""
     _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
     by_scheme: dict[QuantScheme, list[str]] = {}
     for name, layer in layers.items():
-        by_scheme.setdefault(layer.scheme, []).append(name)
+        by_scheme.setdefault(layer.scheme, []).append(rename(name))
     groups = {}
     formats = set()
     for i, (scheme, names) in enumerate(by_scheme.items()):
@@ -153,7 +191,7 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, Any
             group_size=None if scheme.group_size == -1 else scheme.group_size,
         )
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
-    ignore = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    ignore = [rename(n) for n, m in model.named_modules() if type(m) is nn.Linear or is_router(m)]
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in ignore:
         ignore.append("lm_head")
     config = QuantizationConfig(
@@ -165,14 +203,37 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, Any
     return config.model_dump()
 
 
+def serving_names(model: nn.Module) -> Callable[[str], str]:
+    """Module or tensor name -> the name written (:func:`signround.export.moe_names.serving_name` for the
+    model's ``config.model_type``)."""
+    model_type = getattr(model.config, "model_type", "")
+    return lambda name: serving_name(model_type, name)
+
+
 def write_compressed_tensors(
     model: nn.Module, tokenizer: Any, folder: Path, allow_partial_groups: bool = False
 ) -> None:
+    """Save ``model`` as an HF folder: each quantized layer's tensors replaced by :func:`layer_tensors`, every
+    tensor under its serving name, ``config.json`` carrying :func:`ct_config`. (transformers' save then
+    reverts its load-time renames, as for any model; none matches a serving name.)"""
     check_ct(model, planned_from_model(model), allow_partial_groups)
     layers = quantized_layers(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    tensors = {name: layer_tensors(layer, dtype) for name, layer in layers.items()}
-    write_hf_folder(model, tokenizer, folder, tensors, ct_config(model, layers))
+    rename = serving_names(model)
+    state = model.state_dict()
+    for name, layer in layers.items():
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state.update({f"{name}.{suffix}": t.contiguous() for suffix, t in layer_tensors(layer, dtype).items()})
+    state = {rename(k): v for k, v in state.items()}
+    native = model.config.quantization_config
+    model.config.quantization_config = ct_config(model, layers, rename)
+    try:
+        model.save_pretrained(folder, state_dict=state)
+    finally:
+        model.config.quantization_config = native
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 @register_exporter(ExportFormat.COMPRESSED_TENSORS)
