@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any
 
-from signround.config import ActDType, ActGranularity, DType, Init, Loss, Method, Sensitivity, Solver
+from signround.config import ActDType, ActGranularity, DType, Init, Loss, Method, Sensitivity, Solver, StarvedExperts
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +69,20 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         choices=[v.value for v in Init],
         default="search",
         help="clipping start: a grid search weighted by the inputs' mean square (default) or unclipped (none)",
+    )
+    p.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="mixture of experts: an expert routed fewer calibration tokens than N is starved (default 64)",
+    )
+    p.add_argument(
+        "--starved-experts",
+        choices=[v.value for v in StarvedExperts],
+        default="own",
+        help="what a starved expert gets: tuned alone on every calibration token (own, default), the clipping "
+        "search on every token and no steps (init), or tuned with the block on its few tokens (block)",
     )
     p.add_argument(
         "--amp",
@@ -251,6 +265,7 @@ def quant_config(args: argparse.Namespace) -> Any:
         method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
+        expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts,
     )  # fmt: skip
     act = None
     if args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:

@@ -30,7 +30,7 @@ from signround.act.calibrate import calibrate_static
 from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, to_device
 from signround.calib.data import resolve_tokens
-from signround.config import ActScheme, QuantConfig, QuantScheme
+from signround.config import ActScheme, QuantConfig, QuantScheme, StarvedExperts
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks, resolve_schemes
 from signround.model.experts import routed_tokens
@@ -38,8 +38,17 @@ from signround.model.lazy import BlockStream
 from signround.pack.packed import QuantLinear
 from signround.report import BlockReport, RunReport, native_bf16_cpu, peak_gpu_gb, peak_rss_gb, release_freed_memory
 from signround.runstate import RunState, fingerprint
+from signround.tune.experts import starved, tune_alone
 from signround.tune.rtn import tune_rtn
-from signround.tune.signround import ActInputs, BlockData, BlockResult, TuneHooks, output_loss, tune_block
+from signround.tune.signround import (
+    ActInputs,
+    BlockData,
+    BlockResult,
+    LayerResult,
+    TuneHooks,
+    output_loss,
+    tune_block,
+)
 
 log = logging.getLogger("signround")
 
@@ -138,6 +147,8 @@ def run(
         bar.close()
         if ctx.parallel:
             ctx.report.blocks = _gather_blocks(ctx)
+        if line := starved_summary(ctx.report, cfg.tune):
+            log.info(line)
     else:
         _round_without_data(ctx)
     model.config.quantization_config = quantization_config(model, cfg, ctx.prefix, ctx.report)
@@ -174,6 +185,33 @@ def _start(model: nn.Module, cfg: QuantConfig, options: RunOptions, stream: Bloc
         raise SignRoundError("a streamed (--low-memory) run keeps its finished blocks in a run folder; give state_dir")
     ctx.parallel = options.block_parallel and dist.world()[1] > 1
     return ctx
+
+
+def starved_summary(report: RunReport, tune: Any) -> str | None:
+    """One line on the experts the calibration data barely reached (None for a model without experts)."""
+    experts = sum(len(c) for b in report.blocks for c in (b.expert_tokens or {}).values())
+    if not experts:
+        return None
+    hungry = [s for b in report.blocks for s in b.starved or []]
+    if not hungry:
+        return f"experts: all {experts} were routed at least {tune.expert_min_tokens} calibration tokens"
+    what = {
+        StarvedExperts.OWN: "each tuned alone on every calibration token",
+        StarvedExperts.INIT: "each given the clipping search on every calibration token, no steps",
+        StarvedExperts.BLOCK: "tuned with their blocks on the tokens they got",
+    }[tune.starved_experts]
+    if tune.iters == 0:
+        what = "rounded to nearest like every layer"
+    fewest = min(hungry, key=lambda s: s["tokens"])
+    return (
+        f"experts: {len(hungry)} of {experts} were routed fewer than {tune.expert_min_tokens} calibration tokens "
+        f"(--expert-min-tokens), {what} (--starved-experts {tune.starved_experts}); fewest: "
+        f"{fewest['module']}.{fewest['expert']} of block {_block_of(report, fewest)} with {fewest['tokens']}"
+    )
+
+
+def _block_of(report: RunReport, entry: dict[str, Any]) -> int:
+    return next(b.index for b in report.blocks if any(s is entry for s in b.starved or []))
 
 
 def _bar(ctx: _Run, desc: str, initial: int = 0) -> tqdm:
@@ -262,7 +300,7 @@ def _quantize_block(
         block.to(home)
         bar.update(1)
         return targets, targets
-    result, act = _tune(ctx, i, block, BlockData(x, targets, kwargs))
+    result, act, starved_report = _tune(ctx, i, block, BlockData(x, targets, kwargs), fp_inputs, expert_tokens)
     _replace_linears(block, result, act.scheme if act else None, act.scales if act else None)
     out = _run_block(block, x, kwargs, tune.batch_size)
     final = output_loss(out, targets, tune.loss, tune.batch_size)
@@ -274,7 +312,7 @@ def _quantize_block(
     ctx.report.blocks.append(
         BlockReport(
             i, f"{ctx.prefix}.{i}", result.rtn_loss, result.first_loss, result.best_loss, final, result.steps,
-            result.seconds, expert_tokens,
+            result.seconds, expert_tokens, starved_report,
         )
     )  # fmt: skip
     ctx.persist(i, block, fp_inputs, q_inputs)
@@ -287,8 +325,17 @@ def _quantize_block(
     return fp_inputs, q_inputs
 
 
-def _tune(ctx: _Run, i: int, block: nn.Module, data: BlockData) -> tuple[BlockResult, ActInputs | None]:
-    """Smoothing and static activation scales (when asked for), then the tuning function on block ``i``."""
+def _tune(
+    ctx: _Run,
+    i: int,
+    block: nn.Module,
+    data: BlockData,
+    fp_inputs: torch.Tensor,
+    expert_tokens: dict[str, list[int]] | None,
+) -> tuple[BlockResult, ActInputs | None, list[dict[str, Any]] | None]:
+    """Smoothing and static activation scales (when asked for), the starved experts alone (see
+    :mod:`signround.tune.experts`), then the tuning function on block ``i``'s other layers. Returns the
+    result for every planned layer, the activation inputs and the starved experts' report entries."""
     cfg, tune = ctx.cfg, ctx.cfg.tune
     if cfg.smooth:
         alphas = smooth_block(block, data.inputs, data.targets, data.kwargs, ctx.plans[i], cfg.act, tune.batch_size)
@@ -311,10 +358,78 @@ def _tune(ctx: _Run, i: int, block: nn.Module, data: BlockData) -> tuple[BlockRe
         if step % 10 == 0:
             steps.set_postfix(loss=f"{loss:.4g}")
 
+    hungry = starved(expert_tokens or {}, tune.expert_min_tokens)
+    alone, entries = {}, None
+    if hungry:
+        entries = [
+            {"module": m, "expert": e, "tokens": expert_tokens[m][e],
+             "mode": tune.starved_experts.value if tune.iters > 0 else "rtn"}
+            for m, ids in hungry.items() for e in ids
+        ]  # fmt: skip
+        if tune.iters > 0 and tune.starved_experts is not StarvedExperts.BLOCK:
+            alone = _tune_starved(ctx, i, block, fp_inputs, data.kwargs, entries, act)
+    schemes = {n: s for n, s in ctx.plans[i].items() if n not in alone}
     tuner = tune_block if tune.iters > 0 else tune_rtn
-    result = tuner(block, data, ctx.plans[i], tune, tune.seed + i, act, _hooks(ctx, on_step))
+    result = tuner(block, data, schemes, tune, tune.seed + i, act, _hooks(ctx, on_step))
+    result.layers.update(alone)
     steps.close()
-    return result, act
+    return result, act, entries
+
+
+def _tune_starved(
+    ctx: _Run,
+    i: int,
+    block: nn.Module,
+    fp_inputs: torch.Tensor,
+    kwargs: dict[str, Any],
+    entries: list[dict[str, Any]],
+    act: ActInputs | None,
+) -> dict[str, LayerResult]:
+    """Each starved expert of block ``i`` (``entries``) quantized alone on every calibration token's input to
+    its experts module (captured from the float block on the float inputs); its report entry gets its own
+    errors. Returns the results of its layers, named relative to the block."""
+    tune = ctx.cfg.tune
+    modules = sorted({e["module"] for e in entries})
+    hidden = _experts_inputs(block, fp_inputs, kwargs, modules, tune.batch_size)
+    plan = ctx.plans[i]
+    out: dict[str, LayerResult] = {}
+    for entry in entries:
+        prefix = f"{entry['module']}.{entry['expert']}."
+        schemes = {n[len(prefix) :]: s for n, s in plan.items() if n.startswith(prefix)}
+        if not schemes:  # every layer of this expert is kept float by a rule
+            continue
+        scales = {n[len(prefix) :]: v for n, v in (act.scales or {}).items() if n.startswith(prefix)} if act else None
+        expert_act = ActInputs(act.scheme, scales or None) if act is not None else None
+        expert = block.get_submodule(prefix[:-1])
+        res = tune_alone(expert, hidden[entry["module"]], schemes, tune, tune.seed + i, tune.starved_experts,
+                         expert_act)  # fmt: skip
+        entry.update(rtn_loss=res.rtn_loss, loss=res.last_loss)
+        out.update({prefix + n: layer for n, layer in res.layers.items()})
+    return out
+
+
+@torch.no_grad()
+def _experts_inputs(
+    block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], modules: list[str], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """``{experts module: [n, seqlen, H]}``: every token's hidden state entering each named experts module of
+    the float ``block`` run on ``inputs`` ``[n, seqlen, hidden]`` (the router's input, before it picks)."""
+    seen: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+
+    def hook(name: str, args: tuple, kw: dict) -> None:
+        seen[name].append((args[0] if args else kw["hidden_states"]).detach())
+
+    handles = [
+        block.get_submodule(m).register_forward_pre_hook(lambda _m, a, k, n=m: hook(n, a, k), with_kwargs=True)
+        for m in modules
+    ]
+    try:
+        _run_block(block, inputs, kwargs, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    n, seqlen = inputs.shape[:2]
+    return {m: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).reshape(n, seqlen, -1) for m, xs in seen.items()}
 
 
 def _hooks(ctx: _Run, on_step: Any) -> TuneHooks:
@@ -398,6 +513,11 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,
+            **(
+                {"expert_min_tokens": tune.expert_min_tokens, "starved_experts": tune.starved_experts.value}
+                if any(b.expert_tokens for b in report.blocks)
+                else {}
+            ),
         },
         **({"serve_bits": list(cfg.serve_bits)} if cfg.serve_bits else {}),
         **({"activations": {**cfg.act.to_dict(), "smooth": cfg.smooth}} if cfg.act is not None else {}),

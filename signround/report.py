@@ -28,6 +28,10 @@ class BlockReport:
     seconds: float
     # mixture of experts: calibration tokens the float model routed to each expert, {experts module: [E]}
     expert_tokens: dict[str, list[int]] | None = None
+    # starved experts (fewer tokens than TuneConfig.expert_min_tokens), one dict each: "module", "expert",
+    # "tokens", "mode" (what it got: own / init / block) and, for own / init, "rtn_loss" and "loss" (its own
+    # output error over every calibration token at round-to-nearest and as quantized)
+    starved: list[dict[str, Any]] | None = None
 
 
 @dataclass

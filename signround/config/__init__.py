@@ -23,6 +23,7 @@ from signround.config.choices import (
     Method,
     Sensitivity,
     Solver,
+    StarvedExperts,
 )
 from signround.config.quant import QuantConfig
 from signround.config.scheme import (
@@ -67,6 +68,7 @@ __all__ = [
     "ExportConfig",
     "ExportFormat",
     "Init",
+    "StarvedExperts",
     "LayerRule",
     "Loss",
     "Method",

@@ -42,6 +42,14 @@ class Init(_Choice):
     NONE = "none"
 
 
+class StarvedExperts(_Choice):
+    """What an expert routed too few calibration tokens gets (see :attr:`TuneConfig.starved_experts`)."""
+
+    OWN = "own"
+    INIT = "init"
+    BLOCK = "block"
+
+
 class ActDType(_Choice):
     """Number format of quantized activations (see :class:`ActScheme`)."""
 

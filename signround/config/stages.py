@@ -15,6 +15,7 @@ from signround.config.choices import (
     Method,
     Sensitivity,
     Solver,
+    StarvedExperts,
     _choice,
 )
 from signround.config.scheme import MAX_BITS, MIN_BITS, QuantScheme
@@ -69,6 +70,7 @@ class ActScheme:
 # The values, for argparse's choices
 LOSSES = tuple(m.value for m in Loss)
 INITS = tuple(m.value for m in Init)
+STARVED = tuple(m.value for m in StarvedExperts)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,13 @@ class TuneConfig:
             faster, a whole run took 0.92 of the eager time at 50 iterations and 1.05 at 200, within the
             machine's drift (bench/results/NOTES.md). auto-round's
             ``enable_torch_compile`` compiles more: its block forward as well.
+        expert_min_tokens: mixture of experts: an expert the float model routes fewer calibration tokens
+            than this (top-k choices counted) is *starved*: the block's loss says little about it.
+        starved_experts: what a starved expert gets. ``own`` (default): it is tuned alone, SignRound on its
+            own output error with every calibration token's hidden state routed through it (the float
+            model's inputs to the experts module; clipping search on them too); ``init``: the clipping
+            search on every token's inputs and no steps; ``block``: nothing special, it is tuned with the
+            block on the tokens routed to it. The run report lists the starved experts of each block.
     """
 
     method: Method = Method.SIGNROUND
@@ -123,9 +132,19 @@ class TuneConfig:
     loss: Loss = Loss.RELATIVE
     init: Init = Init.SEARCH
     torch_compile: bool = False
+    expert_min_tokens: int = 64
+    starved_experts: StarvedExperts = StarvedExperts.OWN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
+        try:
+            object.__setattr__(self, "starved_experts", StarvedExperts(self.starved_experts))
+        except ValueError:
+            raise SignRoundError(
+                f"starved_experts must be one of {', '.join(STARVED)}, got {self.starved_experts!r}"
+            ) from None
+        if self.expert_min_tokens < 0:
+            raise SignRoundError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         try:
             object.__setattr__(self, "loss", Loss(self.loss))
         except ValueError:
