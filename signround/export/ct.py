@@ -78,9 +78,9 @@ FP4_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
 
 
 def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups: bool = False) -> None:
-    """Refuse what compressed-tensors cannot hold: grids other than int / mxfp4 / nvfp4, and (unless
+    """Refuse what compressed-tensors cannot hold: grids other than int / mxfp4 / nvfp4, (unless
     ``allow_partial_groups``, integer grids only) groups that do not divide a layer's input width, which
-    stock readers fail on at the first forward."""
+    stock readers fail on at the first forward, and mixtures of experts no reader loads (:func:`check_moe`)."""
     _ct()
     check_moe(model, planned)
     for p in planned:
@@ -108,8 +108,9 @@ def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups:
 
 def check_moe(model: nn.Module, planned: Sequence[Planned]) -> None:
     """Refuse a mixture of experts whose per-expert layers no reader loads (gpt-oss); warn about asymmetric
-    experts, which transformers 5.24 cannot load (its expert decompression drops ``weight_zero_point``) and
-    vLLM runs only with its Marlin MoE kernels (its other WNA16 MoE kernels assert symmetric weights)."""
+    experts, which transformers 5.24 cannot load (its expert decompression, ``CompressedTensorsDequantize``,
+    drops ``weight_zero_point``) and vLLM's WNA16 MoE methods refuse in most releases ("Only symmetric
+    quantization is supported for MoE"; only its newest source reads zero points)."""
     if not any(isinstance(m, UnfusedExperts) for m in model.modules()):
         return
     model_type = getattr(model.config, "model_type", "")
@@ -120,7 +121,7 @@ def check_moe(model: nn.Module, planned: Sequence[Planned]) -> None:
     if asym:
         log.warning(
             "compressed-tensors: %d asymmetric expert layers (e.g. %s): transformers cannot load asymmetric MoE "
-            "experts and vLLM only with its Marlin kernels; quantize with --sym for an export every reader loads",
+            "experts and most vLLM releases refuse them; quantize with --sym for an export every reader loads",
             len(asym),
             asym[0],
         )

@@ -62,8 +62,8 @@ def scheme(family: str) -> signround.QuantScheme:
 
 
 def run_config(family: str, formats: str = "native"):
-    """Two SignRound steps on 4 x 32 tokens, written in ``formats`` (checked before tuning)."""
-    return make_config(scheme=scheme(family), iters=2, nsamples=4, seqlen=32, batch_size=2,
+    """Two SignRound steps on 2 x 32 tokens, written in ``formats`` (checked before tuning)."""
+    return make_config(scheme=scheme(family), iters=2, nsamples=2, seqlen=32, batch_size=2,
                        export=ExportConfig(formats=formats))  # fmt: skip
 
 
@@ -72,21 +72,16 @@ def logits(model: nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-def decoder_parameters(family: str) -> dict[str, int]:
-    """``{full name: dim}`` of every parameter of the decoder blocks of a fresh (unfused) float model, and which
-    of them are linear weights."""
+def decoder_tensors(family: str) -> tuple[dict[str, int], set[str]]:
+    """Of a fresh float model of ``family`` (experts unfused, as a run does): ``{full name: dim}`` of every
+    parameter of its decoder blocks, and the names of the blocks' linear weights."""
     model = family_model(family)
     unfuse_experts(model)
     prefix, blocks = find_blocks(model)
-    return {f"{prefix}.{i}.{n}": p.dim() for i, b in enumerate(blocks) for n, p in b.named_parameters()}
-
-
-def block_linear_weights(family: str) -> set[str]:
-    model = family_model(family)
-    unfuse_experts(model)
-    prefix, blocks = find_blocks(model)
-    return {f"{prefix}.{i}.{n}.weight" for i, b in enumerate(blocks) for n, m in b.named_modules()
-            if isinstance(m, nn.Linear)}  # fmt: skip
+    params = {f"{prefix}.{i}.{n}": p.dim() for i, b in enumerate(blocks) for n, p in b.named_parameters()}
+    linears = {f"{prefix}.{i}.{n}.weight" for i, b in enumerate(blocks) for n, m in b.named_modules()
+               if isinstance(m, nn.Linear)}  # fmt: skip
+    return params, linears
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +99,11 @@ def quantized(tokenizer):
 def test_every_decoder_weight_is_accounted_for(family, quantized):
     result, _ = quantized[family]
     fates = {f.name: f for f in result.plan.weights.fates}
-    params = decoder_parameters(family)
+    params, linears = decoder_tensors(family)
     assert set(fates) == set(params)  # every parameter of every block, nothing else
     assert not result.plan.weights.of(Fate.UNSUPPORTED)
     quantized_names = {n for n, f in fates.items() if f.fate is Fate.QUANTIZED}
-    assert quantized_names == block_linear_weights(family)  # every linear of every block, experts included
+    assert quantized_names == linears  # every linear of every block, experts included
     for name, f in fates.items():
         if f.fate is not Fate.QUANTIZED:  # only norms, biases (1-D) and routers stay float
             assert f.fate is Fate.FLOAT_BY_DEFAULT, name

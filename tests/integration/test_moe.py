@@ -1,18 +1,25 @@
 """Mixture-of-experts families end to end on tiny random-init models: the fused experts are unfused into one
 linear per expert, every expert is quantized (none left float), the native checkpoint reloads with the same
-logits, and the streamed (--low-memory) run writes the same tensors as the whole-model one."""
+logits, the streamed (--low-memory) run writes the same tensors as the whole-model one, and the exporters' per-expert
+names are the ones readers expect (the compressed-tensors loads themselves: tests/integration/test_families.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import signround
 from signround.cli import main
+from signround.export.ct import check_ct
+from signround.export.moe_names import module_name, per_expert_unreadable, serving_name
 from signround.model.accounting import Fate
+from signround.model.blocks import Planned
+from signround.model.experts import unfuse_experts
 from signround.pack.packed import QuantLinear
 from tests.conftest import corpus, make_config
 from tests.unit.test_experts import MOE_LAYERS, build
@@ -75,36 +82,45 @@ def test_streamed_and_whole_runs_write_the_same_moe_checkpoint(family, tokenizer
     assert all(torch.equal(whole[k], streamed[k]) for k in whole)
 
 
-def test_compressed_tensors_export_of_a_moe_loads_in_transformers(tokenizer, tmp_path):
-    """Third-party reader: transformers + compressed-tensors loads the per-expert export (fusing it into its own
-    experts module) with the logits of signround's checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_serving_names_are_the_names_transformers_saves(family, tmp_path):
+    """signround.export.moe_names.serving_name maps the unfused module tree onto exactly the per-expert names
+    transformers' own save of the float model writes (its original checkpoint format: Mixtral's
+    block_sparse_moe.experts.{e}.w1/w3/w2, the module tree's names elsewhere), and module_name inverts it."""
+    model = build(family)
+    model.save_pretrained(tmp_path)
+    saved = set(load_file(str(tmp_path / "model.safetensors")))
+    unfuse_experts(model)
+    names = list(model.state_dict())
+    assert {serving_name(family, n) for n in names} == saved
+    assert all(module_name(family, serving_name(family, n)) == n for n in names)
+    assert any(".experts.3." in n for n in saved)  # per-expert names, not the fused module's
 
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        head_dim=16,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".experts." in name or ".mlp.gate." in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    cfg = make_config(scheme=signround.QuantScheme(bits=4, group_size=32, sym=True), method="rtn")
-    signround.quantize(model, tokenizer, cfg, None, QUIET)
-    x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours = model(x).logits
-    signround.save(model, tokenizer, tmp_path / "ct", "compressed-tensors")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(x).logits, ours, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(ours, AutoModelForCausalLM.from_config(model.config)(x).logits)  # not a fresh init
+
+def test_gpt_oss_has_no_per_expert_names_to_serve(tmp_path):
+    """transformers saves gpt-oss's experts fused only (no conversion to per-expert names), which is why the
+    compressed-tensors exporter refuses it (tests/integration/test_families.py)."""
+    model = build("gpt_oss")
+    model.save_pretrained(tmp_path)
+    saved = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in saved and not [n for n in saved if ".experts.0." in n]
+    assert per_expert_unreadable("gpt_oss") and per_expert_unreadable("mixtral") is None
+
+
+def _planned_experts(model, sym: bool) -> list[Planned]:
+    scheme = signround.QuantScheme(bits=4, group_size=16, sym=sym)
+    return [Planned(n, scheme, m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".experts." in n]  # fmt: skip
+
+
+def test_asymmetric_experts_are_warned_about_before_a_compressed_tensors_run(caplog):
+    """transformers 5.24 cannot load asymmetric experts (its expert decompression drops weight_zero_point) and
+    most vLLM releases refuse them: the check says so once, naming the count and --sym."""
+    model = build("olmoe")
+    unfuse_experts(model)
+    with caplog.at_level(logging.WARNING, logger="signround"):
+        check_ct(model, _planned_experts(model, sym=True))
+        assert not caplog.records
+        check_ct(model, _planned_experts(model, sym=False))
+    (record,) = caplog.records
+    assert f"{2 * 4 * 3} asymmetric expert layers" in record.getMessage() and "--sym" in record.getMessage()
