@@ -22,6 +22,7 @@ from signround.errors import SignRoundError
 from signround.model.accounting import Fate
 from signround.model.blocks import find_blocks
 from signround.model.experts import unfuse_experts
+from signround.pack.packed import QuantLinear
 from tests.conftest import VOCAB, corpus, make_config, make_model
 from tests.unit.test_experts import build
 
@@ -104,12 +105,16 @@ def test_every_decoder_weight_is_accounted_for(family, quantized):
     assert not result.plan.weights.of(Fate.UNSUPPORTED)
     quantized_names = {n for n, f in fates.items() if f.fate is Fate.QUANTIZED}
     assert quantized_names == linears  # every linear of every block, experts included
+    modules = dict(result.model.named_modules())
+    assert all(isinstance(modules[n.rpartition(".")[0]], QuantLinear) for n in quantized_names)
+    routers = set()
     for name, f in fates.items():
-        if f.fate is not Fate.QUANTIZED:  # only norms, biases (1-D) and routers stay float
-            assert f.fate is Fate.FLOAT_BY_DEFAULT, name
-            assert (f.why, params[name] <= 1) in {("norm/bias", True), ("router", False), ("router", True)}, name
-    routers = {f.name for f in fates.values() if f.why == "router"}
-    assert bool(routers) == (family in MOE)
+        if f.fate is not Fate.QUANTIZED:  # only norms and biases (1-D) and the routers stay float
+            assert f.fate is Fate.FLOAT_BY_DEFAULT and f.why in ("norm/bias", "router"), name
+            assert f.why == "router" or params[name] <= 1, name
+            if f.why == "router":
+                routers.add(name.rpartition(".")[0].split(".", 3)[3])  # the router within its block
+    assert routers == ({"mlp.router"} if family == "gpt_oss" else {"mlp.gate"} if family in MOE else set())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
