@@ -1,4 +1,6 @@
-"""GGUF export (llama.cpp's file format) of LLaMA-architecture models, written with the ``gguf`` package.
+"""GGUF export (llama.cpp's file format), written with the ``gguf`` package: the block encodings, the checks
+and the writer. The families (LLaMA, Qwen3, Qwen3-MoE, gpt-oss), their metadata, tensor names and the fused
+expert tensors of a mixture of experts are in :mod:`signround.export.gguf_arch`.
 
 One file ``model-<qtype>.gguf`` per export. Supported ``qtype``s (:data:`GGUF_TYPES`):
 
@@ -41,12 +43,19 @@ raw bytes ``uint8 [out, in / 32 * block_bytes]`` with ``raw_dtype`` set. The row
 ``attn_k`` (weights and biases) are permuted as llama.cpp's converter does: HF orders each head's rotary
 dimensions as two halves ``[x0..x(h/2-1), y0..y(h/2-1)]``, GGUF interleaves them ``[x0, y0, x1, y1, ...]``.
 Rows only, so the same permutation applies exactly to a ``QuantLinear``'s codes, scales and zero points;
-readers (llama.cpp, transformers' GGUF loader) expect it and transformers undoes it on load.
+readers (llama.cpp, transformers' GGUF loader) expect it and transformers undoes it on load. That is the
+LLaMA family only; Qwen3, Qwen3-MoE and gpt-oss use NeoX rotary in llama.cpp and keep HF's row order.
+
+Experts. One fused tensor per projection and layer, ``[E, out, in]`` (``uint8 [E, out, row bytes]`` for
+blocks): each expert's rows encoded as above, stacked in expert order. Block types are per row, so the
+experts' codes are exactly the ones tuned; llama.cpp holds one type per tensor, so :func:`check_gguf_plan`
+refuses a plan that gives the experts of one layer different types (mixed precision, a layer rule).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +63,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from torch import nn
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
 from signround.export import gguf_kquant as kquant
 from signround.export.common import planned_from_model
+from signround.export.gguf_arch import Arch, add_metadata, arch_of, tensors
+from signround.export.gguf_arch import rope_permutation as rope_permutation  # re-exported for callers
 from signround.export.gguf_kquant import KQUANTS, MIXES
 from signround.export.gguf_tokenizer import add_tokenizer
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
@@ -73,6 +84,8 @@ GGUF_FORMATS: tuple[ExportFormat, ...] = tuple(f for f in ExportFormat if f.is_g
 GGUF_TYPES: tuple[str, ...] = tuple(f.gguf_type for f in GGUF_FORMATS)  # "f16", "q8_0", ..., "q4_k_m"
 _KTYPES = (*KQUANTS, *MIXES)  # written from layers tuned on K-quant grids (:mod:`signround.export.gguf_kquant`)
 BLOCK = 32  # elements per ggml block, and the group size every block type here requires
+_EXPERT = re.compile(r"(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)")
+_EXPERT_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
 @dataclass(frozen=True)
@@ -190,15 +203,6 @@ def encode_q4_1(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.
     return _flat([_fp16_bytes(scales), _fp16_bytes(q4_1_offsets(scales, zeros)), _nibbles(codes)])
 
 
-def rope_permutation(rows: int, n_head: int) -> np.ndarray:
-    """Row order turning HF's q/k layout into GGUF's: ``new = old[perm]``.
-
-    Row ``h*d + 2*j + t`` of the GGUF tensor (head ``h`` of size ``d``, pair ``j``, ``t`` in {0, 1}) is
-    row ``h*d + t*d/2 + j`` of the HF one: each head's two rotary halves are interleaved.
-    """
-    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
-
-
 # ---------------------------------------------------------------------------------------------- tensors
 
 
@@ -263,81 +267,6 @@ def _kquant_tensor(layer: QuantLinear, qtype: str, perm: np.ndarray | None) -> t
     return encode(codes, scales), kind.fallback_ggml
 
 
-def _rope(config: Any) -> float:
-    """``rope_theta``, refusing rope scalings this exporter does not write."""
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    if not isinstance(params, dict):
-        params = {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise SignRoundError(f"gguf export supports plain RoPE; this model uses rope_type {kind!r}")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
-
-
-def _add_metadata(writer: GGUFWriter, model: Any, qtype: str) -> None:
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    name = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "model"
-    writer.add_name(Path(str(name)).name or "model")
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(heads))
-    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or heads))
-    writer.add_rope_freq_base(_rope(config))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(int(head_dim))
-    writer.add_key_length(int(head_dim))
-    writer.add_value_length(int(head_dim))
-    writer.add_vocab_size(int(config.vocab_size))
-    writer.add_file_type(int(_FILE_TYPES[qtype]))
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-
-
-_ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
-_MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-def _tensors(model: Any, qtype: str) -> Iterable[tuple[str, np.ndarray, GGMLQuantizationType | None]]:
-    """Every ``(gguf name, array, raw_dtype)`` of a LLaMA model, in llama.cpp's order."""
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    get = model.get_submodule
-    yield "token_embd.weight", _f16(get("model.embed_tokens").weight), None
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        yield f"blk.{i}.attn_norm.weight", _f32(get(f"{p}.input_layernorm").weight), None
-        for hf, gg in [*_ATTN.items(), *_MLP.items()]:
-            hf_name = f"{p}.{'self_attn' if hf in _ATTN else 'mlp'}.{hf}"
-            layer = get(hf_name)
-            perm = None
-            if hf in ("q_proj", "k_proj"):
-                perm = rope_permutation(layer.out_features, heads if hf == "q_proj" else kv_heads)
-            data, raw = _linear_tensor(layer, hf_name, qtype, perm)
-            yield f"blk.{i}.{gg}.weight", data, raw
-            if getattr(layer, "bias", None) is not None:
-                bias = _f32(layer.bias)
-                yield f"blk.{i}.{gg}.bias", (bias[perm] if perm is not None else bias), None
-        yield f"blk.{i}.ffn_norm.weight", _f32(get(f"{p}.post_attention_layernorm").weight), None
-    yield "output_norm.weight", _f32(get("model.norm").weight), None
-    head = model.get_output_embeddings()
-    tied = getattr(config, "tie_word_embeddings", False) or head.weight is get("model.embed_tokens").weight
-    if not tied:
-        data, raw = _linear_tensor(head, "lm_head", qtype, None)
-        yield "output.weight", data, raw
-
-
-def _check_llama(model: Any) -> None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type != "llama":
-        raise SignRoundError(f"gguf export supports LLaMA-architecture models; {model_type} is not supported yet")
-
-
 def _check_layers(planned: Iterable[Planned], qtype: str) -> None:
     """Every layer (``name``, ``scheme``, ``in_features``) fits the block type ``qtype`` exactly."""
     for p in planned:
@@ -350,13 +279,43 @@ def _check_layers(planned: Iterable[Planned], qtype: str) -> None:
             )
 
 
-def _check_model(model: Any, qtype: str) -> None:
-    _check_llama(model)
-    config = model.config
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise SignRoundError(f"gguf export supports SiLU LLaMA models; this one uses {config.hidden_act}")
+def _stored_type(scheme: QuantScheme, qtype: str) -> str:
+    """The GGUF block type a layer of ``scheme`` (one that fits ``qtype``) is written in."""
+    if qtype in _KTYPES:
+        match = kquant.kind_of(scheme, qtype)
+        if match is None:  # not reached: _check_layers refused it
+            raise SignRoundError(f"gguf:{qtype} does not store {scheme.name}")
+        kind = KQUANTS[match[0]]
+        return (kind.fallback_ggml if match[1] else kind.ggml).name
+    return _GRIDS[qtype].ggml_type.name
+
+
+def _check_experts(model: Any, planned: Iterable[Planned], qtype: str) -> None:
+    """Every expert of one fused GGUF tensor (``ffn_gate_exps``, ...) gets the same block type: llama.cpp
+    holds one type per tensor. An expert missing from ``planned`` is kept float (F16)."""
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    for p in planned:
+        if m := _EXPERT.fullmatch(p.name):
+            groups.setdefault((m["prefix"], m["proj"]), {})[int(m["e"])] = _stored_type(p.scheme, qtype)
+    for (prefix, proj), types in groups.items():
+        module = model.get_submodule(prefix)
+        count = len(module) if isinstance(module, nn.ModuleList) else max(types) + 1
+        by_type: dict[str, list[int]] = {}
+        for e in range(count):
+            by_type.setdefault(types.get(e, "F16"), []).append(e)
+        if len(by_type) > 1:
+            found = "; ".join(f"{t} for experts {es}" for t, es in by_type.items())
+            raise SignRoundError(
+                f"{prefix}.{{e}}.{proj}: llama.cpp stores the experts of a layer as one {_EXPERT_TENSORS[proj]} "
+                f"tensor of one type, but gguf:{qtype} would hold {found}; give every expert of a layer the same "
+                f"scheme (one layer rule for {prefix}.*.{proj})"
+            )
+
+
+def _check_model(model: Any, qtype: str) -> Arch:
+    arch = arch_of(model)
     if qtype == "f16":
-        return
+        return arch
     quantized = planned_from_model(model)
     if not quantized:
         raise SignRoundError(
@@ -364,40 +323,51 @@ def _check_model(model: Any, qtype: str) -> None:
             f"use gguf:f16 to export a float model"
         )
     _check_layers(quantized, qtype)  # all checked before any block is built
+    _check_experts(model, quantized, qtype)
+    return arch
 
 
 def check_gguf_plan(model: Any, planned: Iterable[Planned], qtype: str) -> None:
-    """Before tuning: ``qtype`` is a GGUF type, the architecture is supported, and every planned layer fits
-    ``qtype`` exactly (``f16`` takes any scheme: it stores the dequantized weights).
+    """Before tuning: ``qtype`` is a GGUF type, the architecture is one :mod:`signround.export.gguf_arch`
+    writes (with a config llama.cpp runs), every planned layer fits ``qtype`` exactly (``f16`` takes any
+    scheme: it stores the dequantized weights), and the experts of each fused tensor share one type.
 
     Raises:
-        SignRoundError: unknown ``qtype``, not a LLaMA model, or a layer ``qtype`` cannot store exactly (the
-            message names the layer and the ``signround quantize`` options that produce a fitting model).
+        SignRoundError: unknown ``qtype``, an unsupported architecture or config option, a layer ``qtype``
+            cannot store exactly (the message names the layer and the ``signround quantize`` options that
+            produce a fitting model), or experts of one layer planned in different GGUF types.
     """
     _check_qtype(qtype)
-    _check_llama(model)
+    arch_of(model)
     if qtype == "f16":
         return
+    planned = list(planned)
     _check_layers(planned, qtype)
+    _check_experts(model, planned, qtype)
 
 
 def write_gguf(model: Any, tokenizer: Any, folder: Path, qtype: str) -> Path:
-    """Write ``model`` (a LLaMA, float or with ``QuantLinear`` layers) and ``tokenizer`` as
-    ``folder / "model-<qtype>.gguf"`` (module docstring) and return that path.
+    """Write ``model`` (a family of :data:`signround.export.gguf_arch.ARCHS`, float or with ``QuantLinear``
+    layers) and ``tokenizer`` as ``folder / "model-<qtype>.gguf"`` (module docstring) and return that path.
 
     Raises:
-        SignRoundError: unknown ``qtype``, not a LLaMA model, an unsupported tokenizer, or a quantized
-            layer whose scheme ``qtype`` cannot store exactly (the message names the layer and the
-            ``signround quantize`` options that produce a fitting model).
+        SignRoundError: unknown ``qtype``, an unsupported architecture, an unsupported tokenizer, a
+            quantized layer whose scheme ``qtype`` cannot store exactly (the message names the layer and
+            the ``signround quantize`` options that produce a fitting model), or experts of one layer in
+            different types.
     """
     _check_qtype(qtype)
-    _check_model(model, qtype)
+    arch = _check_model(model, qtype)
     path = Path(folder) / f"model-{qtype}.gguf"
-    writer = GGUFWriter(path, "llama")
-    _add_metadata(writer, model, qtype)
+    writer = GGUFWriter(path, arch.name)
+    add_metadata(writer, model, arch, _FILE_TYPES[qtype])
     add_tokenizer(writer, tokenizer, int(model.config.vocab_size))
+
+    def encode(layer: nn.Module, name: str, perm: np.ndarray | None) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+        return _linear_tensor(layer, name, qtype, perm)
+
     with torch.no_grad():
-        for name, data, raw in _tensors(model, qtype):
+        for name, data, raw in tensors(model, arch, encode):
             writer.add_tensor(name, data, raw_dtype=raw)
     try:
         writer.write_header_to_file()

@@ -110,7 +110,9 @@ KQUANTS: dict[str, KQuantType] = {
 # ``use_more_bits`` picks are Q6_K, every other linear Q4_K (the output head, which llama.cpp makes Q6_K,
 # is kept float here, as the embeddings are).
 MIXES: dict[str, tuple[str, str, LlamaFileType]] = {"q4_k_m": ("q4_k", "q6_k", LlamaFileType.MOSTLY_Q4_K_M)}
-MORE_BITS_LAYERS = ("self_attn.v_proj", "mlp.down_proj")
+# llama.cpp matches "attn_v" and "ffn_down" in the tensor name, so a MoE layer's ffn_down_exps is upgraded
+# too: every expert's down_proj of that layer (one fused tensor, one type).
+MORE_BITS_LAYERS = re.compile(r"self_attn\.v_proj|mlp\.down_proj|mlp\.experts\.\d+\.down_proj")
 
 
 def members(qtype: str) -> tuple[str, ...]:
@@ -162,8 +164,8 @@ def use_more_bits(i: int, n: int) -> bool:
 
 def format_rules(planned: list[Any], qtype: str, n_layers: int) -> tuple[LayerRule, ...]:
     """For ``--format gguf:<qtype>``: one rule per layer whose scheme the file needs changed: the mix's
-    upgraded layers (layers ``model.layers.<i>.<...>``), and the fallback grid for every K-quant layer whose
-    input width is not a multiple of 256."""
+    upgraded layers (layers ``model.layers.<i>.<...>``; all experts of an upgraded MoE ``down_proj``), and
+    the fallback grid for every K-quant layer whose input width is not a multiple of 256."""
     rules: list[LayerRule] = []
     base, more = (KQUANTS[t] for t in MIXES[qtype][:2]) if qtype in MIXES else (None, None)
     for p in planned:
@@ -173,7 +175,7 @@ def format_rules(planned: list[Any], qtype: str, n_layers: int) -> tuple[LayerRu
             base is not None
             and scheme.dtype is base.dtype
             and layer
-            and layer.group(2) in MORE_BITS_LAYERS
+            and MORE_BITS_LAYERS.fullmatch(layer.group(2))
             and use_more_bits(int(layer.group(1)), n_layers)
         ):
             scheme = QuantScheme(dtype=more.dtype.value)

@@ -1,0 +1,328 @@
+"""GGUF architectures: for each transformers family the GGUF exporter writes, llama.cpp's architecture name,
+the config it can run, its metadata keys and its tensors (names, order, layout).
+
+=============  ===========  ==========================================================================
+model_type     llama.cpp    what differs from ``llama``
+=============  ===========  ==========================================================================
+``llama``      ``llama``    (the reference) ``attn_q`` / ``attn_k`` rows permuted to GGUF's rotary order
+``qwen3``      ``qwen3``    NeoX rotary (rows in HF's order), per-head ``attn_q_norm`` / ``attn_k_norm``
+``qwen3_moe``  ``qwen3moe`` as ``qwen3``; every layer a mixture of experts (below)
+``gpt_oss``    ``gpt-oss``  NeoX rotary, attention biases, ``attn_sinks``, ``post_attention_norm``,
+                            experts with biases, YaRN rotary scaling, alternating sliding-window layers
+=============  ===========  ==========================================================================
+
+Mixtures of experts. signround quantizes one ``nn.Linear`` per expert
+(``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj``, :mod:`signround.model.experts`); llama.cpp stores
+each projection of a layer as one 3-D tensor. With ``E`` experts, hidden width ``H`` and expert width ``I``:
+
+===============================  =================  =========================  ===============================
+GGUF tensor                      torch shape        GGUF ``ne`` (innermost 1st)  content
+===============================  =================  =========================  ===============================
+``blk.{i}.ffn_gate_exps.weight``  ``[E, I, H]``      ``[H, I, E]``               expert ``e``'s ``gate_proj`` rows
+``blk.{i}.ffn_up_exps.weight``    ``[E, I, H]``      ``[H, I, E]``               expert ``e``'s ``up_proj`` rows
+``blk.{i}.ffn_down_exps.weight``  ``[E, H, I]``      ``[I, H, E]``               expert ``e``'s ``down_proj`` rows
+``blk.{i}.ffn_gate_inp.weight``   ``[E, H]``         ``[H, E]``                  the router, F32
+===============================  =================  =========================  ===============================
+
+Expert-major: the tensor is the experts' ``[out, in]`` weights stacked in expert order (``torch.stack``,
+as :func:`signround.model.experts.fuse_expert_tensors` documents). A block type is a per-row encoding, so
+the fused tensor's bytes are the experts' own rows, concatenated: ``uint8 [E, out, in / 32 * block_bytes]``
+(or ``/ 256`` for a K-quant), every expert in the same GGUF type. gpt-oss adds ``ffn_{gate,up,down}_exps.bias``
+``[E, I]``, ``[E, I]``, ``[E, H]`` and ``ffn_gate_inp.bias`` ``[E]``, all F32. A float model whose experts
+are still transformers' fused modules is written the same way (:func:`signround.model.experts.split_gate_up`
+gives the per-expert rows).
+
+Tensors are produced here, encoded by the caller (:data:`Encode`), so that this module knows names and
+layouts and :mod:`signround.export.gguf_export` knows blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+from torch import nn
+
+from signround.errors import SignRoundError
+from signround.model.experts import (
+    KNOWN_EXPERTS,
+    ExpertLayout,
+    UnfusedExperts,
+    split_down,
+    split_gate_up,
+    split_gate_up_bias,
+)
+
+# (array, raw ggml type or None for a plain float array) for one linear's weight, rows reordered by perm
+Encode = Callable[[nn.Module, str, "np.ndarray | None"], "tuple[np.ndarray, GGMLQuantizationType | None]"]
+Tensor = tuple[str, np.ndarray, "GGMLQuantizationType | None"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One family: ``name`` is llama.cpp's ``general.architecture``; ``permute_qk`` whether llama.cpp wants
+    the LLaMA rotary row order (NeoX-style families keep HF's); ``qk_norm`` per-head q/k RMS norms;
+    ``experts`` the layout of its mixture of experts (None for a dense family)."""
+
+    model_type: str
+    name: str
+    permute_qk: bool
+    qk_norm: bool
+    experts: ExpertLayout | None
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", "llama", True, False, None),
+    "qwen3": Arch("qwen3", "qwen3", False, True, None),
+    "qwen3_moe": Arch("qwen3_moe", "qwen3moe", False, True, ExpertLayout.OUTPUT_MAJOR),
+    "gpt_oss": Arch("gpt_oss", "gpt-oss", False, False, ExpertLayout.GPT_OSS),
+}
+SUPPORTED = ", ".join(f"{a.model_type} ({a.name})" for a in ARCHS.values())
+_GPT_OSS_ALPHA, _GPT_OSS_LIMIT = 1.702, 7.0  # llama.cpp's gpt-oss expert activation constants
+
+
+def arch_of(model: Any) -> Arch:
+    """The :class:`Arch` of ``model`` after checking its config is one llama.cpp runs as transformers does.
+
+    Raises:
+        SignRoundError: another family (Mixtral, OLMoE, DeepSeek-V3, ...), or a config option the
+            architecture's llama.cpp graph does not have (the message names it).
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHS.get(model_type)
+    if arch is None:
+        raise SignRoundError(
+            f"gguf export supports {SUPPORTED} models; {model_type} is not supported yet "
+            "(use --format native, gptq, auto_round or compressed-tensors)"
+        )
+    _check_config(arch, config)
+    return arch
+
+
+def _refuse(arch: Arch, what: str) -> SignRoundError:
+    return SignRoundError(f"gguf export of {arch.model_type} ({arch.name}): {what}; use --format native instead")
+
+
+def _check_config(arch: Arch, config: Any) -> None:
+    rope_type(config, arch)  # refuses a scaling llama.cpp's graph for this family does not apply
+    if arch.model_type != "gpt_oss" and getattr(config, "hidden_act", "silu") != "silu":
+        raise _refuse(arch, f"llama.cpp runs SiLU MLPs, this model uses {config.hidden_act}")
+    if arch.model_type in ("qwen3", "qwen3_moe"):
+        if getattr(config, "attention_bias", False):
+            raise _refuse(arch, "llama.cpp's graph has no attention biases, this model has attention_bias=True")
+        if getattr(config, "use_sliding_window", False):
+            raise _refuse(arch, "llama.cpp's graph has no sliding window, this model has use_sliding_window=True")
+    if arch.model_type == "qwen3_moe":
+        if not getattr(config, "norm_topk_prob", False):
+            raise _refuse(arch, "llama.cpp always renormalizes the top-k router weights; this model has "
+                          "norm_topk_prob=False")  # fmt: skip
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+            raise _refuse(arch, "every layer must be a mixture of experts (mlp_only_layers / decoder_sparse_step)")
+    if arch.model_type == "gpt_oss":
+        limit = float(getattr(config, "swiglu_limit", _GPT_OSS_LIMIT))
+        if limit != _GPT_OSS_LIMIT:
+            raise _refuse(arch, f"llama.cpp clamps the experts at {_GPT_OSS_LIMIT}, this model at {limit}")
+        n = int(config.num_hidden_layers)
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        if layer_types != expected:
+            raise _refuse(arch, "llama.cpp alternates sliding-window and full attention layers, starting with "
+                          "sliding; this model's layer_types differ")  # fmt: skip
+
+
+def _rope_params(config: Any) -> dict[str, Any]:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    return {**(scaling if isinstance(scaling, dict) else {}), **(params if isinstance(params, dict) else {})}
+
+
+def rope_type(config: Any, arch: Arch) -> str:
+    """The model's rope type, refusing what llama.cpp's graph for ``arch`` does not apply: plain RoPE for
+    the LLaMA and Qwen3 families, YaRN (gpt-oss's own) for gpt-oss."""
+    params = _rope_params(config)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    wanted = "yarn" if arch.model_type == "gpt_oss" else "default"
+    if kind != wanted:
+        raise SignRoundError(
+            f"gguf export of {arch.model_type} supports {'plain RoPE' if wanted == 'default' else 'YaRN RoPE'}; "
+            f"this model uses rope_type {kind!r}"
+        )
+    return kind
+
+
+def _rope_theta(config: Any) -> float:
+    theta = _rope_params(config).get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+# ------------------------------------------------------------------------------------------- metadata
+
+
+def add_metadata(writer: GGUFWriter, model: Any, arch: Arch, file_type: LlamaFileType) -> None:
+    """The ``{arch}.*`` and ``general.*`` keys llama.cpp reads for ``arch`` (``writer`` was made for
+    ``arch.name``). The LLaMA keys and their order are those of every earlier signround release."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    name = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "model"
+    writer.add_name(Path(str(name)).name or "model")
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or heads))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
+    writer.add_vocab_size(int(config.vocab_size))
+    if arch.experts is not None:
+        experts = getattr(config, "num_local_experts", None) or config.num_experts
+        writer.add_expert_count(int(experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+        width = config.moe_intermediate_size if arch.model_type == "qwen3_moe" else config.intermediate_size
+        writer.add_expert_feed_forward_length(int(width))
+    if arch.model_type == "gpt_oss":
+        rope = _rope_params(config)
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", 4096)))
+        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+# -------------------------------------------------------------------------------------------- tensors
+
+
+def _f16(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy().astype(np.float16)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+_ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+_MLP = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+_EXPERTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def rope_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order turning HF's q/k layout into GGUF's LLaMA layout: ``new = old[perm]``.
+
+    Row ``h*d + 2*j + t`` of the GGUF tensor (head ``h`` of size ``d``, pair ``j``, ``t`` in {0, 1}) is
+    row ``h*d + t*d/2 + j`` of the HF one: each head's two rotary halves are interleaved.
+    """
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _linear(get: Callable[[str], nn.Module], hf_name: str, gg: str, perm: np.ndarray | None,
+            encode: Encode) -> Iterator[Tensor]:  # fmt: skip
+    """A linear's weight (and bias, F32) as ``gg.weight`` / ``gg.bias``, rows reordered by ``perm``."""
+    layer = get(hf_name)
+    data, raw = encode(layer, hf_name, perm)
+    yield f"{gg}.weight", data, raw
+    if getattr(layer, "bias", None) is not None:
+        bias = _f32(layer.bias)
+        yield f"{gg}.bias", (bias[perm] if perm is not None else bias), None
+
+
+def expert_names(prefix: str, count: int, proj: str) -> list[str]:
+    """``{prefix}.{e}.{proj}`` for the experts ``0 .. count-1`` of one experts module."""
+    return [f"{prefix}.{e}.{proj}" for e in range(count)]
+
+
+def _fused_experts(module: nn.Module, layout: ExpertLayout) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """A float model's fused experts module -> ``(proj, F16 [E, out, in], F32 [E, out] bias or None)``."""
+    gate, up = split_gate_up(module.gate_up_proj.data, layout)
+    down = split_down(module.down_proj.data, layout)
+    biases: tuple[Any, ...] = (None, None, None)
+    if layout is ExpertLayout.GPT_OSS:
+        gb, ub = split_gate_up_bias(module.gate_up_proj_bias.data)
+        biases = (_f32(gb), _f32(ub), _f32(module.down_proj_bias.data))
+    for proj, w, b in zip(_EXPERTS, (gate, up, down), biases, strict=True):
+        yield proj, _f16(w), b
+
+
+def _experts(get: Callable[[str], nn.Module], prefix: str, i: int, encode: Encode) -> Iterator[Tensor]:
+    """``blk.{i}.ffn_{gate,up,down}_exps`` (module docstring) from the experts module ``prefix``."""
+    module = get(prefix)
+    if type(module) in KNOWN_EXPERTS:  # a float model not unfused (e.g. `signround export --format gguf:f16`)
+        for proj, w, b in _fused_experts(module, KNOWN_EXPERTS[type(module)]):
+            yield f"blk.{i}.{_EXPERTS[proj]}.weight", w, None
+            if b is not None:
+                yield f"blk.{i}.{_EXPERTS[proj]}.bias", b, None
+        return
+    if not isinstance(module, UnfusedExperts):
+        raise SignRoundError(f"{prefix} is a {type(module).__name__}; gguf export expects experts there")
+    for proj, gg in _EXPERTS.items():
+        names = expert_names(prefix, len(module), proj)
+        encoded = [encode(get(n), n, None) for n in names]
+        types = {raw for _, raw in encoded}
+        if len(types) > 1:  # the plan check refuses this before tuning; a hand-edited model gets here
+            found = ", ".join(sorted("F16" if t is None else t.name for t in types))
+            raise SignRoundError(
+                f"{prefix}.{{e}}.{proj}: llama.cpp stores a layer's experts as one {gg} tensor of one type; "
+                f"these experts are {found}; quantize every expert of a layer with the same scheme"
+            )
+        yield f"blk.{i}.{gg}.weight", np.stack([data for data, _ in encoded]), types.pop()
+        if get(names[0]).bias is not None:
+            yield f"blk.{i}.{gg}.bias", np.stack([_f32(get(n).bias) for n in names]), None
+
+
+def _router(get: Callable[[str], nn.Module], name: str, i: int) -> Iterator[Tensor]:
+    """The router ``[E, H]`` (and gpt-oss's bias ``[E]``) as ``blk.{i}.ffn_gate_inp``, F32 as llama.cpp keeps
+    it. Routers are not ``nn.Linear`` modules in transformers 5 (``Qwen3MoeTopKRouter``, ``GptOssTopKRouter``),
+    so signround never quantizes them."""
+    router = get(name)
+    yield f"blk.{i}.ffn_gate_inp.weight", _f32(router.weight), None
+    if getattr(router, "bias", None) is not None:
+        yield f"blk.{i}.ffn_gate_inp.bias", _f32(router.bias), None
+
+
+def tensors(model: Any, arch: Arch, encode: Encode) -> Iterable[Tensor]:
+    """Every ``(gguf name, array, raw_dtype)`` of ``model``, in llama.cpp's order (the LLaMA order is that of
+    every earlier signround release). ``encode`` turns one linear into its stored array."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    get = model.get_submodule
+    yield "token_embd.weight", _f16(get("model.embed_tokens").weight), None
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        yield f"blk.{i}.attn_norm.weight", _f32(get(f"{p}.input_layernorm").weight), None
+        for hf, gg in _ATTN.items():
+            perm = None
+            if arch.permute_qk and hf in ("q_proj", "k_proj"):
+                perm = rope_permutation(get(f"{p}.self_attn.{hf}").out_features, heads if hf == "q_proj" else kv_heads)
+            yield from _linear(get, f"{p}.self_attn.{hf}", f"blk.{i}.{gg}", perm, encode)
+        if arch.qk_norm:
+            yield f"blk.{i}.attn_q_norm.weight", _f32(get(f"{p}.self_attn.q_norm").weight), None
+            yield f"blk.{i}.attn_k_norm.weight", _f32(get(f"{p}.self_attn.k_norm").weight), None
+        if arch.model_type == "gpt_oss":
+            yield f"blk.{i}.attn_sinks.weight", _f32(get(f"{p}.self_attn").sinks), None
+        if arch.experts is None:
+            for hf, gg in _MLP.items():
+                yield from _linear(get, f"{p}.mlp.{hf}", f"blk.{i}.{gg}", None, encode)
+        else:
+            yield from _router(get, f"{p}.mlp.{'router' if arch.model_type == 'gpt_oss' else 'gate'}", i)
+            yield from _experts(get, f"{p}.mlp.experts", i, encode)
+        norm = "post_attention_norm" if arch.model_type == "gpt_oss" else "ffn_norm"
+        yield f"blk.{i}.{norm}.weight", _f32(get(f"{p}.post_attention_layernorm").weight), None
+    yield "output_norm.weight", _f32(get("model.norm").weight), None
+    head = model.get_output_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False) or head.weight is get("model.embed_tokens").weight
+    if not tied:
+        data, raw = encode(head, "lm_head", None)
+        yield "output.weight", data, raw
