@@ -8,7 +8,18 @@ import argparse
 import sys
 from typing import Any
 
-from signround.config import ActDType, ActGranularity, DType, Init, Loss, Method, Sensitivity, Solver, StarvedExperts
+from signround.config import (
+    ActDType,
+    ActGranularity,
+    DType,
+    Init,
+    Loss,
+    Method,
+    Routing,
+    Sensitivity,
+    Solver,
+    StarvedExperts,
+)
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +94,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         default="own",
         help="what a starved expert gets: tuned alone on every calibration token (own, default), the clipping "
         "search on every token and no steps (init), or tuned with the block on its few tokens (block)",
+    )
+    p.add_argument(
+        "--routing",
+        choices=[v.value for v in Routing],
+        default="student",
+        help="mixture of experts: while tuned, experts follow the student's own routing (default) or the float "
+        "model's (teacher)",
     )
     p.add_argument(
         "--amp",
@@ -265,7 +283,7 @@ def quant_config(args: argparse.Namespace) -> Any:
         method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
-        expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts,
+        expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts, routing=args.routing,
     )  # fmt: skip
     act = None
     if args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:

@@ -16,6 +16,7 @@ import logging
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ from signround.act.calibrate import calibrate_static
 from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, to_device
 from signround.calib.data import resolve_tokens
-from signround.config import ActScheme, QuantConfig, QuantScheme, StarvedExperts
+from signround.config import ActScheme, QuantConfig, QuantScheme, Routing, StarvedExperts
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks, resolve_schemes
-from signround.model.experts import routed_tokens
+from signround.model.experts import RoutingTape, routed_tokens
 from signround.model.lazy import BlockStream
 from signround.pack.packed import QuantLinear
 from signround.report import BlockReport, RunReport, native_bf16_cpu, peak_gpu_gb, peak_rss_gb, release_freed_memory
@@ -285,8 +286,9 @@ def _quantize_block(
     """Targets, tuning and finalizing of block ``i``; returns the next block's float and quantized inputs."""
     tune = ctx.cfg.tune
     block, home = ctx.load(i)
-    with routed_tokens(block) as routed:  # the float block routes the float inputs: each expert's share
-        targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)
+    tape = RoutingTape() if tune.routing is Routing.TEACHER else None
+    with routed_tokens(block) as routed, tape.recording(block, fp_inputs.shape[1]) if tape else nullcontext():
+        targets = _run_block(block, fp_inputs, kwargs, tune.batch_size)  # the float block routes the float inputs
     expert_tokens = {name: c.tolist() for name, c in routed.items()} or None
     if expert_tokens:
         least = min((min(c), name, c.index(min(c))) for name, c in expert_tokens.items())
@@ -300,7 +302,7 @@ def _quantize_block(
         block.to(home)
         bar.update(1)
         return targets, targets
-    result, act, starved_report = _tune(ctx, i, block, BlockData(x, targets, kwargs), fp_inputs, expert_tokens)
+    result, act, starved_report = _tune(ctx, i, block, BlockData(x, targets, kwargs), fp_inputs, expert_tokens, tape)
     _replace_linears(block, result, act.scheme if act else None, act.scales if act else None)
     out = _run_block(block, x, kwargs, tune.batch_size)
     final = output_loss(out, targets, tune.loss, tune.batch_size)
@@ -332,9 +334,11 @@ def _tune(
     data: BlockData,
     fp_inputs: torch.Tensor,
     expert_tokens: dict[str, list[int]] | None,
+    tape: RoutingTape | None = None,
 ) -> tuple[BlockResult, ActInputs | None, list[dict[str, Any]] | None]:
     """Smoothing and static activation scales (when asked for), the starved experts alone (see
-    :mod:`signround.tune.experts`), then the tuning function on block ``i``'s other layers. Returns the
+    :mod:`signround.tune.experts`), then the tuning function on block ``i``'s other layers (with ``tape``,
+    the float model's routing replayed during its steps). Returns the
     result for every planned layer, the activation inputs and the starved experts' report entries."""
     cfg, tune = ctx.cfg, ctx.cfg.tune
     if cfg.smooth:
@@ -370,7 +374,8 @@ def _tune(
             alone = _tune_starved(ctx, i, block, fp_inputs, data.kwargs, entries, act)
     schemes = {n: s for n, s in ctx.plans[i].items() if n not in alone}
     tuner = tune_block if tune.iters > 0 else tune_rtn
-    result = tuner(block, data, schemes, tune, tune.seed + i, act, _hooks(ctx, on_step))
+    with tape.replaying(block) if tape and tape.index else nullcontext():
+        result = tuner(block, data, schemes, tune, tune.seed + i, act, _hooks(ctx, on_step, tape))
     result.layers.update(alone)
     steps.close()
     return result, act, entries
@@ -432,13 +437,20 @@ def _experts_inputs(
     return {m: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).reshape(n, seqlen, -1) for m, xs in seen.items()}
 
 
-def _hooks(ctx: _Run, on_step: Any) -> TuneHooks:
-    """The tuning loop's host-read cadence and, in a data-parallel run, its gradient reduction."""
+def _hooks(ctx: _Run, on_step: Any, tape: RoutingTape | None = None) -> TuneHooks:
+    """The tuning loop's host-read cadence, the routing replay's batch and, in a data-parallel run, its
+    gradient reduction."""
     # the best-step pick must see each loss before the step changes the weights
     sync_every = SYNC_EVERY_GPU if ctx.dev.type != "cpu" and not ctx.cfg.tune.use_best else 1
+    on_batch = None
+    if tape is not None and tape.index:
+
+        def on_batch(idx: torch.Tensor | None) -> None:
+            tape.batch = idx
+
     if dist.world()[1] > 1 and not ctx.parallel:
-        return TuneHooks(on_step, sync_every, shard=dist.shard, reduce=dist.all_reduce_sum)
-    return TuneHooks(on_step, sync_every)
+        return TuneHooks(on_step, sync_every, shard=dist.shard, reduce=dist.all_reduce_sum, on_batch=on_batch)
+    return TuneHooks(on_step, sync_every, on_batch=on_batch)
 
 
 @torch.no_grad()
@@ -514,7 +526,11 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,
             **(
-                {"expert_min_tokens": tune.expert_min_tokens, "starved_experts": tune.starved_experts.value}
+                {
+                    "expert_min_tokens": tune.expert_min_tokens,
+                    "starved_experts": tune.starved_experts.value,
+                    "routing": tune.routing.value,
+                }
                 if any(b.expert_tokens for b in report.blocks)
                 else {}
             ),

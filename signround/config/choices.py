@@ -50,6 +50,13 @@ class StarvedExperts(_Choice):
     BLOCK = "block"
 
 
+class Routing(_Choice):
+    """Which routing a mixture-of-experts block's student follows while tuned (see :attr:`TuneConfig.routing`)."""
+
+    STUDENT = "student"
+    TEACHER = "teacher"
+
+
 class ActDType(_Choice):
     """Number format of quantized activations (see :class:`ActScheme`)."""
 

@@ -13,6 +13,7 @@ from signround.config.choices import (
     Init,
     Loss,
     Method,
+    Routing,
     Sensitivity,
     Solver,
     StarvedExperts,
@@ -71,6 +72,7 @@ class ActScheme:
 LOSSES = tuple(m.value for m in Loss)
 INITS = tuple(m.value for m in Init)
 STARVED = tuple(m.value for m in StarvedExperts)
+ROUTINGS = tuple(m.value for m in Routing)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,12 @@ class TuneConfig:
             model's inputs to the experts module; clipping search on them too); ``init``: the clipping
             search on every token's inputs and no steps; ``block``: nothing special, it is tuned with the
             block on the tokens routed to it. The run report lists the starved experts of each block.
+        routing: mixture of experts: during a block's signed steps the student's experts are routed by its
+            own (float) router on its own hidden states (``student``, default: as the quantized model runs)
+            or get the float model's routing of the same tokens replayed (``teacher``: each expert is tuned
+            on exactly the tokens and gate weights it serves in the float model; the quantized attention's
+            error cannot flip a token to another expert during tuning). The final loss and the next block's
+            inputs always use the student's own routing.
     """
 
     method: Method = Method.SIGNROUND
@@ -134,6 +142,7 @@ class TuneConfig:
     torch_compile: bool = False
     expert_min_tokens: int = 64
     starved_experts: StarvedExperts = StarvedExperts.OWN
+    routing: Routing = Routing.STUDENT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
@@ -143,6 +152,10 @@ class TuneConfig:
             raise SignRoundError(
                 f"starved_experts must be one of {', '.join(STARVED)}, got {self.starved_experts!r}"
             ) from None
+        try:
+            object.__setattr__(self, "routing", Routing(self.routing))
+        except ValueError:
+            raise SignRoundError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}") from None
         if self.expert_min_tokens < 0:
             raise SignRoundError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         try:

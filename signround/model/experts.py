@@ -396,3 +396,61 @@ def routed_tokens(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+class RoutingTape:
+    """The float model's routing of the calibration samples, recorded and replayed (``--routing teacher``).
+
+    :meth:`recording` stores, for every :class:`UnfusedExperts` of a block, the routing indices and weights
+    its forward receives while the float block runs: ``index[name]`` and ``weights[name]`` ``[n, seqlen, k]``
+    (sample-major, as the block's inputs). Inside :meth:`replaying`, a forward call of those modules gets the
+    recorded routing of the samples :attr:`batch` names (a 1-D index tensor into ``n``; None: the module's own
+    routing), so the student's experts see exactly the tokens and gate weights the teacher's did."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.index: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.batch: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def recording(self, block: nn.Module, seqlen: int) -> Iterator[RoutingTape]:
+        def hook(name: str, args: tuple) -> None:
+            self._parts.setdefault(name, []).append((args[1].detach(), args[2].detach()))
+
+        handles = [
+            m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a))
+            for n, m in block.named_modules()
+            if isinstance(m, UnfusedExperts)
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for name, parts in self._parts.items():
+                k = parts[0][0].shape[-1]
+                self.index[name] = torch.cat([i.reshape(-1, k) for i, _ in parts]).reshape(-1, seqlen, k)
+                self.weights[name] = torch.cat([w.reshape(-1, k) for _, w in parts]).reshape(-1, seqlen, k)
+            self._parts.clear()
+
+    @contextlib.contextmanager
+    def replaying(self, block: nn.Module) -> Iterator[RoutingTape]:
+        def hook(name: str, args: tuple) -> tuple | None:
+            if self.batch is None or name not in self.index:
+                return None
+            index, weights = self.index[name][self.batch], self.weights[name][self.batch]
+            k = index.shape[-1]
+            return (args[0], index.reshape(-1, k), weights.reshape(-1, k).to(args[2].dtype), *args[3:])
+
+        handles = [
+            m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a))
+            for n, m in block.named_modules()
+            if isinstance(m, UnfusedExperts)
+        ]
+        try:
+            yield self
+        finally:
+            self.batch = None
+            for h in handles:
+                h.remove()

@@ -151,6 +151,8 @@ class TuneHooks:
             every step; ``use_best`` needs 1). Results are the same either way; a non-finite loss is reported
             up to ``sync_every - 1`` steps late, naming its step.
         shard: data-parallel: this process's share of a batch's sample indices (None: one process).
+        on_batch: called with each step's sample indices (this process's share) just before its forward, and
+            with None once the steps are done (the pipeline's routing replay, :class:`RoutingTape`).
         reduce: data-parallel: sum a list of tensors over processes in place (None: one process).
             With ``shard`` and ``reduce`` each process back-propagates its share's error divided by the whole
             batch's size and the gradients are summed before the sign step, so every process ends equal.
@@ -160,6 +162,7 @@ class TuneHooks:
     sync_every: int = 1
     shard: Callable[[torch.Tensor], torch.Tensor] | None = None
     reduce: Callable[[list[torch.Tensor]], None] | None = None
+    on_batch: Callable[[torch.Tensor | None], None] | None = None
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
@@ -265,6 +268,8 @@ def tune_block(
             stack.enter_context(compiled_fake_quant(cfg.torch_compile))  # the RTN pass and search stay eager
             for step in range(cfg.iters):
                 idx = batches[step]
+                if hooks.on_batch is not None:
+                    hooks.on_batch(idx if not hooks.data_parallel else hooks.shard(idx))
                 if not hooks.data_parallel:
                     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                         out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
@@ -288,6 +293,8 @@ def tune_block(
                     loss.backward()
                 sign_step(offsets, step_lr)  # data-parallel: the summed gradients
                 sign_step(factors, linear_decay(mm_lr, step, cfg.iters))
+            if hooks.on_batch is not None:
+                hooks.on_batch(None)
             if pending:
                 record()
             if cfg.use_best and best_state is not None:

@@ -107,6 +107,8 @@ def test_bad_starved_settings_are_refused(capsys):
         TuneConfig(starved_experts="skip")
     with pytest.raises(SignRoundError, match="expert_min_tokens must be >= 0"):
         TuneConfig(expert_min_tokens=-1)
+    with pytest.raises(SignRoundError, match="routing must be one of student, teacher"):
+        TuneConfig(routing="router")
     assert TuneConfig(starved_experts="init").starved_experts is StarvedExperts.INIT
     assert main(["quantize", "--model", "x", "--output", "y", "--starved-experts", "skip"]) == 2
     assert "invalid choice: 'skip'" in capsys.readouterr().err
