@@ -4,8 +4,10 @@ A GGUF carries no ``tokenizer.json``; llama.cpp and transformers rebuild the tok
 
 * ``tokenizer.ggml.model`` = ``"gpt2"`` (byte-level BPE) and ``tokenizer.ggml.pre``, the name of the
   pre-tokenizer (the regex that splits text before BPE): ``"smollm"`` for SmolLM's vocabulary or a
-  digit-splitting byte-level tokenizer, ``"gpt-2"`` for a plain GPT-2 byte-level regex, else
-  ``"default"``. llama.cpp picks its regex from this name alone; transformers keeps GPT-2's for all three.
+  digit-splitting byte-level tokenizer, ``"gpt-2"`` for a plain GPT-2 byte-level regex, ``"qwen2"`` /
+  ``"llama-bpe"`` / ``"gpt-4o"`` for the split regex of Qwen2 and Qwen3, LLaMA 3, o200k (gpt-oss)
+  (:data:`SPLIT_NAMES`), else ``"default"``. llama.cpp picks its regex from this name alone; transformers
+  applies the named split for the last three and GPT-2's regex otherwise.
 * ``tokenizer.ggml.tokens``: every token by id, in the vocabulary's byte-to-unicode spelling (``"Ġthe"``);
   added tokens are written as their text (``"<|im_end|>"``). Ids the tokenizer lacks, up to the model's
   vocabulary size, become ``[PAD<id>]`` (as llama.cpp's converter writes them).
@@ -31,6 +33,22 @@ log = logging.getLogger("signround")
 # SmolLM (1 and 2) share one 49152-token vocabulary whose first added tokens are these, in this order.
 _SMOLLM_VOCAB = 49152
 _SMOLLM_HEAD = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>")
+# The split regexes of tokenizer.json files that llama.cpp knows by name (``Split`` then a regex-free
+# ``ByteLevel``): Qwen2 / Qwen3 (llama.cpp's llama-vocab.cpp quotes it), LLaMA 3, and o200k (gpt-oss).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_O200K_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_NAMES = {_QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe", _O200K_SPLIT: "gpt-4o"}
 
 
 def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
@@ -66,6 +84,9 @@ def pre_tokenizer_name(spec: dict[str, Any], tokens: list[str]) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"  # llama.cpp: digits one by one, then GPT-2's regex (same as its "starcoder")
+    prefix = any(p.get("add_prefix_space") for p in _components(spec.get("pre_tokenizer")))
+    if kinds == ["Split"] and not prefix and (name := SPLIT_NAMES.get((parts[0].get("pattern") or {}).get("Regex"))):
+        return name  # Qwen2/2.5/3 (-MoE), LLaMA 3, gpt-oss: their ByteLevel step has no regex, no prefix space
     log.warning(
         "gguf: pre-tokenizer %s has no llama.cpp name; writing 'default', llama.cpp may split text differently",
         kinds,

@@ -300,3 +300,37 @@ def test_rope_permutation_matches_transformers_inverse():
     back = gg.reshape(n_head, rows // n_head // 2, 2, 3).swapaxes(2, 1).reshape(rows, 3)
     np.testing.assert_array_equal(back, w)
     assert list(rope_permutation(8, 1)) == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-bpe", "gpt-4o"])
+def test_split_regex_tokenizers_are_named_and_read_back_alike(name, tmp_path):
+    """A Qwen2/3, LLaMA 3 or o200k (gpt-oss) style tokenizer (Split regex, then ByteLevel without a regex) gets
+    llama.cpp's name for its regex, which is transformers' own name for the same regex; transformers' GGUF
+    tokenizer then splits text as the original does (digits one by one for qwen2, in threes for the others;
+    "(quick" one piece, "'S" matched case-insensitively)."""
+    from tokenizers import Regex, decoders, trainers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from signround.export.gguf_tokenizer import SPLIT_NAMES
+
+    regex = next(r for r, n in SPLIT_NAMES.items() if n == name)
+    assert GGUF_PRE_TOKENIZER_SPLITS[name] == regex
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([SENTENCE * 3, "12 345 6789 " * 5, "IT'S (quick) (brown) " * 5], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    path = write_gguf(make_model("llama", layers=1), fast, tmp_path, "f16")
+    assert _field(GGUFReader(path), "tokenizer.ggml.pre") == name
+    gt = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    text = (
+        SENTENCE + " 1234567 IT'S (quick) done\n\nYES"
+    )  # measured: GPT-2's regex splits each of the three differently
+    assert gt.encode(text, add_special_tokens=False) == fast.encode(text, add_special_tokens=False)
