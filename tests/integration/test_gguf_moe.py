@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,6 +87,16 @@ def _fields(path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
 
 
+def _names_are_the_archs(path) -> None:
+    """Every tensor of the file is one gguf-py lists for the file's architecture (MODEL_TENSORS)."""
+    arch = GGUFReader(path).fields["general.architecture"].contents()
+    kind = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    known = {TENSOR_NAMES[t] for t in MODEL_TENSORS[kind]}
+    for name in _tensors(path):
+        base = name.rsplit(".", 1)[0]  # drop .weight / .bias
+        assert re.sub(r"^blk\.\d+\.", "blk.{bid}.", base) in known, name
+
+
 def _decoded(t) -> np.ndarray:
     """A tensor as the gguf package decodes it, torch order (``[E, out, in]`` for experts)."""
     return dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -124,6 +135,7 @@ def test_qwen3_moe_experts_are_fused_tensors_of_the_tuned_codes(qwen3_moe):
     want = {"token_embd.weight", "output_norm.weight", "output.weight"}
     want |= {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer}
     assert set(tensors) == want  # no per-expert tensors, no dense ffn_gate/up/down
+    _names_are_the_archs(path)
     i_width = QWEN3_MOE["moe_intermediate_size"]
     for i in range(2):
         for gg, proj in EXPERT_TENSORS.items():
@@ -246,6 +258,7 @@ def test_dense_qwen3_with_qk_norms(tokenizer, tmp_path):
     tensors = _tensors(path)
     assert _fields(path)["general.architecture"] == "qwen3"
     assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "blk.1.ffn_down.weight"} <= set(tensors)
+    _names_are_the_archs(path)
     q = model.get_submodule("model.layers.1.self_attn.q_proj")
     np.testing.assert_array_equal(_decoded(tensors["blk.1.attn_q.weight"]), q.dequantize().numpy())  # no permutation
     theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
@@ -303,6 +316,7 @@ def test_gpt_oss_layout_and_a_rebuilt_model_from_the_file(tokenizer, tmp_path):
         biases = [model.get_submodule(f"model.layers.0.mlp.experts.{e}.{proj}").bias for e in range(E)]
         np.testing.assert_array_equal(_decoded(bias), torch.stack(biases).detach().numpy())
     assert {"blk.1.attn_sinks.weight", "blk.1.ffn_gate_inp.bias", "blk.1.attn_q.bias"} <= set(tensors)
+    _names_are_the_archs(path)
     rebuilt = _gpt_oss_from_gguf(path, AutoConfig.for_model("gpt_oss", **COMMON, **GPT_OSS))
     torch.testing.assert_close(_logits(rebuilt), _logits(_as_file_stores(model)), rtol=1e-5, atol=1e-5)
 
@@ -322,3 +336,17 @@ def test_cli_gguf_run_equals_export_of_the_streamed_checkpoint(tokenizer, tmp_pa
     direct, exported = _tensors(tmp_path / "direct" / "model-q4_0.gguf"), _tensors(tmp_path / "g" / "model-q4_0.gguf")
     assert direct.keys() == exported.keys() and "blk.1.ffn_down_exps.weight" in direct
     assert all(np.array_equal(direct[k].data, exported[k].data) for k in direct)
+
+
+def test_float_gpt_oss_with_fused_experts_exports_f16(tokenizer, tmp_path):
+    """The fused gpt-oss layout (input-major, gate and up interleaved) is split into llama.cpp's tensors too."""
+    model = _model("gpt_oss", **GPT_OSS)
+    path = write_gguf(model, tokenizer, tmp_path, "f16")
+    assert _tensors(path)["blk.0.ffn_gate_exps.weight"].tensor_type.name == "F16"
+    stored = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in stored.named_parameters():
+            if p.dim() >= 2 and ".mlp.router." not in name and not name.endswith("_bias"):  # the rest is f32
+                p.copy_(p.half().float())
+    rebuilt = _gpt_oss_from_gguf(path, AutoConfig.for_model("gpt_oss", **COMMON, **GPT_OSS))
+    torch.testing.assert_close(_logits(rebuilt), _logits(stored), rtol=1e-5, atol=1e-5)
