@@ -65,25 +65,39 @@ Tensor = tuple[str, np.ndarray, "GGMLQuantizationType | None"]
 
 @dataclass(frozen=True)
 class Arch:
-    """One family: ``name`` is llama.cpp's ``general.architecture``; ``permute_qk`` whether llama.cpp wants
-    the LLaMA rotary row order (NeoX-style families keep HF's); ``qk_norm`` per-head q/k RMS norms;
-    ``experts`` the layout of its mixture of experts (None for a dense family)."""
+    """One family, as llama.cpp's graph for it reads the file.
+
+    ``name``: llama.cpp's ``general.architecture``; ``permute_qk``: llama.cpp wants LLaMA's rotary row order
+    (NeoX-style families keep HF's); ``qk_norm``: per-head q/k RMS norms; ``experts``: the layout of its
+    mixture of experts (None for a dense family), ``router`` the router module under ``mlp`` and
+    ``expert_width`` the config field of the experts' width ``I``; ``ffn_norm``: the GGUF name of
+    ``post_attention_layernorm``; ``sinks``: per-head attention sinks; ``rope``: the one rope type the graph
+    applies (``"yarn"`` also writes the YaRN keys); ``sliding_window``: write the window size."""
 
     model_type: str
     name: str
-    permute_qk: bool
-    qk_norm: bool
-    experts: ExpertLayout | None
+    permute_qk: bool = False
+    qk_norm: bool = False
+    experts: ExpertLayout | None = None
+    router: str = "gate"
+    expert_width: str = "moe_intermediate_size"
+    ffn_norm: str = "ffn_norm"
+    sinks: bool = False
+    rope: str = "default"
+    sliding_window: bool = False
 
 
 ARCHS: dict[str, Arch] = {
-    "llama": Arch("llama", "llama", True, False, None),
-    "qwen3": Arch("qwen3", "qwen3", False, True, None),
-    "qwen3_moe": Arch("qwen3_moe", "qwen3moe", False, True, ExpertLayout.OUTPUT_MAJOR),
-    "gpt_oss": Arch("gpt_oss", "gpt-oss", False, False, ExpertLayout.GPT_OSS),
-}
+    "llama": Arch("llama", "llama", permute_qk=True),
+    "qwen3": Arch("qwen3", "qwen3", qk_norm=True),
+    "qwen3_moe": Arch("qwen3_moe", "qwen3moe", qk_norm=True, experts=ExpertLayout.OUTPUT_MAJOR),
+    "gpt_oss": Arch(
+        "gpt_oss", "gpt-oss", experts=ExpertLayout.GPT_OSS, router="router", expert_width="intermediate_size",
+        ffn_norm="post_attention_norm", sinks=True, rope="yarn", sliding_window=True,
+    ),
+}  # fmt: skip
 SUPPORTED = ", ".join(f"{a.model_type} ({a.name})" for a in ARCHS.values())
-_GPT_OSS_ALPHA, _GPT_OSS_LIMIT = 1.702, 7.0  # llama.cpp's gpt-oss expert activation constants
+_GPT_OSS_ALPHA, _GPT_OSS_LIMIT = 1.702, 7.0  # the constants of llama.cpp's gpt-oss expert activation
 
 
 def arch_of(model: Any) -> Arch:
@@ -101,39 +115,53 @@ def arch_of(model: Any) -> Arch:
             f"gguf export supports {SUPPORTED} models; {model_type} is not supported yet "
             "(use --format native, gptq, auto_round or compressed-tensors)"
         )
-    _check_config(arch, config)
+    rope_type(config, arch)  # refuses a scaling llama.cpp's graph for this family does not apply
+    if problem := _CONFIG_CHECKS[model_type](config):
+        raise SignRoundError(f"gguf export of {arch.model_type} ({arch.name}): {problem}; use --format native instead")
     return arch
 
 
-def _refuse(arch: Arch, what: str) -> SignRoundError:
-    return SignRoundError(f"gguf export of {arch.model_type} ({arch.name}): {what}; use --format native instead")
+def _llama_problem(config: Any) -> str | None:
+    act = getattr(config, "hidden_act", "silu")
+    return None if act == "silu" else f"llama.cpp runs SiLU MLPs, this model uses {act}"
 
 
-def _check_config(arch: Arch, config: Any) -> None:
-    rope_type(config, arch)  # refuses a scaling llama.cpp's graph for this family does not apply
-    if arch.model_type != "gpt_oss" and getattr(config, "hidden_act", "silu") != "silu":
-        raise _refuse(arch, f"llama.cpp runs SiLU MLPs, this model uses {config.hidden_act}")
-    if arch.model_type in ("qwen3", "qwen3_moe"):
-        if getattr(config, "attention_bias", False):
-            raise _refuse(arch, "llama.cpp's graph has no attention biases, this model has attention_bias=True")
-        if getattr(config, "use_sliding_window", False):
-            raise _refuse(arch, "llama.cpp's graph has no sliding window, this model has use_sliding_window=True")
-    if arch.model_type == "qwen3_moe":
-        if not getattr(config, "norm_topk_prob", False):
-            raise _refuse(arch, "llama.cpp always renormalizes the top-k router weights; this model has "
-                          "norm_topk_prob=False")  # fmt: skip
-        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
-            raise _refuse(arch, "every layer must be a mixture of experts (mlp_only_layers / decoder_sparse_step)")
-    if arch.model_type == "gpt_oss":
-        limit = float(getattr(config, "swiglu_limit", _GPT_OSS_LIMIT))
-        if limit != _GPT_OSS_LIMIT:
-            raise _refuse(arch, f"llama.cpp clamps the experts at {_GPT_OSS_LIMIT}, this model at {limit}")
-        n = int(config.num_hidden_layers)
-        layer_types = list(getattr(config, "layer_types", None) or [])
-        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-        if layer_types != expected:
-            raise _refuse(arch, "llama.cpp alternates sliding-window and full attention layers, starting with "
-                          "sliding; this model's layer_types differ")  # fmt: skip
+def _qwen3_problem(config: Any) -> str | None:
+    if getattr(config, "attention_bias", False):
+        return "llama.cpp's graph has no attention biases, this model has attention_bias=True"
+    if getattr(config, "use_sliding_window", False):
+        return "llama.cpp's graph has no sliding window, this model has use_sliding_window=True"
+    return _llama_problem(config)
+
+
+def _qwen3_moe_problem(config: Any) -> str | None:
+    if not getattr(config, "norm_topk_prob", False):
+        return "llama.cpp always renormalizes the top-k router weights; this model has norm_topk_prob=False"
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        return "every layer must be a mixture of experts (this model sets mlp_only_layers / decoder_sparse_step)"
+    return _qwen3_problem(config)
+
+
+def _gpt_oss_problem(config: Any) -> str | None:
+    alpha = float(getattr(config, "swiglu_alpha", _GPT_OSS_ALPHA))
+    limit = float(getattr(config, "swiglu_limit", _GPT_OSS_LIMIT))
+    if (alpha, limit) != (_GPT_OSS_ALPHA, _GPT_OSS_LIMIT):
+        return f"llama.cpp's experts use alpha {_GPT_OSS_ALPHA} and limit {_GPT_OSS_LIMIT}, this model {alpha}, {limit}"
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(int(config.num_hidden_layers))]
+    if layer_types != expected:
+        return (
+            "llama.cpp alternates sliding-window and full attention layers, starting with sliding; this model does not"
+        )
+    return None
+
+
+_CONFIG_CHECKS = {
+    "llama": _llama_problem,
+    "qwen3": _qwen3_problem,
+    "qwen3_moe": _qwen3_moe_problem,
+    "gpt_oss": _gpt_oss_problem,
+}
 
 
 def _rope_params(config: Any) -> dict[str, Any]:
@@ -147,12 +175,9 @@ def rope_type(config: Any, arch: Arch) -> str:
     the LLaMA and Qwen3 families, YaRN (gpt-oss's own) for gpt-oss."""
     params = _rope_params(config)
     kind = params.get("rope_type") or params.get("type") or "default"
-    wanted = "yarn" if arch.model_type == "gpt_oss" else "default"
-    if kind != wanted:
-        raise SignRoundError(
-            f"gguf export of {arch.model_type} supports {'plain RoPE' if wanted == 'default' else 'YaRN RoPE'}; "
-            f"this model uses rope_type {kind!r}"
-        )
+    if kind != arch.rope:
+        wanted = "plain RoPE" if arch.rope == "default" else f"{arch.rope} RoPE"
+        raise SignRoundError(f"gguf export of {arch.model_type} supports {wanted}; this model uses rope_type {kind!r}")
     return kind
 
 
@@ -188,11 +213,11 @@ def add_metadata(writer: GGUFWriter, model: Any, arch: Arch, file_type: LlamaFil
         experts = getattr(config, "num_local_experts", None) or config.num_experts
         writer.add_expert_count(int(experts))
         writer.add_expert_used_count(int(config.num_experts_per_tok))
-        width = config.moe_intermediate_size if arch.model_type == "qwen3_moe" else config.intermediate_size
-        writer.add_expert_feed_forward_length(int(width))
-    if arch.model_type == "gpt_oss":
-        rope = _rope_params(config)
+        writer.add_expert_feed_forward_length(int(getattr(config, arch.expert_width)))
+    if arch.sliding_window:
         writer.add_sliding_window(int(config.sliding_window))
+    if arch.rope == "yarn":
+        rope = _rope_params(config)
         writer.add_rope_scaling_type(RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings", 4096)))
@@ -310,16 +335,15 @@ def tensors(model: Any, arch: Arch, encode: Encode) -> Iterable[Tensor]:
         if arch.qk_norm:
             yield f"blk.{i}.attn_q_norm.weight", _f32(get(f"{p}.self_attn.q_norm").weight), None
             yield f"blk.{i}.attn_k_norm.weight", _f32(get(f"{p}.self_attn.k_norm").weight), None
-        if arch.model_type == "gpt_oss":
+        if arch.sinks:
             yield f"blk.{i}.attn_sinks.weight", _f32(get(f"{p}.self_attn").sinks), None
         if arch.experts is None:
             for hf, gg in _MLP.items():
                 yield from _linear(get, f"{p}.mlp.{hf}", f"blk.{i}.{gg}", None, encode)
         else:
-            yield from _router(get, f"{p}.mlp.{'router' if arch.model_type == 'gpt_oss' else 'gate'}", i)
+            yield from _router(get, f"{p}.mlp.{arch.router}", i)
             yield from _experts(get, f"{p}.mlp.experts", i, encode)
-        norm = "post_attention_norm" if arch.model_type == "gpt_oss" else "ffn_norm"
-        yield f"blk.{i}.{norm}.weight", _f32(get(f"{p}.post_attention_layernorm").weight), None
+        yield f"blk.{i}.{arch.ffn_norm}.weight", _f32(get(f"{p}.post_attention_layernorm").weight), None
     yield "output_norm.weight", _f32(get("model.norm").weight), None
     head = model.get_output_embeddings()
     tied = getattr(config, "tie_word_embeddings", False) or head.weight is get("model.embed_tokens").weight
