@@ -1,36 +1,36 @@
 """GGUF architectures: for each transformers family the GGUF exporter writes, llama.cpp's architecture name,
 the config it can run, its metadata keys and its tensors (names, order, layout).
 
-=============  ===========  ==========================================================================
-model_type     llama.cpp    what differs from ``llama``
-=============  ===========  ==========================================================================
-``llama``      ``llama``    (the reference) ``attn_q`` / ``attn_k`` rows permuted to GGUF's rotary order
-``qwen3``      ``qwen3``    NeoX rotary (rows in HF's order), per-head ``attn_q_norm`` / ``attn_k_norm``
-``qwen3_moe``  ``qwen3moe`` as ``qwen3``; every layer a mixture of experts (below)
-``gpt_oss``    ``gpt-oss``  NeoX rotary, attention biases, ``attn_sinks``, ``post_attention_norm``,
-                            experts with biases, YaRN rotary scaling, alternating sliding-window layers
-=============  ===========  ==========================================================================
+=============  =============  ==========================================================================
+model_type     llama.cpp      what differs from ``llama``
+=============  =============  ==========================================================================
+``llama``      ``llama``      (the reference) ``attn_q`` / ``attn_k`` rows permuted to GGUF's rotary order
+``qwen3``      ``qwen3``      NeoX rotary (rows in HF's order), per-head ``attn_q_norm`` / ``attn_k_norm``
+``qwen3_moe``  ``qwen3moe``   as ``qwen3``; every layer a mixture of experts (below)
+``gpt_oss``    ``gpt-oss``    NeoX rotary, attention biases, ``attn_sinks``, ``post_attention_norm``,
+                              experts with biases, YaRN rotary scaling, alternating sliding-window layers
+=============  =============  ==========================================================================
 
 Mixtures of experts. signround quantizes one ``nn.Linear`` per expert
 (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj``, :mod:`signround.model.experts`); llama.cpp stores
 each projection of a layer as one 3-D tensor. With ``E`` experts, hidden width ``H`` and expert width ``I``:
 
-===============================  =================  =========================  ===============================
-GGUF tensor                      torch shape        GGUF ``ne`` (innermost 1st)  content
-===============================  =================  =========================  ===============================
-``blk.{i}.ffn_gate_exps.weight``  ``[E, I, H]``      ``[H, I, E]``               expert ``e``'s ``gate_proj`` rows
-``blk.{i}.ffn_up_exps.weight``    ``[E, I, H]``      ``[H, I, E]``               expert ``e``'s ``up_proj`` rows
-``blk.{i}.ffn_down_exps.weight``  ``[E, H, I]``      ``[I, H, E]``               expert ``e``'s ``down_proj`` rows
-``blk.{i}.ffn_gate_inp.weight``   ``[E, H]``         ``[H, E]``                  the router, F32
-===============================  =================  =========================  ===============================
+================================  =============  =============  =================================
+GGUF tensor                       torch shape    GGUF ``ne``    content
+================================  =============  =============  =================================
+``blk.{i}.ffn_gate_exps.weight``  ``[E, I, H]``  ``[H, I, E]``  expert ``e``'s ``gate_proj`` rows
+``blk.{i}.ffn_up_exps.weight``    ``[E, I, H]``  ``[H, I, E]``  expert ``e``'s ``up_proj`` rows
+``blk.{i}.ffn_down_exps.weight``  ``[E, H, I]``  ``[I, H, E]``  expert ``e``'s ``down_proj`` rows
+``blk.{i}.ffn_gate_inp.weight``   ``[E, H]``     ``[H, E]``     the router, F32
+================================  =============  =============  =================================
 
-Expert-major: the tensor is the experts' ``[out, in]`` weights stacked in expert order (``torch.stack``,
-as :func:`signround.model.experts.fuse_expert_tensors` documents). A block type is a per-row encoding, so
-the fused tensor's bytes are the experts' own rows, concatenated: ``uint8 [E, out, in / 32 * block_bytes]``
-(or ``/ 256`` for a K-quant), every expert in the same GGUF type. gpt-oss adds ``ffn_{gate,up,down}_exps.bias``
-``[E, I]``, ``[E, I]``, ``[E, H]`` and ``ffn_gate_inp.bias`` ``[E]``, all F32. A float model whose experts
-are still transformers' fused modules is written the same way (:func:`signround.model.experts.split_gate_up`
-gives the per-expert rows).
+GGUF lists ``ne`` innermost first. Expert-major: the tensor is the experts' ``[out, in]`` weights stacked
+in expert order (``torch.stack``, as :func:`signround.model.experts.fuse_expert_tensors` documents). A block
+type is a per-row encoding, so the fused tensor's bytes are the experts' own rows, concatenated:
+``uint8 [E, out, in / 32 * block_bytes]`` (``/ 256`` for a K-quant), every expert in the same GGUF type.
+gpt-oss adds ``ffn_{gate,up,down}_exps.bias`` ``[E, I]``, ``[E, I]``, ``[E, H]`` and ``ffn_gate_inp.bias``
+``[E]``, all F32. A float model whose experts are still transformers' fused modules is written the same way
+(:func:`signround.model.experts.split_gate_up` gives the per-expert rows).
 
 Tensors are produced here, encoded by the caller (:data:`Encode`), so that this module knows names and
 layouts and :mod:`signround.export.gguf_export` knows blocks.
