@@ -15,10 +15,22 @@ For a quantized linear ``P`` with weight ``[out, in]``, ``b`` bits, ``G = ceil(i
 * ``P.bias``: unchanged.
 
 Dequantized weight (both): ``W[o, i] = (code - zero) * scale`` with the group ``i // g``.
+
+Mixtures of experts are written one layer per expert, ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.*``:
+the names vLLM's MoE loaders map onto their fused ``w13_*`` / ``w2_*`` parameters
+(``FusedMoE.make_expert_params_mapping``, e.g. in qwen3_moe.py's ``load_weights``). Mixtral differs by reader:
+``gptq`` writes the serving names (:func:`signround.export.moe_names.serving_name`,
+``block_sparse_moe.experts.{e}.w1/w3/w2``, which vLLM's Mixtral loader and GPTQ Mixtral checkpoints use, config
+names included); ``auto_round`` writes what auto-round 0.16.1 writes and reads on transformers 5.24
+(``block_sparse_moe.experts.{e}.gate_proj``: transformers' save renames only the module). vLLM builds one quant method
+per MoE layer, so every expert of a layer must have one scheme (checked before tuning), and the ``gptq``
+``dynamic`` rule for a MoE layer names the layer (``model.layers.{i}.mlp.experts``, the prefix vLLM's
+``get_dynamic_override`` is given) as well as its experts' linears.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +50,9 @@ from signround.export.common import (
     quantized_layers,
     write_hf_folder,
 )
+from signround.export.moe_names import serving_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
+from signround.model.experts import PROJECTIONS, UnfusedExperts
 from signround.pack.bitpack import pack_bitstream
 from signround.pack.packed import QuantLinear
 
@@ -72,6 +86,52 @@ def check_gptq_layout(model: nn.Module, planned: Sequence[Planned], fmt: str = "
             )
         if p.scheme.dtype.value != "int":
             raise SignRoundError(f"{fmt} stores integer grids only; {p.name} uses {p.scheme.dtype.value}")
+    check_fused_experts(model, planned, fmt)
+
+
+def expert_schemes(model: nn.Module, planned: Sequence[Planned]) -> dict[str, dict[str, QuantScheme | None]]:
+    """``{experts module: {expert linear: scheme, None when kept float}}`` for every MoE layer of ``model``."""
+    schemes = {p.name: p.scheme for p in planned}
+    return {
+        name: {f"{name}.{e}.{proj}": schemes.get(f"{name}.{e}.{proj}") for e in range(len(m)) for proj in PROJECTIONS}
+        for name, m in model.named_modules()
+        if isinstance(m, UnfusedExperts)
+    }
+
+
+def _describe(s: QuantScheme | None) -> str:
+    return "float" if s is None else f"W{s.bits}G{s.group_size}{'sym' if s.sym else 'asym'}"
+
+
+def check_fused_experts(model: nn.Module, planned: Sequence[Planned], fmt: str) -> None:
+    """Refuse a MoE layer whose experts do not share one scheme: vLLM's ``FusedMoE`` holds gate+up and down of
+    all experts of a layer at one width (one quant method per layer; auto-round checkpoints with differing
+    ``extra_config`` entries under a layer are refused by its config parser)."""
+    for module, members in expert_schemes(model, planned).items():
+        kinds = set(members.values())
+        if len(kinds) > 1:
+            seen = ", ".join(sorted(_describe(s) for s in kinds))
+            raise SignRoundError(
+                f"{fmt}: serving engines store all experts of a MoE layer with one scheme, but {module} mixes "
+                f"{seen}; give its experts one width (mixed precision does by default) or save with --format native"
+            )
+
+
+def float_routers(model: nn.Module, block_prefix: str) -> list[str]:
+    """MoE routers inside the blocks (transformers' ``*Router`` modules, e.g. Qwen3-MoE's ``mlp.gate``): kept
+    float, and named so in the config, because readers that rebuild the experts as linears (auto-round's
+    ``LinearQwen3MoeSparseMoeBlock``) make the router an ``nn.Linear`` and would otherwise expect it quantized."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if n.startswith(block_prefix + ".") and type(m).__name__.endswith("Router") and hasattr(m, "weight")
+    ]
+
+
+def _module_regex(module: str) -> str:
+    """Matches the MoE layer's own name (vLLM's FusedMoE prefix) and every linear inside it (GPTQModel,
+    signround's reader)."""
+    return "^" + re.escape(module) + r"(?:\.|$)"
 
 
 def _scheme_fields(s: QuantScheme) -> dict[str, Any]:
@@ -80,6 +140,34 @@ def _scheme_fields(s: QuantScheme) -> dict[str, Any]:
 
 def _layer_regex(name: str) -> str:
     return "^" + name.replace(".", r"\.") + "$"
+
+
+def _serving(model: nn.Module):
+    """Module or tensor name -> the name written (unchanged except for Mixtral's experts and router)."""
+    model_type = getattr(model.config, "model_type", "")
+    return lambda name: serving_name(model_type, name)
+
+
+def _write(model: nn.Module, tokenizer: Any, folder: Path, tensors: dict, config: dict[str, Any]) -> None:
+    """:func:`write_hf_folder`; a mixture of experts has every tensor renamed to its serving name first (the
+    state is given to transformers' save whole, so its own load-time renames are not reverted onto them)."""
+    if not any(isinstance(m, UnfusedExperts) for m in model.modules()):
+        write_hf_folder(model, tokenizer, folder, tensors, config)
+        return
+    rename = _serving(model)
+    state = model.state_dict()
+    for name, layer_tensors in tensors.items():
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state.update({f"{name}.{suffix}": t.contiguous() for suffix, t in layer_tensors.items()})
+    native = model.config.quantization_config
+    model.config.quantization_config = config
+    try:
+        model.save_pretrained(folder, state_dict={rename(k): v for k, v in state.items()})
+    finally:
+        model.config.quantization_config = native
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def auto_round_config(model: nn.Module) -> dict[str, Any]:
@@ -92,7 +180,7 @@ def auto_round_config(model: nn.Module) -> dict[str, Any]:
     for name, layer in quantized_layers(model).items():
         if layer.scheme != base:
             extra[name] = {**_scheme_fields(layer.scheme), "data_type": "int"}
-    for name in float_linears_in_blocks(model, prefix):
+    for name in float_linears_in_blocks(model, prefix) + float_routers(model, prefix):
         extra[name] = {"bits": 16, "data_type": "float"}
     config = {
         "quant_method": "auto-round",
@@ -114,14 +202,23 @@ def auto_round_config(model: nn.Module) -> dict[str, Any]:
 def gptq_config(model: nn.Module) -> dict[str, Any]:
     """``quantization_config`` of a GPTQ v1 checkpoint; per-layer overrides in GPTQModel's ``dynamic``
     (``"+:regex"`` overrides a layer's scheme, ``"-:regex"`` leaves it unquantized)."""
-    qc, base = native_config(model), default_scheme(model)
+    qc, base, rename = native_config(model), default_scheme(model), _serving(model)
     prefix = qc.get("block_name_to_quantize", "model.layers")
     dynamic: dict[str, dict[str, Any]] = {}
+    covered: set[str] = set()  # expert linears a whole-layer rule speaks for
+    for module, members in expert_schemes(model, planned_from_model(model)).items():
+        kinds = set(members.values())
+        if len(kinds) != 1 or (scheme := next(iter(kinds))) == base:
+            continue  # mixed layers are refused before tuning; the default scheme needs no rule
+        key = ("-:" if scheme is None else "+:") + _module_regex(rename(module))
+        dynamic[key] = {} if scheme is None else _scheme_fields(scheme)
+        covered.update(members)
     for name, layer in quantized_layers(model).items():
-        if layer.scheme != base:
-            dynamic["+:" + _layer_regex(name)] = _scheme_fields(layer.scheme)
-    for name in float_linears_in_blocks(model, prefix):
-        dynamic["-:" + _layer_regex(name)] = {}
+        if layer.scheme != base and name not in covered:
+            dynamic["+:" + _layer_regex(rename(name))] = _scheme_fields(layer.scheme)
+    for name in float_linears_in_blocks(model, prefix) + float_routers(model, prefix):
+        if name not in covered:
+            dynamic["-:" + _layer_regex(rename(name))] = {}
     config = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -143,7 +240,7 @@ def write_auto_round(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     """auto-round's ``auto_round`` packing: GPTQ layout, zero points stored as they are, no ``g_idx``."""
     check_gptq_layout(model, planned_from_model(model), "auto_round")
     tensors = {name: gptq_tensors(layer, 0, False) for name, layer in quantized_layers(model).items()}
-    write_hf_folder(model, tokenizer, folder, tensors, auto_round_config(model))
+    write_hf_folder(model, tokenizer, folder, tensors, auto_round_config(model))  # auto-round's names: see above
 
 
 def write_gptq(model: nn.Module, tokenizer: Any, folder: Path) -> None:
@@ -158,7 +255,7 @@ def write_gptq(model: nn.Module, tokenizer: Any, folder: Path) -> None:
                 "use --format auto_round, which GPTQ-layout readers such as auto-round load"
             )
         tensors[name] = gptq_tensors(layer, zero_offset=-1, with_g_idx=True)
-    write_hf_folder(model, tokenizer, folder, tensors, gptq_config(model))
+    _write(model, tokenizer, folder, tensors, gptq_config(model))
 
 
 @register_exporter(ExportFormat.AUTO_ROUND)
