@@ -212,6 +212,14 @@ def test_experts_of_one_layer_in_different_types_are_refused_before_tuning(token
         "every expert of a layer the same scheme (one layer rule for model.layers.0.mlp.experts.*.down_proj)"
     )
     assert not [m for m in model.modules() if isinstance(m, QuantLinear)]  # refused before any tuning
+    # an expert a rule keeps float would be F16 among Q4_0 experts: refused the same way
+    keep_float = (LayerRule(r"model\.layers\.1\.mlp\.experts\.2\.up_proj$", None),)
+    cfg = make_config(scheme=W4G32_SYM, export=ExportConfig(formats="gguf:q4_0"), layer_config=keep_float,
+                      method="rtn")  # fmt: skip
+    with pytest.raises(
+        SignRoundError, match=r"experts\.\{e\}\.up_proj: .* Q4_0 for experts \[0, 1, 3\]; F16 for experts \[2\]"
+    ):
+        signround.quantize(model, tokenizer, cfg, corpus(20, seed=1), QUIET)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3"])
