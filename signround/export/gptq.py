@@ -30,6 +30,7 @@ per MoE layer, so every expert of a layer must have one scheme (checked before t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,9 @@ from signround.export.registry import Exporter, ExportFormat, ExportOptions, reg
 from signround.model.experts import PROJECTIONS, UnfusedExperts
 from signround.pack.bitpack import pack_bitstream
 from signround.pack.packed import QuantLinear
+
+log = logging.getLogger("signround")
+VLLM_MOE_BITS = (4, 8)  # GPTQMarlinMoEMethod ("only supports int4 and int8"), MoeWNA16 (W4A16/W8A16)
 
 
 def gptq_tensors(layer: QuantLinear, zero_offset: int, with_g_idx: bool) -> dict[str, torch.Tensor]:
@@ -97,6 +101,22 @@ def expert_schemes(model: nn.Module, planned: Sequence[Planned]) -> dict[str, di
         for name, m in model.named_modules()
         if isinstance(m, UnfusedExperts)
     }
+
+
+def warn_moe_widths(model: nn.Module, planned: Sequence[Planned], fmt: str) -> None:
+    """Warn when MoE experts take a width vLLM's MoE kernels do not run (they hold 4- or 8-bit experts only;
+    auto-round's own loader takes the others)."""
+    odd = sorted(
+        {s.bits for members in expert_schemes(model, planned).values() for s in members.values() if s is not None}
+        - set(VLLM_MOE_BITS)
+    )
+    if odd:
+        log.warning(
+            "%s: MoE experts at %s bits; vLLM's MoE kernels take 4 or 8 bits only (give --bit-options 4,8, or "
+            "--bits 4/8, for a checkpoint vLLM serves)",
+            fmt,
+            "/".join(map(str, odd)),
+        )
 
 
 def _describe(s: QuantScheme | None) -> str:
@@ -264,6 +284,7 @@ class AutoRoundExporter(Exporter):
 
     def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
         check_gptq_layout(model, planned, self.format)
+        warn_moe_widths(model, planned, self.format)
 
     def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
         write_auto_round(model, tokenizer, folder)
@@ -275,6 +296,7 @@ class GPTQExporter(Exporter):
 
     def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
         check_gptq_layout(model, planned, self.format)
+        warn_moe_widths(model, planned, self.format)
 
     def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
         write_gptq(model, tokenizer, folder)

@@ -20,6 +20,7 @@ report, not here: auto-round is not a dependency of the test environment).
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -252,3 +253,11 @@ def test_mixtral_experts_take_each_readers_names(tokenizer, tmp_path):
         if w1 is not None:  # w1 holds the gate projection's codes
             codes = unpack(w1, 8, 0).t()
             assert torch.equal(codes.to(torch.uint8), layers["model.layers.1.mlp.experts.2.gate_proj"].codes())
+
+
+def test_experts_at_a_width_vllm_moe_kernels_do_not_run_are_warned_about(tokenizer, caplog):
+    cfg = make_config(scheme=signround.QuantScheme(bits=3, group_size=G, sym=True), method="rtn",
+                      export=ExportConfig(formats="gptq"))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="signround"):
+        signround.quantize(build(), tokenizer, cfg, None, QUIET)
+    assert "gptq: MoE experts at 3 bits; vLLM's MoE kernels take 4 or 8 bits only" in caplog.text
