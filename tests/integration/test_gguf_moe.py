@@ -65,8 +65,9 @@ def _save(model, tokenizer, folder, qtype):
 
 @pytest.fixture(scope="module")
 def qwen3_moe(tokenizer, tmp_path_factory):
-    """(tuned Qwen3-MoE W4G32-sym, its gguf:q4_0 file)."""
-    model = _quantize(_model("qwen3_moe", **QWEN3_MOE), tokenizer)
+    """(Qwen3-MoE quantized W4G32-sym, its gguf:q4_0 file). RTN: SignRound on its 768-wide experts costs tens
+    of seconds here; the gpt-oss test exports SignRound-tuned experts."""
+    model = _quantize(_model("qwen3_moe", **QWEN3_MOE), tokenizer, method="rtn")
     return model, _save(model, tokenizer, tmp_path_factory.mktemp("qwen3moe"), "q4_0")
 
 
@@ -127,7 +128,7 @@ def _logits(model) -> torch.Tensor:
 EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
-def test_qwen3_moe_experts_are_fused_tensors_of_the_tuned_codes(qwen3_moe):
+def test_qwen3_moe_experts_are_fused_tensors_of_the_quantized_codes(qwen3_moe):
     model, path = qwen3_moe
     tensors = _tensors(path)
     per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
@@ -307,7 +308,7 @@ def _gpt_oss_from_gguf(path, config) -> torch.nn.Module:
 
 
 def test_gpt_oss_layout_and_a_rebuilt_model_from_the_file(tokenizer, tmp_path):
-    model = _quantize(_model("gpt_oss", **GPT_OSS), tokenizer, method="rtn")
+    model = _quantize(_model("gpt_oss", **GPT_OSS), tokenizer)  # SignRound: the file holds the tuned codes
     path = _save(model, tokenizer, tmp_path / "g", "q4_0")
     tensors = _tensors(path)
     meta = _fields(path)
