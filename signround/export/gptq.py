@@ -51,7 +51,7 @@ from signround.export.common import (
     quantized_layers,
     write_hf_folder,
 )
-from signround.export.moe_names import serving_name
+from signround.export.moe_names import per_expert_unreadable, serving_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.model.experts import PROJECTIONS, UnfusedExperts
 from signround.pack.bitpack import pack_bitstream
@@ -126,8 +126,14 @@ def _describe(s: QuantScheme | None) -> str:
 def check_fused_experts(model: nn.Module, planned: Sequence[Planned], fmt: str) -> None:
     """Refuse a MoE layer whose experts do not share one scheme: vLLM's ``FusedMoE`` holds gate+up and down of
     all experts of a layer at one width (one quant method per layer; auto-round checkpoints with differing
-    ``extra_config`` entries under a layer are refused by its config parser)."""
-    for module, members in expert_schemes(model, planned).items():
+    ``extra_config`` entries under a layer are refused by its config parser). gpt-oss is refused: no reader
+    loads its experts one linear per expert (:func:`signround.export.moe_names.per_expert_unreadable`; auto-round
+    0.16.1 loads the tensors, equal to signround's weights, but its gpt-oss forward then gives other logits)."""
+    experts = expert_schemes(model, planned)
+    model_type = getattr(model.config, "model_type", "")
+    if experts and (why := per_expert_unreadable(model_type)) is not None:
+        raise SignRoundError(f"{fmt} cannot store this {model_type} mixture of experts: {why}; use --format native")
+    for module, members in experts.items():
         kinds = set(members.values())
         if len(kinds) > 1:
             seen = ", ".join(sorted(_describe(s) for s in kinds))

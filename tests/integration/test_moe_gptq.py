@@ -261,3 +261,17 @@ def test_experts_at_a_width_vllm_moe_kernels_do_not_run_are_warned_about(tokeniz
     with caplog.at_level(logging.WARNING, logger="signround"):
         signround.quantize(build(), tokenizer, cfg, None, QUIET)
     assert "gptq: MoE experts at 3 bits; vLLM's MoE kernels take 4 or 8 bits only" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "auto_round"])
+def test_gpt_oss_experts_are_refused_before_tuning(fmt, tokenizer):
+    """No reader loads gpt-oss experts one linear per expert (vLLM reads fused or MXFP4 experts only; auto-round
+    0.16.1 loads the tensors but its gpt-oss forward disagrees with the model's, measured for the report)."""
+    kw = dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_key_value_heads=2, num_hidden_layers=LAYERS,
+              num_attention_heads=4, vocab_size=320, num_experts_per_tok=2, head_dim=16)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **kw)).eval()
+    cfg = make_config(scheme=signround.QuantScheme(bits=4, group_size=G, sym=True), method="rtn",
+                      export=ExportConfig(formats=fmt))  # fmt: skip
+    with pytest.raises(SignRoundError, match=f"{fmt} cannot store this gpt_oss mixture of experts.*--format native"):
+        signround.quantize(model, tokenizer, cfg, None, QUIET)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
