@@ -29,7 +29,7 @@ from signround import dist
 from signround._version import __version__
 from signround.act.calibrate import calibrate_static
 from signround.act.smooth import smooth_block
-from signround.calib.capture import block_output, capture_block_inputs, to_device
+from signround.calib.capture import block_output, capture_block_inputs, capture_block_kwargs, to_device
 from signround.calib.data import resolve_tokens
 from signround.config import ActScheme, QuantConfig, QuantScheme, Routing, StarvedExperts
 from signround.errors import SignRoundError
@@ -144,7 +144,7 @@ def run(
         fp_inputs, q_inputs, kwargs = _calibrate(ctx, model, tokenizer, data)
         bar = _bar(ctx, "quantizing", initial=len(ctx.report.blocks))
         for i in range(len(ctx.report.blocks), len(ctx.blocks)):
-            fp_inputs, q_inputs = _quantize_block(ctx, i, fp_inputs, q_inputs, kwargs, bar)
+            fp_inputs, q_inputs = _quantize_block(ctx, i, fp_inputs, q_inputs, kwargs[i], bar)
         bar.close()
         if ctx.parallel:
             ctx.report.blocks = _gather_blocks(ctx)
@@ -247,9 +247,9 @@ def _round_without_data(ctx: _Run) -> None:
 
 def _calibrate(
     ctx: _Run, model: nn.Module, tokenizer: Any, data: Any
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     """Calibration tokens, the run state (restoring the finished blocks of a resumed run) and the first
-    unfinished block's float and quantized inputs with the blocks' call kwargs, on the tuning device."""
+    unfinished block's float and quantized inputs with each block's call kwargs, on the tuning device."""
     options = ctx.options
     state_path = Path(options.state_dir) if options.state_dir is not None else None
     tokens = RunState.saved_tokens(state_path) if state_path is not None and options.resume else None
@@ -259,7 +259,8 @@ def _calibrate(
         ctx.state = RunState(state_path, fingerprint(_settings(ctx), tokens), options.resume)
     if options.block_parallel:
         dist.barrier()  # the run folder exists before any rank writes a block into it
-    inputs, kwargs = capture_block_inputs(model, ctx.blocks[0], tokens)
+    inputs, _ = capture_block_inputs(model, ctx.blocks[0], tokens)
+    kwargs = capture_block_kwargs(model, ctx.blocks, tokens[0])
     if not torch.isfinite(inputs).all():
         raise SignRoundError("the model's activations at the first block are not finite; check the model's weights")
     ctx.report.nsamples, ctx.report.seqlen = tokens.shape[0], tokens.shape[1]
@@ -277,7 +278,7 @@ def _calibrate(
         fp_inputs, q_inputs = state.load_inputs()
     elif state is not None:
         state.save_tokens(tokens)
-    return fp_inputs.to(ctx.dev), q_inputs.to(ctx.dev), to_device(kwargs, ctx.dev)
+    return fp_inputs.to(ctx.dev), q_inputs.to(ctx.dev), [to_device(k, ctx.dev) for k in kwargs]
 
 
 def _quantize_block(

@@ -1,5 +1,7 @@
-"""Capture what the first decoder block receives: hidden states plus the keyword arguments
-(attention mask, position ids, rotary embeddings, ...) the model passes to every block."""
+"""Capture what the decoder blocks receive: the first block's hidden states, and each block's keyword
+arguments (attention mask, position ids, rotary embeddings, ...). Models with several attention types
+(sliding-window and full layers: Gemma-3, gpt-oss, Qwen2/Qwen3 with ``use_sliding_window``) pass each
+block the mask, and Gemma-3 the rotary embeddings, of its own type."""
 
 from __future__ import annotations
 
@@ -58,6 +60,43 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return torch.cat(hidden), captured
+
+
+@torch.no_grad()
+def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, sample: torch.Tensor) -> list[dict[str, Any]]:
+    """The keyword arguments the model passes to each of ``blocks`` for one ``sample`` ``[seqlen]`` int64
+    (broadcastable over any batch of equal-length unpadded samples, as :func:`capture_block_inputs`' are).
+
+    Each block's forward is swapped for a pass-through for the duration (hidden states unchanged, the
+    block's attributes such as its attention type still read by the model's loop), so only the embedding
+    and the mask and rotary computations run; the model stops at the last block. Works on a skeleton
+    whose blocks are on the meta device."""
+    captured: list[dict[str, Any]] = []
+    last = len(blocks) - 1
+
+    def passthrough(i: int):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            x = args[0] if args else kwargs.pop("hidden_states")
+            captured.append({k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
+            if i == last:
+                raise _Stop
+            return x
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = passthrough(i)  # an instance attribute: nn.Module.__call__ calls it instead
+    device = next(model.parameters()).device
+    try:
+        model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for block in blocks:
+            del block.forward
+    if len(captured) != len(blocks):
+        raise SignRoundError(f"the model called {len(captured)} of its {len(blocks)} decoder blocks; unsupported")
+    return captured
 
 
 def _detach(value: Any) -> Any:

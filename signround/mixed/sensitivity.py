@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from signround.calib.capture import block_output, capture_block_inputs
+from signround.calib.capture import block_output, capture_block_inputs, capture_block_kwargs
 from signround.config import QuantScheme
 from signround.tune.wrapper import TunableWeight
 
@@ -123,11 +123,12 @@ def measure_blocks(
     ``groups[i]`` / ``options[i]`` belong to block ``i``; returns one cost array per block. ``weighted``
     weighs each block's output error by :func:`output_fisher`."""
     weights = output_fisher(model, blocks, tokens) if weighted else None
-    x, kwargs = capture_block_inputs(model, blocks[0], tokens)
+    x, _ = capture_block_inputs(model, blocks[0], tokens)
+    kwargs = capture_block_kwargs(model, blocks, tokens[0])  # per block: a sliding-window layer has its own mask
     costs = []
     for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", disable=not progress, file=sys.stderr)):
         w = None if weights is None else weights[i].float()
-        cost, x = block_sensitivity(block, x, kwargs, groups[i], options[i], weight=w)
+        cost, x = block_sensitivity(block, x, kwargs[i], groups[i], options[i], weight=w)
         costs.append(cost)
     return costs
 
