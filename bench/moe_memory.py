@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT  # noqa: E402
 
 
 def build(folder: Path, experts: int, hidden: int, expert_width: int, layers: int) -> Path:

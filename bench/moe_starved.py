@@ -24,34 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, beside, sh, signround_eval  # noqa: E402
+
 BINS = (0, 16, 32, 64, 128, 256, 512, 1024, 10**9)
 
 
 def quantize(model: str, out: Path, flags: list[str]) -> dict:
-    report = out.with_name(out.name + ".report.json")
+    """``signround quantize`` (once; reused from ``out``'s report); returns its JSON report."""
+    report = beside(out, ".report.json")
     if not report.is_file():
-        cmd = [str(ROOT / ".venv/bin/signround"), "quantize", "--model", model, "--output", str(out), "--overwrite",
-               "--quiet", "--report", str(report), *flags]  # fmt: skip
-        print("+", shlex.join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        sh([sys.executable, "-m", "signround.cli", "quantize", "--model", model, "--output", str(out), "--overwrite",
+            "--quiet", "--report", str(report), *flags])  # fmt: skip
     return json.loads(report.read_text())
 
 
 def perplexity(model: str, out: Path, windows: int) -> float:
-    if not out.is_file():
-        cmd = [str(ROOT / ".venv/bin/signround"), "eval", "--model", model, "--json", str(out), "--quiet", "--ppl",
-               "wikitext2", "--seqlen", "2048", "--max-windows", str(windows)]  # fmt: skip
-        print("+", shlex.join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    result = json.loads(out.read_text())
+    result = signround_eval(model, out, ["--ppl", "wikitext2", "--seqlen", "2048", "--max-windows", str(windows)])
     return result["ppl"]["wikitext2"] if isinstance(result.get("ppl"), dict) else result["ppl"]
 
 

@@ -193,7 +193,7 @@ def starved_summary(report: RunReport, tune: Any) -> str | None:
     experts = sum(len(c) for b in report.blocks for c in (b.expert_tokens or {}).values())
     if not experts:
         return None
-    hungry = [s for b in report.blocks for s in b.starved or []]
+    hungry = [(b.index, s) for b in report.blocks for s in b.starved or []]  # (block, entry)
     if not hungry:
         return f"experts: all {experts} were routed at least {tune.expert_min_tokens} calibration tokens"
     what = {
@@ -203,16 +203,12 @@ def starved_summary(report: RunReport, tune: Any) -> str | None:
     }[tune.starved_experts]
     if tune.iters == 0:
         what = "rounded to nearest like every layer"
-    fewest = min(hungry, key=lambda s: s["tokens"])
+    block, fewest = min(hungry, key=lambda t: t[1]["tokens"])
     return (
         f"experts: {len(hungry)} of {experts} were routed fewer than {tune.expert_min_tokens} calibration tokens "
         f"(--expert-min-tokens), {what} (--starved-experts {tune.starved_experts}); fewest: "
-        f"{fewest['module']}.{fewest['expert']} of block {_block_of(report, fewest)} with {fewest['tokens']}"
+        f"{fewest['module']}.{fewest['expert']} of block {block} with {fewest['tokens']}"
     )
-
-
-def _block_of(report: RunReport, entry: dict[str, Any]) -> int:
-    return next(b.index for b in report.blocks if any(s is entry for s in b.starved or []))
 
 
 def _bar(ctx: _Run, desc: str, initial: int = 0) -> tqdm:

@@ -40,7 +40,7 @@ def capture_block_inputs(
         x = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(x.detach().cpu())
         if not captured:
-            captured.update({k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
+            captured.update(_call_kwargs(kwargs))
             extra = args[1:]
             if extra:
                 raise SignRoundError(
@@ -77,7 +77,7 @@ def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, sample: torch.
     def passthrough(i: int):
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
             x = args[0] if args else kwargs.pop("hidden_states")
-            captured.append({k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
+            captured.append(_call_kwargs(kwargs))
             if i == last:
                 raise _Stop
             return x
@@ -97,6 +97,11 @@ def capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, sample: torch.
     if len(captured) != len(blocks):
         raise SignRoundError(f"the model called {len(captured)} of its {len(blocks)} decoder blocks; unsupported")
     return captured
+
+
+def _call_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block call's keyword arguments to keep (detached), without the generation cache ones."""
+    return {k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
 
 
 def _detach(value: Any) -> Any:

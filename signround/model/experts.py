@@ -373,6 +373,23 @@ def _index_parameter(module: UnfusedExperts) -> str:
 
 
 @contextlib.contextmanager
+def experts_pre_hooks(block: nn.Module, hook, with_kwargs: bool = False) -> Iterator[None]:
+    """Within the context, ``hook(name, module, args[, kwargs])`` runs before the forward of every
+    :class:`UnfusedExperts` in ``block`` (``name`` relative to ``block``); its return value replaces the
+    arguments as in ``nn.Module.register_forward_pre_hook``."""
+    handles = [
+        m.register_forward_pre_hook(lambda m, *a, n=n: hook(n, m, *a), with_kwargs=with_kwargs)
+        for n, m in block.named_modules()
+        if isinstance(m, UnfusedExperts)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def routed_tokens(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Within the context, count how many tokens each expert of every :class:`UnfusedExperts` in ``block``
     is routed (top-k choices: a token counts once for each expert it picks). Yields ``{module name: int64
@@ -386,16 +403,8 @@ def routed_tokens(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         seen = torch.bincount(flat[(flat >= 0) & (flat < len(module))].long().cpu(), minlength=len(module))
         counts[name] = counts[name] + seen if name in counts else seen
 
-    handles = [
-        m.register_forward_pre_hook(lambda m, a, k, n=n: hook(n, m, a, k), with_kwargs=True)
-        for n, m in block.named_modules()
-        if isinstance(m, UnfusedExperts)
-    ]
-    try:
+    with experts_pre_hooks(block, hook, with_kwargs=True):
         yield counts
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class RoutingTape:
@@ -415,19 +424,13 @@ class RoutingTape:
 
     @contextlib.contextmanager
     def recording(self, block: nn.Module, seqlen: int) -> Iterator[RoutingTape]:
-        def hook(name: str, args: tuple) -> None:
+        def hook(name: str, _module: nn.Module, args: tuple) -> None:
             self._parts.setdefault(name, []).append((args[1].detach(), args[2].detach()))
 
-        handles = [
-            m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a))
-            for n, m in block.named_modules()
-            if isinstance(m, UnfusedExperts)
-        ]
         try:
-            yield self
+            with experts_pre_hooks(block, hook):
+                yield self
         finally:
-            for h in handles:
-                h.remove()
             for name, parts in self._parts.items():
                 k = parts[0][0].shape[-1]
                 self.index[name] = torch.cat([i.reshape(-1, k) for i, _ in parts]).reshape(-1, seqlen, k)
@@ -436,21 +439,15 @@ class RoutingTape:
 
     @contextlib.contextmanager
     def replaying(self, block: nn.Module) -> Iterator[RoutingTape]:
-        def hook(name: str, args: tuple) -> tuple | None:
+        def hook(name: str, _module: nn.Module, args: tuple) -> tuple | None:
             if self.batch is None or name not in self.index:
                 return None
             index, weights = self.index[name][self.batch], self.weights[name][self.batch]
             k = index.shape[-1]
             return (args[0], index.reshape(-1, k), weights.reshape(-1, k).to(args[2].dtype), *args[3:])
 
-        handles = [
-            m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a))
-            for n, m in block.named_modules()
-            if isinstance(m, UnfusedExperts)
-        ]
         try:
-            yield self
+            with experts_pre_hooks(block, hook):
+                yield self
         finally:
             self.batch = None
-            for h in handles:
-                h.remove()

@@ -23,6 +23,7 @@ from signround.formats import get_format
 from signround.model.blocks import block_linears
 from signround.primitives import from_groups, to_groups
 from signround.tune.init import InputPower, init_clipping
+from signround.tune.rtn import tune_rtn
 from signround.tune.signround import ActInputs, BlockData, BlockResult, LayerResult, block_mse, tune_block
 from signround.tune.wrapper import TunableWeight
 
@@ -85,20 +86,11 @@ def tune_alone(
         layers = result.layers
     else:
         layers = _search_only(expert, data, schemes, cfg)
-    rtn = _dequantized(_round_to_nearest(expert, schemes), inputs.dtype)
+    rtn = _dequantized(tune_rtn(expert, None, schemes, cfg).layers, inputs.dtype)
     rtn_loss = block_mse(expert, inputs, data.targets, {}, cfg.batch_size, rtn, cfg.loss)
     final = block_mse(expert, inputs, data.targets, {}, cfg.batch_size, _dequantized(layers, inputs.dtype), cfg.loss)
     steps = cfg.iters if mode is StarvedExperts.OWN else 0
     return BlockResult(layers, rtn_loss, rtn_loss, final, final, -1, steps, time.perf_counter() - t0)
-
-
-def _round_to_nearest(expert: nn.Module, schemes: dict[str, QuantScheme]) -> dict[str, LayerResult]:
-    linears = block_linears(expert)
-    out = {}
-    for name, s in schemes.items():
-        codes, scale, zero = TunableWeight.from_linear(linears[name], s, learn=False).finalize()
-        out[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=s)
-    return out
 
 
 def _dequantized(layers: dict[str, LayerResult], dtype: torch.dtype) -> dict[str, torch.Tensor]:
