@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
+from signround.export.moe_names import module_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.model.experts import unfuse_experts
 from signround.model.lazy import BlockStream
@@ -143,7 +144,9 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         setattr(parent, child, layer)
     state = _state_dict(folder)
     if qc.get("quant_method") != "signround":
-        replace_foreign_layers(model, qc, state)
+        # Foreign exports name experts as serving engines read them (Mixtral: block_sparse_moe.experts.{e}.w1).
+        state = {module_name(config.model_type, k): v for k, v in state.items()}
+        replace_foreign_layers(model, qc, state, config.model_type)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:
         result = model.load_state_dict(state, strict=False)

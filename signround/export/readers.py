@@ -16,6 +16,7 @@ from torch import nn
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
+from signround.export.moe_names import serving_name
 from signround.pack.bitpack import pack_int32, unpack_bitstream
 from signround.pack.packed import QuantLinear
 
@@ -127,8 +128,16 @@ def _ct_args(name: str, qc: dict[str, Any], module: nn.Module) -> dict[str, Any]
     raise SignRoundError(f"{name} has packed weights but no config group targets it; the config is corrupt")
 
 
-def replace_foreign_layers(model: nn.Module, qc: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-    """Swap every linear whose packed tensors are in ``state`` for a QuantLinear, popping those tensors."""
+def replace_foreign_layers(
+    model: nn.Module, qc: dict[str, Any], state: dict[str, torch.Tensor], model_type: str = ""
+) -> None:
+    """Swap every linear whose packed tensors are in ``state`` for a QuantLinear, popping those tensors.
+
+    ``state`` is keyed by module-tree names (:func:`signround.export.moe_names.module_name` of the checkpoint's);
+    compressed-tensors' targets and GPTQ's ``dynamic`` rules name modules as the checkpoint does, so a layer is
+    matched against them by its serving name (``config.model_type`` ``model_type``: Mixtral's
+    ``block_sparse_moe.experts.{e}.w1``); auto-round's ``extra_config`` names its module tree, as auto-round
+    writes it."""
     method = qc.get("quant_method")
     packing = qc.get("packing_format", "")
     awq = "awq" in packing or method == "awq"
@@ -145,13 +154,14 @@ def replace_foreign_layers(model: nn.Module, qc: dict[str, Any], state: dict[str
             continue
         t = {k[len(name) + 1 :]: state.pop(k) for k in [k for k in state if k.startswith(name + ".")]}
         out, inp = module.out_features, module.in_features
+        served = name if method == "auto-round" else serving_name(model_type, name)
         try:
             if method == "compressed-tensors":
-                layer = _ct_layer(t, out, inp, _ct_args(name, qc, module))
+                layer = _ct_layer(t, out, inp, _ct_args(served, qc, module))
             else:
-                s = _override(name, qc, base)
+                s = _override(served, qc, base)
                 if s is None:
-                    raise SignRoundError(f"{name} has packed weights but its config keeps it in float")
+                    raise SignRoundError(f"{served} has packed weights but its config keeps it in float")
                 bits, group, sym = int(s["bits"]), int(s["group_size"]), bool(s.get("sym"))
                 layer = _gptq_layer(t, out, inp, bits, group, sym, offset, awq)
         except (KeyError, RuntimeError, ValueError) as exc:

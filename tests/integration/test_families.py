@@ -22,6 +22,7 @@ from signround.errors import SignRoundError
 from signround.model.accounting import Fate
 from signround.model.blocks import find_blocks
 from signround.model.experts import unfuse_experts
+from signround.model.load import load_model
 from signround.pack.packed import QuantLinear
 from tests.conftest import VOCAB, corpus, make_config, make_model
 from tests.unit.test_experts import build
@@ -177,6 +178,8 @@ def test_mixtral_export_uses_the_original_checkpoint_names(quantized, tokenizer,
     assert not [k for k in keys if ".mlp." in k or (".experts." in k and "_proj." in k)]
     ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
     assert "model.layers.0.block_sparse_moe.gate" in ignore and "lm_head" in ignore
+    reloaded, _ = load_model(str(tmp_path / "ct"))  # signround's own reader maps the serving names back
+    torch.testing.assert_close(logits(reloaded), logits(result.model), rtol=1e-5, atol=1e-5)
 
 
 def test_gpt_oss_compressed_tensors_is_refused_before_tuning(tokenizer, quantized, tmp_path):
