@@ -12,6 +12,7 @@ from signround.config import (
     ActDType,
     ActGranularity,
     DType,
+    ExpertUnits,
     Init,
     Loss,
     Method,
@@ -169,6 +170,13 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         "fisher: weight-space Fisher proxy",
     )
     g.add_argument("--sensitivity-nsamples", type=int, default=32, help="calibration sequences for sensitivities")
+    g.add_argument(
+        "--expert-units",
+        choices=[u.value for u in ExpertUnits],
+        default="layer",
+        help="mixture of experts: layer (default): all experts of a layer share one width, as vLLM and GGUF store "
+        "them; expert: a width per expert (native format only)",
+    )
     a = p.add_argument_group("activations (fake-quantized: simulated in evaluation, native format only)")
     a.add_argument("--act-bits", type=int, default=None, help="quantize every quantized linear's input: 8 or 4 bits")
     a.add_argument("--act-dtype", choices=[d.value for d in ActDType], default=None, help="default int")
@@ -323,4 +331,5 @@ def _mixed_spec(args: argparse.Namespace) -> Any:
         solver=args.alloc_solver,
         sensitivity=args.sensitivity,
         nsamples=args.sensitivity_nsamples,
+        experts=args.expert_units,
     )

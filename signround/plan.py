@@ -107,7 +107,7 @@ def make_plan(model: nn.Module, tokenizer: Any, cfg: QuantConfig, data: Any = No
         tokens = resolve_tokens(model, tokenizer, cfg.calib, data)
     allocation = choice = None
     if cfg.mixed is not None:
-        allocation = allocate_bits(model, tokens, cfg, cfg.mixed, progress=progress)
+        allocation = allocate_bits(model, tokens, cfg, cfg.mixed, progress=progress, experts=cfg.mixed.experts)
         log.info("%s", allocation.table())
         cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + allocation.rules())
     if cfg.format_search:

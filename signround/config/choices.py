@@ -57,6 +57,14 @@ class Routing(_Choice):
     TEACHER = "teacher"
 
 
+class ExpertUnits(_Choice):
+    """Which expert linears of a mixture of experts share one width in a mixed-precision allocation (see
+    :attr:`MixedSpec.experts` and :mod:`signround.mixed.units`)."""
+
+    LAYER = "layer"  # gate, up and down of all experts of a layer: what vLLM and GGUF can serve (default)
+    EXPERT = "expert"  # per expert, gate+up and down: native format only
+
+
 class ActDType(_Choice):
     """Number format of quantized activations (see :class:`ActScheme`)."""
 

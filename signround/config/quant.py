@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from signround.config.choices import ActGranularity, ExportFormat
+from signround.config.choices import ActGranularity, ExpertUnits, ExportFormat
 from signround.config.scheme import (
     LayerRule,
     QuantScheme,
@@ -70,6 +70,12 @@ class QuantConfig:
             raise SignRoundError(
                 f"{', '.join(others)} cannot store quantized activations; use --format native for a model "
                 "quantized with --act-bits"
+            )
+        if self.mixed is not None and self.mixed.experts is ExpertUnits.EXPERT and formats != (ExportFormat.NATIVE,):
+            others = [f.value for f in formats if f is not ExportFormat.NATIVE]
+            raise SignRoundError(
+                f"{', '.join(others)} store all experts of a layer in one scheme; use --format native with "
+                "--expert-units expert, or drop --expert-units"
             )
         if self.mixed is not None and any(f.gguf_type for f in formats):
             raise SignRoundError(

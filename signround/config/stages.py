@@ -9,6 +9,7 @@ from typing import Any
 from signround.config.choices import (
     ActDType,
     ActGranularity,
+    ExpertUnits,
     ExportFormat,
     Init,
     Loss,
@@ -224,6 +225,9 @@ class MixedSpec:
         sensitivity: ``block`` (measured block-output error weighted by the loss gradient, default),
             ``block-mse`` (unweighted block-output error) or ``fisher`` (weight-space proxy).
         nsamples: calibration sequences used to measure sensitivities.
+        experts: mixture of experts: ``layer`` (default) makes gate, up and down of all experts of a layer one
+            allocation unit, one width, as vLLM and GGUF store them; ``expert`` gives each expert its own units
+            (gate+up, and down), a checkpoint only the native format holds (other formats refuse it before tuning).
     """
 
     bit_options: tuple[int, ...] = (2, 3, 4, 8)
@@ -232,6 +236,7 @@ class MixedSpec:
     solver: Solver = Solver.ILP
     sensitivity: Sensitivity = Sensitivity.BLOCK
     nsamples: int = 32
+    experts: ExpertUnits = ExpertUnits.LAYER
 
     def __post_init__(self) -> None:
         opts = tuple(sorted(set(int(b) for b in self.bit_options)))
@@ -244,6 +249,7 @@ class MixedSpec:
             raise SignRoundError("give exactly one of --avg-bits and --target-size")
         object.__setattr__(self, "solver", _choice(Solver, self.solver, "allocation solver"))
         object.__setattr__(self, "sensitivity", _choice(Sensitivity, self.sensitivity, "sensitivity"))
+        object.__setattr__(self, "experts", _choice(ExpertUnits, self.experts, "expert units"))
         if self.nsamples < 1:
             raise SignRoundError(f"sensitivity nsamples must be >= 1, got {self.nsamples}")
 

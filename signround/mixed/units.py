@@ -20,22 +20,17 @@ sample routes no token to would otherwise split its gate from its up.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Iterable
 
 from torch import nn
 
+from signround.config.choices import ExpertUnits
 from signround.model.experts import UnfusedExperts
 
+__all__ = ["ExpertUnits", "expert_units", "experts_modules", "unit_label", "whole_layer_pattern"]
+
 _PROJECTIONS = "(?:gate_proj|up_proj|down_proj)"
-
-
-class ExpertUnits(enum.Enum):
-    """Which expert linears share one width in a mixed-precision allocation."""
-
-    LAYER = "layer"  # gate, up and down of all experts of a layer: what vLLM and GGUF can serve (default)
-    EXPERT = "expert"  # per expert, gate+up and down: native format only
 
 
 def experts_modules(block: nn.Module) -> dict[str, int]:

@@ -136,3 +136,29 @@ def test_mixed_cli_run_on_a_moe_exports_to_every_fused_expert_format(tokenizer, 
         (k,) = {group_of[f"{prefix}.0.{p}"] for p in ("gate_proj", "up_proj", "down_proj")}
         assert {group_of[f"{prefix}.{e}.{p}"] for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")} == {k}
         assert groups[k]["weights"]["num_bits"] == bits[f"{prefix}.0.gate_proj"]
+
+
+def test_per_expert_widths_from_the_cli_in_the_native_format(tokenizer, tmp_path):
+    """``--expert-units expert``: each expert its own allocation units; the native checkpoint records the mode and
+    reloads. Any other format is refused before any work (they store a layer's experts in one scheme)."""
+    build_wide().save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
+    out = tmp_path / "out"
+    argv = ["quantize", "--model", str(tmp_path / "float"), "--output", str(out), "--bits", "8", "--group-size",
+            "16", "--sym", "--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--dataset",
+            str(tmp_path / "calib.jsonl"), "--avg-bits", "6", "--bit-options", "4,8", "--sensitivity-nsamples", "4",
+            "--expert-units", "expert", "--quiet"]  # fmt: skip
+    assert main([*argv, "--format", "native,gptq"]) == 2
+    assert not out.exists()
+    assert main(argv) == 0
+    mixed = json.loads((out / "config.json").read_text())["quantization_config"]["mixed_precision"]
+    assert mixed["expert_units"] == "expert" and mixed["avg_bits"] <= 6
+    bits = mixed["layer_bits"]
+    for i in range(2):
+        for e in range(4):
+            p = f"model.layers.{i}.mlp.experts.{e}"
+            assert bits[f"{p}.gate_proj"] == bits[f"{p}.up_proj"]  # gate+up: one unit per expert
+    per_expert = [{bits[f"model.layers.{i}.mlp.experts.{e}.down_proj"] for e in range(4)} for i in range(2)]
+    assert any(len(widths) == 2 for widths in per_expert), bits  # some layer's experts got different widths
+    load_model(str(out))
