@@ -124,3 +124,45 @@ def test_asymmetric_experts_are_warned_about_before_a_compressed_tensors_run(cap
         check_ct(model, _planned_experts(model, sym=False))
     (record,) = caplog.records
     assert f"{2 * 4 * 3} asymmetric expert layers" in record.getMessage() and "--sym" in record.getMessage()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_moe_run_killed_after_its_first_block_resumes_to_the_same_bytes(family, tokenizer, tmp_path):
+    """SIGKILL right after block 0 is saved, then ``--resume``: the same checkpoint bytes and the same run report
+    (per-expert token counts and starved experts included) as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    build(family).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
+    argv = ["quantize", "--model", str(tmp_path / "float"), "--bits", "4", "--group-size", "16", "--iters", "3",
+            "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--dataset", str(tmp_path / "calib.jsonl"),
+            "--expert-min-tokens", "64", "--quiet"]  # fmt: skip
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*argv, "--output", str(ref), "--report", str(tmp_path / "ref.json")]) == 0
+    driver = (
+        "import os, signal, sys\n"
+        "from signround.runstate import RunState\n"
+        "save = RunState.save_block\n"
+        "def save_then_die(self, *a, **k):\n"
+        "    save(self, *a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "RunState.save_block = save_then_die\n"
+        "from signround.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", driver, *argv, "--output", str(out)], timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert main([*argv, "--output", str(out), "--resume", "--report", str(tmp_path / "out.json")]) == 0
+    got, want = _tensors(out), _tensors(ref)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    blocks = [json.loads((tmp_path / f"{r}.json").read_text())["blocks"] for r in ("ref", "out")]
+    strip = [[{k: v for k, v in b.items() if k != "seconds"} for b in bs] for bs in blocks]
+    assert strip[0] == strip[1] and any(b["expert_tokens"] for b in strip[0])
+    assert any(b.get("starved") for b in strip[0]), "no starved expert: the resumed report's entries went untested"
