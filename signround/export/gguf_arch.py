@@ -9,7 +9,19 @@ model_type     llama.cpp      what differs from ``llama``
 ``qwen3_moe``  ``qwen3moe``   as ``qwen3``; every layer a mixture of experts (below)
 ``gpt_oss``    ``gpt-oss``    NeoX rotary, attention biases, ``attn_sinks``, ``post_attention_norm``,
                               experts with biases, YaRN rotary scaling, alternating sliding-window layers
+``mixtral``    ``llama``      LLaMA itself (permuted ``attn_q`` / ``attn_k``), every layer a mixture of experts:
+                              ``llama.expert_count`` makes llama.cpp's ``llama`` graph load the experts of
+                              ``feed_forward_length`` width; softmax routing, top-k renormalized (as Mixtral)
+``olmoe``      ``olmoe``      NeoX rotary, ``attn_q_norm`` / ``attn_k_norm`` over the whole projection (not per
+                              head), every layer a mixture of experts, top-k weights *not* renormalized,
+                              ``output`` always written (the graph has no tied-embedding fallback)
 =============  =============  ==========================================================================
+
+Refused (:func:`arch_of`), because llama.cpp's graph would compute something else: Mixtral with a sliding
+window; OLMoE with ``norm_topk_prob=True`` (its graph never renormalizes), ``clip_qkv``, attention biases or
+fewer key/value heads than heads (``attn_k_norm`` is ``hidden_size`` wide); Qwen3-MoE without
+``norm_topk_prob`` (its graph always renormalizes); and what the table's families do not have (rope scaling
+other than gpt-oss's YaRN, activations other than SiLU).
 
 Mixtures of experts. signround quantizes one ``nn.Linear`` per expert
 (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj``, :mod:`signround.model.experts`); llama.cpp stores
@@ -72,7 +84,9 @@ class Arch:
     mixture of experts (None for a dense family), ``router`` the router module under ``mlp`` and
     ``expert_width`` the config field of the experts' width ``I``; ``ffn_norm``: the GGUF name of
     ``post_attention_layernorm``; ``sinks``: per-head attention sinks; ``rope``: the one rope type the graph
-    applies (``"yarn"`` also writes the YaRN keys); ``sliding_window``: write the window size."""
+    applies (``"yarn"`` also writes the YaRN keys); ``sliding_window``: write the window size;
+    ``output_required``: write ``output.weight`` even when tied to the embeddings (a graph without llama.cpp's
+    fallback to ``token_embd``)."""
 
     model_type: str
     name: str
@@ -85,6 +99,7 @@ class Arch:
     sinks: bool = False
     rope: str = "default"
     sliding_window: bool = False
+    output_required: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -95,6 +110,13 @@ ARCHS: dict[str, Arch] = {
         "gpt_oss", "gpt-oss", experts=ExpertLayout.GPT_OSS, router="router", expert_width="intermediate_size",
         ffn_norm="post_attention_norm", sinks=True, rope="yarn", sliding_window=True,
     ),
+    "mixtral": Arch(
+        "mixtral", "llama", permute_qk=True, experts=ExpertLayout.OUTPUT_MAJOR, expert_width="intermediate_size",
+    ),
+    "olmoe": Arch(
+        "olmoe", "olmoe", qk_norm=True, experts=ExpertLayout.OUTPUT_MAJOR, expert_width="intermediate_size",
+        output_required=True,
+    ),
 }  # fmt: skip
 SUPPORTED = ", ".join(f"{a.model_type} ({a.name})" for a in ARCHS.values())
 _GPT_OSS_ALPHA, _GPT_OSS_LIMIT = 1.702, 7.0  # the constants of llama.cpp's gpt-oss expert activation
@@ -104,7 +126,7 @@ def arch_of(model: Any) -> Arch:
     """The :class:`Arch` of ``model`` after checking its config is one llama.cpp runs as transformers does.
 
     Raises:
-        SignRoundError: another family (Mixtral, OLMoE, DeepSeek-V3, ...), or a config option the
+        SignRoundError: another family (DeepSeek-V3, ...), or a config option the
             architecture's llama.cpp graph does not have (the message names it).
     """
     config = getattr(model, "config", None)
@@ -156,11 +178,38 @@ def _gpt_oss_problem(config: Any) -> str | None:
     return None
 
 
+def _mixtral_problem(config: Any) -> str | None:
+    window = getattr(config, "sliding_window", None)
+    if window is not None:
+        return f"llama.cpp's llama graph has no sliding window, this model has sliding_window={window}"
+    return _llama_problem(config)
+
+
+def _olmoe_problem(config: Any) -> str | None:
+    if getattr(config, "norm_topk_prob", False):
+        return "llama.cpp's olmoe graph never renormalizes the top-k router weights; this model has norm_topk_prob=True"
+    clip = getattr(config, "clip_qkv", None)
+    if clip is not None:
+        return f"llama.cpp's olmoe graph does not clip q/k/v, this model has clip_qkv={clip}"
+    if getattr(config, "attention_bias", False):
+        return "llama.cpp's olmoe graph has no attention biases, this model has attention_bias=True"
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    if kv_heads != heads:
+        return (
+            f"llama.cpp's olmoe graph norms keys over hidden_size and needs as many key/value heads as heads, "
+            f"this model has {kv_heads} of {heads}"
+        )
+    return _llama_problem(config)
+
+
 _CONFIG_CHECKS = {
     "llama": _llama_problem,
     "qwen3": _qwen3_problem,
     "qwen3_moe": _qwen3_moe_problem,
     "gpt_oss": _gpt_oss_problem,
+    "mixtral": _mixtral_problem,
+    "olmoe": _olmoe_problem,
 }
 
 
@@ -172,7 +221,7 @@ def _rope_params(config: Any) -> dict[str, Any]:
 
 def rope_type(config: Any, arch: Arch) -> str:
     """The model's rope type, refusing what llama.cpp's graph for ``arch`` does not apply: plain RoPE for
-    the LLaMA and Qwen3 families, YaRN (gpt-oss's own) for gpt-oss."""
+    the LLaMA (Mixtral), Qwen3 and OLMoE families, YaRN (gpt-oss's own) for gpt-oss."""
     params = _rope_params(config)
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind != arch.rope:
@@ -308,8 +357,8 @@ def _experts(get: Callable[[str], nn.Module], prefix: str, i: int, encode: Encod
 
 def _router(get: Callable[[str], nn.Module], name: str, i: int) -> Iterator[Tensor]:
     """The router ``[E, H]`` (and gpt-oss's bias ``[E]``) as ``blk.{i}.ffn_gate_inp``, F32 as llama.cpp keeps
-    it. Routers are not ``nn.Linear`` modules in transformers 5 (``Qwen3MoeTopKRouter``, ``GptOssTopKRouter``),
-    so signround never quantizes them."""
+    it. Routers are not ``nn.Linear`` modules in transformers 5 (``Qwen3MoeTopKRouter``, ``GptOssTopKRouter``,
+    ``MixtralTopKRouter``, ``OlmoeTopKRouter``), so signround never quantizes them."""
     router = get(name)
     yield f"blk.{i}.ffn_gate_inp.weight", _f32(router.weight), None
     if getattr(router, "bias", None) is not None:
@@ -318,7 +367,8 @@ def _router(get: Callable[[str], nn.Module], name: str, i: int) -> Iterator[Tens
 
 def tensors(model: Any, arch: Arch, encode: Encode) -> Iterable[Tensor]:
     """Every ``(gguf name, array, raw_dtype)`` of ``model``, in llama.cpp's order (the LLaMA order is that of
-    every earlier signround release). ``encode`` turns one linear into its stored array."""
+    every earlier signround release). ``encode`` turns one linear into its stored array. A head tied to the
+    embeddings is left out (llama.cpp reads ``token_embd`` instead) unless ``arch.output_required``."""
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -347,6 +397,6 @@ def tensors(model: Any, arch: Arch, encode: Encode) -> Iterable[Tensor]:
     yield "output_norm.weight", _f32(get("model.norm").weight), None
     head = model.get_output_embeddings()
     tied = getattr(config, "tie_word_embeddings", False) or head.weight is get("model.embed_tokens").weight
-    if not tied:
+    if not tied or arch.output_required:
         data, raw = encode(head, "lm_head", None)
         yield "output.weight", data, raw

@@ -1,6 +1,6 @@
 """GGUF export (llama.cpp's file format), written with the ``gguf`` package: the block encodings, the checks
-and the writer. The families (LLaMA, Qwen3, Qwen3-MoE, gpt-oss), their metadata, tensor names and the fused
-expert tensors of a mixture of experts are in :mod:`signround.export.gguf_arch`.
+and the writer. The families (LLaMA, Qwen3, Qwen3-MoE, gpt-oss, Mixtral, OLMoE), their metadata, tensor names
+and the fused expert tensors of a mixture of experts are in :mod:`signround.export.gguf_arch`.
 
 One file ``model-<qtype>.gguf`` per export. Supported ``qtype``s (:data:`GGUF_TYPES`):
 
@@ -34,8 +34,9 @@ One file ``model-<qtype>.gguf`` per export. Supported ``qtype``s (:data:`GGUF_TY
   decode bit for bit; the table and byte layouts are in :mod:`signround.export.gguf_kquant`.
 
   Only ``QuantLinear`` layers are blocks. Everything else in the file stays float: embeddings, the output
-  head (written only when not tied to the embeddings, as llama.cpp does), decoder linears a layer config
-  kept in full precision (all F16), and norms and biases (F32).
+  head (written only when not tied to the embeddings, as llama.cpp does; always for OLMoE, whose llama.cpp
+  graph requires it), decoder linears a layer config kept in full precision (all F16), and norms and
+  biases (F32).
 
 Layout notes. GGUF lists a tensor's shape innermost first (``ne0`` = input features), the reverse of
 torch; the ``gguf`` writer reverses ``[out, in]`` arrays itself, and a block tensor is handed over as its
@@ -44,7 +45,8 @@ raw bytes ``uint8 [out, in / 32 * block_bytes]`` with ``raw_dtype`` set. The row
 dimensions as two halves ``[x0..x(h/2-1), y0..y(h/2-1)]``, GGUF interleaves them ``[x0, y0, x1, y1, ...]``.
 Rows only, so the same permutation applies exactly to a ``QuantLinear``'s codes, scales and zero points;
 readers (llama.cpp, transformers' GGUF loader) expect it and transformers undoes it on load. That is the
-LLaMA family only; Qwen3, Qwen3-MoE and gpt-oss use NeoX rotary in llama.cpp and keep HF's row order.
+LLaMA family only (LLaMA, and Mixtral, which llama.cpp runs as ``llama``); Qwen3, Qwen3-MoE, gpt-oss and
+OLMoE use NeoX rotary in llama.cpp and keep HF's row order.
 
 Experts. One fused tensor per projection and layer, ``[E, out, in]`` (``uint8 [E, out, row bytes]`` for
 blocks): each expert's rows encoded as above, stacked in expert order. Block types are per row, so the

@@ -1,8 +1,9 @@
-"""GGUF export of mixtures of experts (Qwen3-MoE as llama.cpp's ``qwen3moe``, gpt-oss as ``gpt-oss``) and of
-dense Qwen3, on tiny random-init models tuned by signround: the per-expert linears become llama.cpp's fused
-``ffn_{gate,up,down}_exps`` tensors holding exactly the tuned codes, the gguf package decodes them to
-signround's weights bit for bit, and transformers' GGUF loader runs the file with signround's logits (gpt-oss:
-transformers 5.24 cannot read a gpt-oss GGUF, so the test rebuilds the model from the file itself)."""
+"""GGUF export of mixtures of experts (Qwen3-MoE as llama.cpp's ``qwen3moe``, gpt-oss as ``gpt-oss``, Mixtral as
+``llama`` with experts, OLMoE as ``olmoe``) and of dense Qwen3, on tiny random-init models tuned by signround: the
+per-expert linears become llama.cpp's fused ``ffn_{gate,up,down}_exps`` tensors holding exactly the tuned codes,
+the gguf package decodes them to signround's weights bit for bit, and transformers' GGUF loader runs the file with
+signround's logits. transformers 5.24 cannot read the gpt-oss, Mixtral or OLMoE files (below), so for those the
+tests rebuild transformers' model from the file itself."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 import signround
 from signround.cli import main
@@ -34,6 +36,9 @@ E, H = 4, 64
 # by transformers at all, see the module docstring).
 QWEN3_MOE = {**CONFIGS["qwen3_moe"], "moe_intermediate_size": 768, "norm_topk_prob": True}
 GPT_OSS = {**CONFIGS["gpt_oss"], "intermediate_size": 96}
+# Mixtral and OLMoE: expert width 256 (their intermediate_size), so the experts' down_proj can be a K-quant.
+MIXTRAL = {**CONFIGS["mixtral"], "intermediate_size": 256}
+OLMOE = {**CONFIGS["olmoe"], "intermediate_size": 256}
 # Dense Qwen3: head_dim 128, transformers' default (it reads qwen3.attention.key_length only for qwen3moe).
 QWEN3 = dict(hidden_size=64, intermediate_size=96, num_key_value_heads=2, head_dim=128, max_position_embeddings=256)
 W4G32_SYM = signround.QuantScheme(bits=4, group_size=32, sym=True)
@@ -223,16 +228,17 @@ def test_experts_of_one_layer_in_different_types_are_refused_before_tuning(token
         signround.quantize(model, tokenizer, cfg, corpus(20, seed=1), QUIET)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3"])
-def test_other_moe_families_are_refused_before_tuning(family, tokenizer):
-    model = build(family)
+def test_deepseek_v3_is_refused_before_tuning(tokenizer):
+    """DeepSeek-V3 (multi-head latent attention, llama.cpp's ``deepseek2``) is not written."""
+    model = build("deepseek_v3")
     per_channel = signround.QuantScheme(bits=4, group_size=-1, sym=True)  # fits DeepSeek-V3's 16-wide kv_b_proj
     cfg = make_config(scheme=per_channel, export=ExportConfig(formats="gguf:q4_0"), method="rtn")
     with pytest.raises(SignRoundError) as err:
         signround.quantize(model, tokenizer, cfg, corpus(20, seed=1), QUIET)
     assert str(err.value) == (
-        "gguf export supports llama (llama), qwen3 (qwen3), qwen3_moe (qwen3moe), gpt_oss (gpt-oss) models; "
-        f"{family} is not supported yet (use --format native, gptq, auto_round or compressed-tensors)"
+        "gguf export supports llama (llama), qwen3 (qwen3), qwen3_moe (qwen3moe), gpt_oss (gpt-oss), "
+        "mixtral (llama), olmoe (olmoe) models; deepseek_v3 is not supported yet "
+        "(use --format native, gptq, auto_round or compressed-tensors)"
     )
     assert not [m for m in model.modules() if isinstance(m, QuantLinear)]
 
@@ -359,3 +365,178 @@ def test_float_gpt_oss_with_fused_experts_exports_f16(tokenizer, tmp_path):
                 p.copy_(p.half().float())
     rebuilt = _gpt_oss_from_gguf(path, AutoConfig.for_model("gpt_oss", **COMMON, **GPT_OSS))
     torch.testing.assert_close(_logits(rebuilt), _logits(stored), rtol=1e-5, atol=1e-5)
+
+
+# ---- Mixtral (llama.cpp's `llama` with expert_count) and OLMoE (`olmoe`). transformers 5.24's GGUF loader reads
+# neither: it has no `olmoe` config mapping, and it builds a dense LlamaForCausalLM from a `llama` file (no
+# expert_count in its mapping, no ffn_*_exps processor for llama). So this reader, written from llama.cpp's
+# tensor layout and independent of signround.model.experts, rebuilds transformers' model; the LLaMA q/k row
+# permutation is undone by transformers' own LlamaTensorProcessor (its inverse of llama.cpp's converter).
+
+FAMILIES = {"mixtral": MIXTRAL, "olmoe": OLMOE}
+GGUF_ARCH = {"mixtral": "llama", "olmoe": "olmoe"}
+
+
+def _config(family: str, **fields):
+    return AutoConfig.for_model(family, **COMMON, **{**FAMILIES[family], **fields})
+
+
+def _moe_from_gguf(path, config) -> torch.nn.Module:
+    """transformers' Mixtral or OLMoE of ``config`` with every weight taken from the file."""
+    t = {n: _decoded(x) for n, x in _tensors(path).items()}
+    unpermute = LlamaTensorProcessor({"num_attention_heads": config.num_attention_heads,
+                                      "num_key_value_heads": config.num_key_value_heads})  # fmt: skip
+
+    def rows(name: str) -> torch.Tensor:  # Mixtral's q/k back to HF's rotary order; OLMoE's (NeoX) kept
+        w = t[name]
+        if config.model_type == "mixtral" and (".attn_q." in name or ".attn_k." in name):
+            w = unpermute.process(w, name).weights
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    state = {"model.embed_tokens.weight": rows("token_embd.weight"), "model.norm.weight": rows("output_norm.weight"),
+             "lm_head.weight": rows("output.weight")}  # fmt: skip
+    for i in range(config.num_hidden_layers):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = rows(b + "attn_norm.weight")
+        state[p + "post_attention_layernorm.weight"] = rows(b + "ffn_norm.weight")
+        for gg, hf in {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}.items():
+            state[f"{p}self_attn.{hf}.weight"] = rows(f"{b}{gg}.weight")
+        if config.model_type == "olmoe":
+            state[p + "self_attn.q_norm.weight"] = rows(b + "attn_q_norm.weight")
+            state[p + "self_attn.k_norm.weight"] = rows(b + "attn_k_norm.weight")
+        state[p + "mlp.gate.weight"] = rows(b + "ffn_gate_inp.weight")
+        gate, up = rows(b + "ffn_gate_exps.weight"), rows(b + "ffn_up_exps.weight")  # [E, I, H]
+        state[p + "mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # [E, 2I, H]: gate rows, then up rows
+        state[p + "mlp.experts.down_proj"] = rows(b + "ffn_down_exps.weight")  # [E, H, I]
+    rebuilt = AutoModelForCausalLM.from_config(config).eval()
+    rebuilt.tie_weights()
+    result = rebuilt.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return rebuilt
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def mixture(request, tokenizer, tmp_path_factory):
+    """(family, the model quantized W4G32-sym by RTN, its gguf:q4_0 file)."""
+    family = request.param
+    model = _quantize(_model(family, **FAMILIES[family]), tokenizer, method="rtn")
+    return family, model, _save(model, tokenizer, tmp_path_factory.mktemp(family), "q4_0")
+
+
+def test_mixtral_and_olmoe_experts_are_fused_tensors_of_the_quantized_codes(mixture):
+    family, model, path = mixture
+    tensors = _tensors(path)
+    i_width = FAMILIES[family]["intermediate_size"]
+    qk_norms = ["attn_q_norm", "attn_k_norm"] if family == "olmoe" else []
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", *qk_norms, "ffn_gate_inp",
+                 *EXPERT_TENSORS, "ffn_norm"]  # fmt: skip
+    want = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    want |= {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer}
+    assert set(tensors) == want  # no per-expert tensors, no dense ffn_gate/up/down
+    _names_are_the_archs(path)
+    heads, kv_heads = 4, FAMILIES[family]["num_key_value_heads"]
+    unpermute = LlamaTensorProcessor({"num_attention_heads": heads, "num_key_value_heads": kv_heads})
+    for i in range(2):
+        for gg, proj in EXPERT_TENSORS.items():
+            t = tensors[f"blk.{i}.{gg}.weight"]
+            assert t.tensor_type.name == "Q4_0"
+            ne = [H, i_width, E] if proj != "down_proj" else [i_width, H, E]  # GGUF lists innermost first
+            assert [int(d) for d in t.shape] == ne
+            np.testing.assert_array_equal(_decoded(t), _experts_weight(model, i, proj), err_msg=t.name)
+        router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
+        assert router.tensor_type.name == "F32" and [int(d) for d in router.shape] == [H, E]
+        np.testing.assert_array_equal(
+            _decoded(router), model.get_submodule(f"model.layers.{i}.mlp.gate").weight.detach().numpy()
+        )
+        for gg, hf in {"attn_q": "q_proj", "attn_k": "k_proj"}.items():
+            name = f"blk.{i}.{gg}.weight"
+            ours = model.get_submodule(f"model.layers.{i}.self_attn.{hf}").dequantize().numpy()
+            if family == "mixtral":  # LLaMA rotary: rows permuted, and transformers' inverse gives them back
+                assert not np.array_equal(_decoded(tensors[name]), ours)
+                np.testing.assert_array_equal(unpermute.process(_decoded(tensors[name]), name).weights, ours)
+            else:  # NeoX rotary: HF's order
+                np.testing.assert_array_equal(_decoded(tensors[name]), ours)
+        for norm in qk_norms:  # OLMoE: one norm over the whole q (k) projection, hidden_size wide
+            assert tensors[f"blk.{i}.{norm}.weight"].tensor_type.name == "F32"
+            assert [int(d) for d in tensors[f"blk.{i}.{norm}.weight"].shape] == [H]
+    meta = _fields(path)
+    arch = GGUF_ARCH[family]
+    assert meta["general.architecture"] == arch
+    assert meta["general.file_type"] == 2  # MOSTLY_Q4_0
+    theta = float(model.config.rope_parameters["rope_theta"])  # Mixtral's default 1e6, OLMoE's 1e4
+    expected = {"expert_count": E, "expert_used_count": 2, "feed_forward_length": i_width, "block_count": 2,
+                "embedding_length": H, "attention.head_count": heads, "attention.head_count_kv": kv_heads,
+                "rope.dimension_count": 16, "rope.freq_base": theta}  # fmt: skip
+    assert {k: meta[f"{arch}.{k}"] for k in expected} == expected
+
+
+def test_mixtral_and_olmoe_rebuilt_from_the_file_give_the_same_logits(mixture):
+    family, model, path = mixture
+    rebuilt = _moe_from_gguf(path, _config(family))
+    # against what the file stores (embeddings, head f16): only the fused vs per-expert summation order differs
+    torch.testing.assert_close(_logits(rebuilt), _logits(_as_file_stores(model)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mixtral_and_olmoe_q4_k_m(family, tokenizer, tmp_path):
+    """Q4_K_M as for Qwen3-MoE: every expert's down_proj (256 wide) a K-quant, Q6_K in layer 1; rows of 64
+    weights take the fallbacks. Decoded bit for bit, and the rebuilt model gives signround's logits."""
+    fields = {"export": ExportConfig(formats="gguf:q4_k_m"), "method": "rtn"}
+    scheme = signround.QuantScheme(dtype="q4_k")
+    model = _quantize(_model(family, **FAMILIES[family]), tokenizer, scheme, **fields)
+    path = _save(model, tokenizer, tmp_path, "q4_k_m")
+    tensors = _tensors(path)
+    types = {n: t.tensor_type.name for n, t in tensors.items() if "exps" in n or "attn_v" in n}
+    assert types == {
+        "blk.0.attn_v.weight": "Q5_0", "blk.1.attn_v.weight": "Q8_0",
+        "blk.0.ffn_gate_exps.weight": "Q5_0", "blk.0.ffn_up_exps.weight": "Q5_0", "blk.0.ffn_down_exps.weight": "Q4_K",
+        "blk.1.ffn_gate_exps.weight": "Q5_0", "blk.1.ffn_up_exps.weight": "Q5_0", "blk.1.ffn_down_exps.weight": "Q6_K",
+    }  # fmt: skip
+    for i in range(2):
+        for gg, proj in EXPERT_TENSORS.items():
+            np.testing.assert_array_equal(_decoded(tensors[f"blk.{i}.{gg}.weight"]), _experts_weight(model, i, proj))
+    rebuilt = _moe_from_gguf(path, _config(family))
+    torch.testing.assert_close(_logits(rebuilt), _logits(_as_file_stores(model)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_float_mixtral_and_olmoe_with_fused_experts_export_f16(family, tokenizer, tmp_path):
+    """A float model (transformers' fused experts) as gguf:f16. OLMoE tied to its embeddings still gets an
+    output.weight: llama.cpp's olmoe graph requires one (its llama graph falls back to token_embd)."""
+    tied = family == "olmoe"
+    model = _model(family, **FAMILIES[family], tie_word_embeddings=tied)
+    path = write_gguf(model, tokenizer, tmp_path, "f16")
+    tensors = _tensors(path)
+    assert tensors["blk.0.ffn_down_exps.weight"].tensor_type.name == "F16"
+    assert "output.weight" in tensors
+    if tied:
+        np.testing.assert_array_equal(_decoded(tensors["output.weight"]), _decoded(tensors["token_embd.weight"]))
+    stored = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in stored.named_parameters():
+            if p.dim() >= 2 and ".mlp.gate." not in name:  # the file's matrices are f16; norms, routers f32
+                p.copy_(p.half().float())
+    rebuilt = _moe_from_gguf(path, _config(family, tie_word_embeddings=tied))
+    torch.testing.assert_close(_logits(rebuilt), _logits(stored), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "fields", "message"),
+    [
+        ("olmoe", {"norm_topk_prob": True}, "llama.cpp's olmoe graph never renormalizes the top-k router weights; "
+                                            "this model has norm_topk_prob=True"),
+        ("olmoe", {"num_key_value_heads": 2}, "llama.cpp's olmoe graph norms keys over hidden_size and needs as many "
+                                              "key/value heads as heads, this model has 2 of 4"),
+        ("olmoe", {"clip_qkv": 8.0}, "llama.cpp's olmoe graph does not clip q/k/v, this model has clip_qkv=8.0"),
+        ("mixtral", {"sliding_window": 16}, "llama.cpp's llama graph has no sliding window, this model has "
+                                            "sliding_window=16"),
+    ],
+)  # fmt: skip
+def test_configs_llama_cpp_runs_differently_are_refused_before_tuning(family, fields, message, tokenizer):
+    model = _model(family, **{**FAMILIES[family], **fields})
+    cfg = make_config(scheme=W4G32_SYM, export=ExportConfig(formats="gguf:q4_0"), method="rtn")
+    with pytest.raises(SignRoundError) as err:
+        signround.quantize(model, tokenizer, cfg, corpus(20, seed=1), QUIET)
+    name = {"mixtral": "mixtral (llama)", "olmoe": "olmoe (olmoe)"}[family]
+    assert str(err.value) == f"gguf export of {name}: {message}; use --format native instead"
+    assert not [m for m in model.modules() if isinstance(m, QuantLinear)]
