@@ -370,7 +370,7 @@ def _tune(
         if tune.iters > 0 and tune.starved_experts is not StarvedExperts.BLOCK:
             alone = _tune_starved(ctx, i, block, fp_inputs, data.kwargs, entries, act)
     schemes = {n: s for n, s in ctx.plans[i].items() if n not in alone}
-    tuner = tune_block if tune.iters > 0 else tune_rtn
+    tuner = tune_block if tune.iters > 0 and schemes else tune_rtn  # nothing left to tune: no steps
     with tape.replaying(block) if tape and tape.index else nullcontext():
         result = tuner(block, data, schemes, tune, tune.seed + i, act, _hooks(ctx, on_step, tape))
     result.layers.update(alone)

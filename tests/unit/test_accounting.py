@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from signround import QuantConfig, RunOptions, TuneConfig, quantize
+from signround import CalibConfig, QuantConfig, RunOptions, TuneConfig, quantize
 from signround.cli import main
 from signround.config import QuantScheme, parse_layer_config
 from signround.errors import SignRoundError
@@ -102,3 +102,20 @@ def test_the_cli_reports_every_fate_of_a_moe_model(tmp_path, tokenizer, capsys):
     fates = {t["name"]: t["fate"] for t in json.loads((tmp_path / "r.json").read_text())["weights"]["tensors"]}
     assert fates["model.layers.0.mlp.experts.0.gate_proj.weight"] == "float by rule"
     assert fates["model.layers.0.self_attn.q_proj.weight"] == "quantized"
+
+
+def test_a_block_kept_float_whole_by_a_rule_is_passed_through_untuned(tokenizer):
+    """A --layer-config rule that keeps every linear of a block float leaves SignRound nothing to tune there: the
+    run goes on (no steps for that block), the block stays float and the others are tuned."""
+    from tests.conftest import corpus
+
+    model = make_model("llama", layers=3)
+    before = {n: p.detach().clone() for n, p in model.model.layers[1].named_parameters()}
+    keep = {r"model\.layers\.1\.": {"bits": 16}}
+    cfg = QuantConfig(scheme=QuantScheme(bits=4, group_size=32), tune=TuneConfig(iters=2, batch_size=2),
+                      calib=CalibConfig(nsamples=4, seqlen=16), layer_rules=keep)  # fmt: skip
+    quantize(model, tokenizer, cfg, corpus(20, seed=1), RunOptions(progress=False))
+    layers = model.model.layers
+    assert not [m for m in layers[1].modules() if isinstance(m, QuantLinear)]
+    assert all(torch.equal(p, before[n]) for n, p in layers[1].named_parameters())
+    assert isinstance(layers[0].self_attn.q_proj, QuantLinear) and isinstance(layers[-1].mlp.down_proj, QuantLinear)
