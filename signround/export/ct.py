@@ -1,4 +1,4 @@
-"""compressed-tensors ``pack-quantized`` exporter (what llm-compressor writes and vLLM serves), written with
+r"""compressed-tensors ``pack-quantized`` exporter (what llm-compressor writes and vLLM serves), written with
 the ``compressed-tensors`` library's packer and config models; see docs/formats.md.
 
 For a quantized linear ``P`` with weight ``[out, in]``, ``b`` bits, ``G`` groups:
@@ -30,11 +30,26 @@ Mixtures of experts are written one linear per expert under the names the servin
 (:func:`signround.export.moe_names.serving_name`: Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``, the
 module tree's ``mlp.experts.{e}.{gate,up,down}_proj`` elsewhere); the routers stay float and are listed in
 ``ignore``. gpt-oss is refused before tuning: no reader loads its experts one linear per expert.
+
+With one scheme the single config group targets ``Linear`` (vLLM lets that class target stand for its
+``FusedMoE`` too). With several, dense layers are targeted by name and each MoE layer by one regex,
+``re:^<experts prefix>(?:\.\d+\.|$)`` on its serving name (e.g. ``re:^model\.layers\.3\.mlp\.experts(?:\.\d+\.|$)``),
+in its experts' group: vLLM's ``CompressedTensorsMoEMethod.get_moe_method`` resolves a ``FusedMoE`` with prefix ``P``
+by ``get_scheme_dict`` on ``P.0.gate_proj``, ``P.0.up_proj`` and ``P.0.down_proj`` (those words whatever the
+checkpoint calls them, so Mixtral's ``w1/w3/w2`` names never match by name), each first checked against
+``ignore`` and then matched against the targets by ``find_matched_target`` (exact name or ``re:`` ``re.match``,
+then class name); the three must agree (vLLM releases before about 0.10.2 read only a ``Linear`` target for
+MoE layers and cannot serve these). The regex matches those, the prefix, and every per-expert serving name
+(signround's reader matches targets against those by ``re.match``). transformers 5.24 decompresses all experts with
+one group, the first whose ``re:`` targets mention ``experts`` (``get_experts_scheme``), so it loads MoE layers at
+one scheme only (a warning says so). A MoE layer kept float gets the same regex in ``ignore``.
+Experts of one layer at different schemes are refused before tuning (:func:`check_moe`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +60,8 @@ from torch import nn
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
 from signround.export.common import Planned, planned_from_model, quantized_layers
-from signround.export.moe_names import per_expert_unreadable, serving_name
+from signround.export.gptq import check_fused_experts
+from signround.export.moe_names import serving_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.model.experts import UnfusedExperts
 from signround.pack.packed import QuantLinear
@@ -107,16 +123,15 @@ def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups:
 
 
 def check_moe(model: nn.Module, planned: Sequence[Planned]) -> None:
-    """Refuse a mixture of experts whose per-expert layers no reader loads (gpt-oss); warn about asymmetric
-    experts, which transformers 5.24 cannot load (its expert decompression, ``CompressedTensorsDequantize``,
-    drops ``weight_zero_point``) and vLLM's WNA16 MoE methods refuse in most releases ("Only symmetric
-    quantization is supported for MoE"; only its newest source reads zero points)."""
+    """Refuse a mixture of experts no reader loads (gpt-oss) and a MoE layer whose experts do not share one
+    scheme (vLLM serves a layer's experts as one ``FusedMoE`` with one scheme; the check
+    :func:`signround.export.gptq.check_fused_experts` the GPTQ formats use); warn about asymmetric experts,
+    which transformers 5.24 cannot load (its expert decompression, ``CompressedTensorsDequantize``, drops
+    ``weight_zero_point``) and vLLM's WNA16 MoE methods refuse in most releases ("Only symmetric quantization is
+    supported for MoE"; only its newest source reads zero points)."""
     if not any(isinstance(m, UnfusedExperts) for m in model.modules()):
         return
-    model_type = getattr(model.config, "model_type", "")
-    if (why := per_expert_unreadable(model_type)) is not None:
-        raise SignRoundError(f"compressed-tensors cannot store this {model_type} mixture of experts: {why}; "
-                             "use --format native")  # fmt: skip
+    check_fused_experts(model, planned, "compressed-tensors")
     asym = [p.name for p in planned if ".experts." in p.name and not p.scheme.sym and p.scheme.dtype.value == "int"]
     if asym:
         log.warning(
@@ -164,17 +179,42 @@ def layer_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, torch.Ten
     return tensors
 
 
+def experts_target(prefix: str) -> str:
+    """The config target of the MoE layer whose serving name is ``prefix`` (``model.layers.3.mlp.experts``): by
+    ``re.match`` it matches ``prefix.{e}.<anything>``, the names vLLM resolves the layer's ``FusedMoE`` by
+    (``prefix.0.gate_proj`` / ``up_proj`` / ``down_proj``) and every expert's serving name (signround's reader),
+    and ``prefix`` itself (the ``FusedMoE`` prefix; transformers 5.24's fused experts module, which it matches
+    harmlessly), but no other layer (``model.layers.30`` or ``shared_experts``)."""
+    return "re:^" + re.escape(prefix) + r"(?:\.\d+\.|$)"
+
+
+def _experts_of(model: nn.Module) -> dict[str, str]:
+    """``{expert linear name: its MoE layer's experts module name}`` over the model's unfused experts."""
+    return {
+        f"{name}.{sub}": name
+        for name, m in model.named_modules()
+        if isinstance(m, UnfusedExperts)
+        for sub, child in m.named_modules()
+        if isinstance(child, (nn.Linear, QuantLinear))
+    }
+
+
 def ct_config(model: nn.Module, layers: dict[str, QuantLinear], rename: Callable[[str], str]) -> dict[str, Any]:
     """``quantization_config``: one config group per distinct scheme; float linears and routers go to
-    ``ignore``. Module names pass through ``rename`` (the serving names, :func:`serving_names`)."""
+    ``ignore``. Module names pass through ``rename`` (the serving names, :func:`serving_names`). With one scheme
+    the group targets ``Linear``; with several, dense layers are named and each MoE layer (its experts share
+    one scheme, :func:`check_moe`) is one :func:`experts_target` regex, as vLLM resolves a ``FusedMoE``."""
     _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
-    by_scheme: dict[QuantScheme, list[str]] = {}
+    experts = _experts_of(model)
+    by_scheme: dict[QuantScheme, dict[str, None]] = {}  # scheme -> its targets, in model order, once each
     for name, layer in layers.items():
-        by_scheme.setdefault(layer.scheme, []).append(rename(name))
+        module = experts.get(name)
+        target = rename(name) if module is None else experts_target(rename(module))
+        by_scheme.setdefault(layer.scheme, {})[target] = None
     groups = {}
     formats = set()
     for i, (scheme, names) in enumerate(by_scheme.items()):
-        targets = ["Linear"] if len(by_scheme) == 1 else names
+        targets = ["Linear"] if len(by_scheme) == 1 else list(names)
         fp4 = FP4_FORMATS.get(scheme.dtype.value)
         if fp4 is not None:
             from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
@@ -193,8 +233,19 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear], rename: Callable
         )
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
     ignore = [rename(n) for n, m in model.named_modules() if type(m) is nn.Linear or is_router(m)]
+    # A MoE layer kept float: vLLM checks ``ignore`` with the same ``prefix.0.gate_proj`` names (Mixtral's
+    # per-expert ``w1`` entries never match them).
+    quantized_moe = {experts[n] for n in layers if n in experts}
+    for module in dict.fromkeys(experts.values()):
+        if module not in quantized_moe:
+            ignore.append(experts_target(rename(module)))
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in ignore:
         ignore.append("lm_head")
+    if len({layers[n].scheme for n in layers if n in experts}) > 1:
+        log.warning(
+            "compressed-tensors: MoE layers at several schemes; vLLM and signround's reader load them, "
+            "transformers 5.24 decompresses every expert with one config group (get_experts_scheme)"
+        )
     config = QuantizationConfig(
         config_groups=groups,
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
