@@ -21,6 +21,7 @@ from signround.model.blocks import find_blocks, resolve_schemes
 from signround.model.experts import unfuse_experts
 from signround.model.load import load_model
 from tests.conftest import corpus
+from tests.integration.test_moe_ct import PACKED, vllm_fused_moe_weights
 from tests.integration.test_moe_gptq import build as build_wide
 from tests.unit.test_experts import MOE_LAYERS, build
 
@@ -107,8 +108,8 @@ def test_units_are_structural_even_for_an_expert_the_grouping_sample_never_route
 def test_mixed_cli_run_on_a_moe_exports_to_every_fused_expert_format(tokenizer, tmp_path):
     """The default allocation passes the gptq / auto_round / compressed-tensors checks (one scheme per MoE
     layer). The GPTQ layouts are read back by signround's own reader; compressed-tensors is checked against the
-    rule of vLLM's ``CompressedTensorsMoEMethod.get_moe_method`` (expert 0's gate, up and down resolve to one
-    scheme) with every expert of a layer in that scheme's config group."""
+    rule of vLLM's ``CompressedTensorsMoEMethod.get_moe_method`` (tests/integration/test_moe_ct.py's mirror of it:
+    each layer's FusedMoE resolves to the width the allocation gave its experts)."""
     build_wide().save_pretrained(tmp_path / "float")
     tokenizer.save_pretrained(tmp_path / "float")
     (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
@@ -129,13 +130,10 @@ def test_mixed_cli_run_on_a_moe_exports_to_every_fused_expert_format(tokenizer, 
         ref = load_model(str(out / "native"))[0](x).logits
         for fmt in ("auto_round", "gptq"):
             assert torch.equal(load_model(str(out / fmt))[0](x).logits, ref), fmt
-    groups = json.loads((out / "compressed-tensors/config.json").read_text())["quantization_config"]["config_groups"]
-    group_of = {t: k for k, g in groups.items() for t in g["targets"]}
+    qc = json.loads((out / "compressed-tensors/config.json").read_text())["quantization_config"]
     for i in range(2):
         prefix = f"model.layers.{i}.mlp.experts"
-        (k,) = {group_of[f"{prefix}.0.{p}"] for p in ("gate_proj", "up_proj", "down_proj")}
-        assert {group_of[f"{prefix}.{e}.{p}"] for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")} == {k}
-        assert groups[k]["weights"]["num_bits"] == bits[f"{prefix}.0.gate_proj"]
+        assert vllm_fused_moe_weights(qc, prefix, PACKED["qwen3_moe"])["num_bits"] == bits[f"{prefix}.0.gate_proj"]
 
 
 def test_per_expert_widths_from_the_cli_in_the_native_format(tokenizer, tmp_path):
