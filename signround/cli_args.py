@@ -205,8 +205,8 @@ def _add_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         default="native",
-        help="checkpoint format(s), comma-separated: native, auto_round, gptq, compressed-tensors, gguf:<type>; "
-        "several formats give one subfolder each (see docs/formats.md)",
+        help="checkpoint format(s), comma-separated: native, auto_round, gptq, compressed-tensors, gpt-oss-mxfp4, "
+        "gguf:<type>; several formats give one subfolder each (see docs/formats.md)",
     )
     p.add_argument(
         "--allow-partial-groups",

@@ -132,6 +132,7 @@ class ExportFormat(_Choice):
     GGUF_Q6_K = "gguf:q6_k"
     GGUF_Q3_K = "gguf:q3_k"
     GGUF_Q4_K_M = "gguf:q4_k_m"
+    GPT_OSS_MXFP4 = "gpt-oss-mxfp4"  # gpt-oss with MXFP4 experts, as its original checkpoints
 
     @property
     def is_gguf(self) -> bool:

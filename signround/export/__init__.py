@@ -17,7 +17,7 @@ from signround.config import parse_formats as config_parse_formats
 from signround.errors import SignRoundError
 
 # importing each exporter module registers its exporters
-from signround.export import ct, gguf_export, gptq, native  # noqa: F401
+from signround.export import ct, gguf_export, gptq, mxfp4_gptoss, native  # noqa: F401
 from signround.export.atomic import atomic_folder
 from signround.export.common import planned_from_model
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, get_exporter, register_exporter
