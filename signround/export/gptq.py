@@ -132,7 +132,8 @@ def check_fused_experts(model: nn.Module, planned: Sequence[Planned], fmt: str) 
     experts = expert_schemes(model, planned)
     model_type = getattr(model.config, "model_type", "")
     if experts and (why := per_expert_unreadable(model_type)) is not None:
-        raise SignRoundError(f"{fmt} cannot store this {model_type} mixture of experts: {why}; use --format native")
+        other = "gpt-oss-mxfp4 (experts at --data-type mxfp4), gguf or native" if model_type == "gpt_oss" else "native"
+        raise SignRoundError(f"{fmt} cannot store this {model_type} mixture of experts: {why}; use --format {other}")
     for module, members in experts.items():
         kinds = set(members.values())
         if len(kinds) > 1:
