@@ -168,3 +168,55 @@ def machine() -> str:
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"native bfloat16 matmuls: {'yes' if bf16 else 'no'}"
     )
+
+
+# ---------------------------------------------------------------- same tokens, fingerprinted recipes
+# (added for bench/compare_peers.py; the functions above keep their behaviour for the benches that use them)
+
+
+def calib_tokens(tokenizer, dataset: str, nsamples: int, seqlen: int, seed: int):
+    """``(tokens, sha256)``: the ``[nsamples, seqlen]`` int64 calibration ids that signround's CLI draws for
+    ``--dataset DATASET --nsamples N --seqlen L --seed S`` (its own sampler, ``signround.calib.data.
+    sample_tokens`` on ``load_texts``, which is what ``calibration_tokens`` runs for a dataset), and the
+    sha256 of those ids as contiguous little-endian int64 (shape not included; as bench/upcycle.py's)."""
+    import hashlib
+
+    import torch
+
+    from signround.calib.data import load_texts, sample_tokens
+    from signround.config import CalibConfig
+
+    cfg = CalibConfig(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    tokens = sample_tokens(load_texts(dataset), tokenizer, cfg).to(torch.int64).contiguous()
+    return tokens, hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+
+
+def recipe_key(recipe: dict) -> str:
+    """Fingerprint of a run's full recipe (tool, tool version, signround source hash / commit, flags, model,
+    calibration sha256, seed, evaluation windows: whatever the caller puts in ``recipe``): 16 hex digits of
+    the sha256 of its canonical JSON. A cached run is reused only when this matches."""
+    import hashlib
+
+    blob = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def source_sha(*parts: str) -> str:
+    """12 hex digits of the sha256 of signround's ``.py`` files under ``parts`` (folders or files relative to
+    the repository root; default ``signround``), names included, as they are in the worktree now."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in parts or ("signround",):
+        base = ROOT / part
+        for p in sorted([base] if base.is_file() else base.rglob("*.py")):
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """HEAD of the repository ('' outside git), plus '-dirty' when signround/ has uncommitted changes."""
+    run = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = run("rev-parse", "HEAD")
+    return head + ("-dirty" if head and run("status", "--porcelain", "--", "signround") else "")
