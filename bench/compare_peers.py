@@ -9,7 +9,9 @@ Issue 27's comparison. Tools (``--tools``):
 - ``auto-round``: intel auto-round 0.16.1 with its defaults at the budget's iterations (lr 1/iters).
 - ``auto-round-light``: auto-round's ``light`` recipe (iters 50, lr 5e-3; light budget only).
 - ``auto-round-alg-ext``: auto-round with ``enable_alg_ext=True`` (its SignRoundV2 path) at each budget.
-- ``auto-round-opt-rtn``: auto-round's optimized RTN (iters 0, opt-RTN on).
+- ``auto-round-opt-rtn``: auto-round's optimized RTN (iters 0, opt-RTN on). auto-round 0.16.1 runs its
+  imatrix-weighted search only for symmetric grids; for asymmetric ones it falls back to plain zero-shot RTN
+  by its own rule (``_select_rtn_compressor_base_cls``), which the row's ``resolved`` field shows (RTNConfig).
 - ``gptq``: llm-compressor 0.14.0.1's ``GPTQModifier`` through ``oneshot`` with its default options (block
   128, dampening 0.01, static act-order), the same bits / group / symmetry, lm_head float, in its own
   environment bench/.venv-gptq (bench/requirements-gptq.txt). One option is not its default:
@@ -167,6 +169,7 @@ def autoround_child(argv: list[str]) -> int:
     """In the bench venv: auto-round 0.16.1 on the given token ids; writes its fake-quantized model as a
     float HF folder and a JSON report (seconds, VmHWM, version, linears on the grid)."""
     args = _child_args(argv)
+    os.chdir(Path(args.output).parent)  # auto-round writes ./ar_work_space, llm-compressor its logs: into --work
     import torch
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -275,6 +278,7 @@ def gptq_child(argv: list[str]) -> int:
     """In bench/.venv-gptq: llm-compressor's GPTQ oneshot on the given token ids; the GPTQ weights (its
     quantize-dequantized values) are copied into a fresh float model of the same folder, which is saved."""
     args = _child_args(argv)
+    os.chdir(Path(args.output).parent)  # auto-round writes ./ar_work_space, llm-compressor its logs: into --work
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -379,14 +383,16 @@ def rel(s: str) -> str:
 class Driver:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.work = Path(args.work)
+        self.work = Path(args.work).resolve()  # the children run in it (their own scratch files stay there)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.results = Path(args.results)
+        self.results = Path(args.results).resolve()
         self.rows_dir = self.results / NAME / "rows"
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         from signround.model.load import resolve_model
 
         self.folder = resolve_model(args.model)
+        if Path(self.folder).exists():
+            self.folder = str(Path(self.folder).resolve())
         self.model_id = {"model": args.model, "fingerprint": model_fingerprint(self.folder)}
         self.commit = git_commit()
         self.signround_source = source_sha()  # at start: others edit the worktree live
@@ -515,6 +521,7 @@ class Driver:
             "process_seconds": proc_s,
             "peak_gpu_gb": rep.get("peak_gpu_gb"),
             "grid": {k: rep[k] for k in ("linears_on_grid", "linears") if k in rep} or None,
+            "resolved": rep.get("resolved"),  # auto-round: the algorithm its arguments resolved to
             "recipe_key": key,
             "recipe": recipe,
             "command": None if command is None else rel(shlex.join(command)),
@@ -757,7 +764,7 @@ def write_tables(d: Driver, rows: list[dict], done: int, planned: int) -> None:
     d.results.mkdir(parents=True, exist_ok=True)
     keep = ("config", "budget", "tool", "seed", "calib_sha256", "ppl", "quant_seconds", "peak_rss_gb", "iters",
             "nsamples", "seqlen", "eval_windows", "eval_seqlen", "process_seconds", "peak_gpu_gb", "grid",
-            "recipe_key", "command", "started")  # fmt: skip
+            "resolved", "recipe_key", "command", "started")  # fmt: skip
     blob = {**meta, "rows": [{k: r.get(k) for k in keep} for r in rows], "summary": summary, "claims": cl,
             "targets": tg, "failures": d.failures}  # fmt: skip
     (d.results / f"{NAME}.json").write_text(json.dumps(blob, indent=1) + "\n")
