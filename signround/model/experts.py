@@ -238,12 +238,14 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     Works on real and meta parameters alike. A module of an unknown family holding 3D parameters is left
     alone and *not* an error here: :func:`find_fused_experts` names what remains, so the caller can refuse
     it with a message that fits its context."""
-    found = [(n, m) for n, m in model.named_modules() if type(m) in KNOWN_EXPERTS]
-    for name, module in found:
+    names = [n for n, m in model.named_modules() if type(m) in KNOWN_EXPERTS]
+    for name in names:  # by name, holding no fused module past its replacement: one layer's copy at a time
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, unfused_from(module, KNOWN_EXPERTS[type(module)]))
-    return [name for name, _ in found]
+        fused = getattr(parent, child)
+        setattr(parent, child, unfused_from(fused, KNOWN_EXPERTS[type(fused)]))
+        del fused
+    return names
 
 
 def find_fused_experts(model: nn.Module) -> list[str]:
