@@ -12,7 +12,7 @@ of a window scored). llama.cpp's quantizer gets each ``--type`` (default Q4_K_S)
 and keeps the embeddings F16 as our files do; the table lists each file's per-tensor types so that files of
 the same types are compared (Q4_K_M matches ``gguf:q4_k_m``; Q4_K_S gives the first n/8 ``ffn_down`` Q5_K where
 ``gguf:q4_k`` keeps Q4_K).
-Writes bench/results/llamacpp.md.
+Writes bench/results/llamacpp.md (``--name``: another file, e.g. for a mixture of experts).
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ def main() -> None:
                    "default Q4_K_S)")  # fmt: skip
     p.add_argument("--ours", action="append", default=[], metavar="LABEL=FOLDER", help="signround GGUF files to run")
     p.add_argument("--max-windows", type=int, default=10)
+    p.add_argument("--name", default="llamacpp", help="writes bench/results/<name>.md")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def main() -> None:
         lines.append(
             f"| {r.label} | {r.ftype} | {type_counts(r.tensors)} | {same} | {size:.1f} | {r.ppl:.4f} | {cont} |"
         )
-    (ROOT / "bench" / "results" / "llamacpp.md").write_text("\n".join(lines) + "\n")
+    (ROOT / "bench" / "results" / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=8192, help="wikitext-2 tokens for the per-expert errors")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "moe-starved"))
+    p.add_argument("--runs", default="block,own,init,default,teacher", help="which of the runs, comma-separated")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,10 @@ def main() -> None:
         "default": [],
         "teacher": ["--routing", "teacher"],
     }
+    wanted = args.runs.split(",")
+    if unknown := set(wanted) - runs.keys():
+        raise SystemExit(f"unknown --runs {sorted(unknown)}; choose from {', '.join(runs)}")
+    runs = {k: v for k, v in runs.items() if k in wanted}
     from signround.model.experts import unfuse_experts
     from signround.model.load import load_model
 
