@@ -115,6 +115,22 @@ def _experts_weight(model, i: int, proj: str) -> np.ndarray:
     return np.stack([layer.dequantize().numpy() for layer in layers])
 
 
+def _experts_and_router_match(tensors: dict, model, i: int, i_width: int) -> None:
+    """Layer ``i``'s fused ``ffn_*_exps`` (Q4_0, ``ne`` innermost first) decode, expert-major, to signround's
+    dequantized expert weights bit for bit; its router ``ffn_gate_inp`` is the float ``mlp.gate`` in F32."""
+    for gg, proj in EXPERT_TENSORS.items():
+        t = tensors[f"blk.{i}.{gg}.weight"]
+        assert t.tensor_type.name == "Q4_0"
+        ne = [H, i_width, E] if proj != "down_proj" else [i_width, H, E]  # GGUF lists innermost first
+        assert [int(d) for d in t.shape] == ne
+        np.testing.assert_array_equal(_decoded(t), _experts_weight(model, i, proj), err_msg=t.name)
+    router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
+    assert router.tensor_type.name == "F32" and [int(d) for d in router.shape] == [H, E]
+    np.testing.assert_array_equal(
+        _decoded(router), model.get_submodule(f"model.layers.{i}.mlp.gate").weight.detach().numpy()
+    )
+
+
 def _as_file_stores(model):
     """A copy whose float matrices (embeddings, output head) are what the file stores: rounded through f16."""
     ref = copy.deepcopy(model)
@@ -144,18 +160,7 @@ def test_qwen3_moe_experts_are_fused_tensors_of_the_quantized_codes(qwen3_moe):
     _names_are_the_archs(path)
     i_width = QWEN3_MOE["moe_intermediate_size"]
     for i in range(2):
-        for gg, proj in EXPERT_TENSORS.items():
-            t = tensors[f"blk.{i}.{gg}.weight"]
-            assert t.tensor_type.name == "Q4_0"
-            ne = [H, i_width, E] if proj != "down_proj" else [i_width, H, E]  # GGUF lists innermost first
-            assert [int(d) for d in t.shape] == ne
-            # expert-major, each expert's rows decoding to signround's dequantized weight bit for bit
-            np.testing.assert_array_equal(_decoded(t), _experts_weight(model, i, proj), err_msg=t.name)
-        router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
-        assert router.tensor_type.name == "F32" and [int(d) for d in router.shape] == [H, E]
-        np.testing.assert_array_equal(
-            _decoded(router), model.get_submodule(f"model.layers.{i}.mlp.gate").weight.detach().numpy()
-        )
+        _experts_and_router_match(tensors, model, i, i_width)
         q = tensors[f"blk.{i}.attn_q.weight"]  # NeoX rotary: rows stay in HF's order (no LLaMA permutation)
         np.testing.assert_array_equal(
             _decoded(q), model.get_submodule(f"model.layers.{i}.self_attn.q_proj").dequantize().numpy()
@@ -437,17 +442,7 @@ def test_mixtral_and_olmoe_experts_are_fused_tensors_of_the_quantized_codes(mixt
     heads, kv_heads = 4, FAMILIES[family]["num_key_value_heads"]
     unpermute = LlamaTensorProcessor({"num_attention_heads": heads, "num_key_value_heads": kv_heads})
     for i in range(2):
-        for gg, proj in EXPERT_TENSORS.items():
-            t = tensors[f"blk.{i}.{gg}.weight"]
-            assert t.tensor_type.name == "Q4_0"
-            ne = [H, i_width, E] if proj != "down_proj" else [i_width, H, E]  # GGUF lists innermost first
-            assert [int(d) for d in t.shape] == ne
-            np.testing.assert_array_equal(_decoded(t), _experts_weight(model, i, proj), err_msg=t.name)
-        router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
-        assert router.tensor_type.name == "F32" and [int(d) for d in router.shape] == [H, E]
-        np.testing.assert_array_equal(
-            _decoded(router), model.get_submodule(f"model.layers.{i}.mlp.gate").weight.detach().numpy()
-        )
+        _experts_and_router_match(tensors, model, i, i_width)
         for gg, hf in {"attn_q": "q_proj", "attn_k": "k_proj"}.items():
             name = f"blk.{i}.{gg}.weight"
             ours = model.get_submodule(f"model.layers.{i}.self_attn.{hf}").dequantize().numpy()

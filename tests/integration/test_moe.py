@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from signround.model.blocks import Planned
 from signround.model.experts import unfuse_experts
 from signround.pack.packed import QuantLinear
 from tests.conftest import corpus, make_config
+from tests.integration.test_resume import spawn
 from tests.unit.test_experts import MOE_LAYERS, build
 
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "olmoe", "deepseek_v3"]
@@ -67,14 +69,20 @@ def _tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # per-expert and fused names on disk
-def test_streamed_and_whole_runs_write_the_same_moe_checkpoint(family, tokenizer, tmp_path):
+def float_run_args(family: str, tokenizer, tmp_path, iters: int) -> list[str]:
+    """Save a tiny ``family`` model and a calibration file under ``tmp_path``; the ``quantize`` flags (no
+    ``--output``) of a W4G16 run of ``iters`` steps on them."""
     build(family).save_pretrained(tmp_path / "float")
     tokenizer.save_pretrained(tmp_path / "float")
     (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
-    argv = ["quantize", "--model", str(tmp_path / "float"), "--bits", "4", "--group-size", "16", "--iters", "2",
-            "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--dataset", str(tmp_path / "calib.jsonl"),
-            "--quiet"]  # fmt: skip
+    return ["quantize", "--model", str(tmp_path / "float"), "--bits", "4", "--group-size", "16", "--iters",
+            str(iters), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--dataset",
+            str(tmp_path / "calib.jsonl"), "--quiet"]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # per-expert and fused names on disk
+def test_streamed_and_whole_runs_write_the_same_moe_checkpoint(family, tokenizer, tmp_path):
+    argv = float_run_args(family, tokenizer, tmp_path, iters=2)
     assert main([*argv, "--output", str(tmp_path / "whole")]) == 0
     assert main([*argv, "--low-memory", "--output", str(tmp_path / "streamed")]) == 0
     whole, streamed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
@@ -130,18 +138,7 @@ def test_asymmetric_experts_are_warned_about_before_a_compressed_tensors_run(cap
 def test_a_moe_run_killed_after_its_first_block_resumes_to_the_same_bytes(family, tokenizer, tmp_path):
     """SIGKILL right after block 0 is saved, then ``--resume``: the same checkpoint bytes and the same run report
     (per-expert token counts and starved experts included) as an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    build(family).save_pretrained(tmp_path / "float")
-    tokenizer.save_pretrained(tmp_path / "float")
-    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
-    argv = ["quantize", "--model", str(tmp_path / "float"), "--bits", "4", "--group-size", "16", "--iters", "3",
-            "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--dataset", str(tmp_path / "calib.jsonl"),
-            "--expert-min-tokens", "64", "--quiet"]  # fmt: skip
+    argv = [*float_run_args(family, tokenizer, tmp_path, iters=3), "--expert-min-tokens", "64"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main([*argv, "--output", str(ref), "--report", str(tmp_path / "ref.json")]) == 0
     driver = (
@@ -155,10 +152,7 @@ def test_a_moe_run_killed_after_its_first_block_resumes_to_the_same_bytes(family
         "from signround.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", driver, *argv, "--output", str(out)], timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert spawn([*argv, "--output", str(out)], driver).wait(timeout=300) == -signal.SIGKILL and not out.exists()
     assert main([*argv, "--output", str(out), "--resume", "--report", str(tmp_path / "out.json")]) == 0
     got, want = _tensors(out), _tensors(ref)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

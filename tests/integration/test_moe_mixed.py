@@ -105,19 +105,25 @@ def test_units_are_structural_even_for_an_expert_the_grouping_sample_never_route
     assert whole[:2] == groups[:2] and len(whole) == 3 and len(whole[2]) == 12
 
 
+def mixed_cli_args(tokenizer, tmp_path, out, avg_bits: str) -> list[str]:
+    """Save the wide Qwen3-MoE and a calibration file under ``tmp_path``; the ``quantize`` flags of an RTN mixed
+    run at ``--avg-bits avg_bits`` over widths 4 and 8 writing to ``out``."""
+    build_wide().save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
+    return ["quantize", "--model", str(tmp_path / "float"), "--output", str(out), "--bits", "8", "--group-size",
+            "16", "--sym", "--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--dataset",
+            str(tmp_path / "calib.jsonl"), "--avg-bits", avg_bits, "--bit-options", "4,8", "--sensitivity-nsamples",
+            "4", "--quiet"]  # fmt: skip
+
+
 def test_mixed_cli_run_on_a_moe_exports_to_every_fused_expert_format(tokenizer, tmp_path):
     """The default allocation passes the gptq / auto_round / compressed-tensors checks (one scheme per MoE
     layer). The GPTQ layouts are read back by signround's own reader; compressed-tensors is checked against the
     rule of vLLM's ``CompressedTensorsMoEMethod.get_moe_method`` (tests/integration/test_moe_ct.py's mirror of it:
     each layer's FusedMoE resolves to the width the allocation gave its experts)."""
-    build_wide().save_pretrained(tmp_path / "float")
-    tokenizer.save_pretrained(tmp_path / "float")
-    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
     out = tmp_path / "out"
-    argv = ["quantize", "--model", str(tmp_path / "float"), "--output", str(out), "--bits", "8", "--group-size",
-            "16", "--sym", "--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--dataset",
-            str(tmp_path / "calib.jsonl"), "--avg-bits", "7", "--bit-options", "4,8", "--sensitivity-nsamples", "4",
-            "--format", "native,auto_round,gptq,compressed-tensors", "--quiet"]  # fmt: skip
+    argv = mixed_cli_args(tokenizer, tmp_path, out, "7") + ["--format", "native,auto_round,gptq,compressed-tensors"]
     assert main(argv) == 0
     mixed = json.loads((out / "native/config.json").read_text())["quantization_config"]["mixed_precision"]
     assert mixed["avg_bits"] <= 7 and mixed["expert_units"] == "layer"
@@ -139,14 +145,8 @@ def test_mixed_cli_run_on_a_moe_exports_to_every_fused_expert_format(tokenizer, 
 def test_per_expert_widths_from_the_cli_in_the_native_format(tokenizer, tmp_path):
     """``--expert-units expert``: each expert its own allocation units; the native checkpoint records the mode and
     reloads. Any other format is refused before any work (they store a layer's experts in one scheme)."""
-    build_wide().save_pretrained(tmp_path / "float")
-    tokenizer.save_pretrained(tmp_path / "float")
-    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus(20, seed=1)))
     out = tmp_path / "out"
-    argv = ["quantize", "--model", str(tmp_path / "float"), "--output", str(out), "--bits", "8", "--group-size",
-            "16", "--sym", "--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--dataset",
-            str(tmp_path / "calib.jsonl"), "--avg-bits", "6", "--bit-options", "4,8", "--sensitivity-nsamples", "4",
-            "--expert-units", "expert", "--quiet"]  # fmt: skip
+    argv = mixed_cli_args(tokenizer, tmp_path, out, "6") + ["--expert-units", "expert"]
     assert main([*argv, "--format", "native,gptq"]) == 2
     assert not out.exists()
     assert main(argv) == 0
