@@ -64,6 +64,7 @@ from signround.export.gptq import check_fused_experts
 from signround.export.moe_names import serving_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.model.experts import UnfusedExperts
+from signround.pack.bitpack import pack_nibbles
 from signround.pack.packed import QuantLinear
 
 log = logging.getLogger("signround")
@@ -151,7 +152,7 @@ def is_router(module: nn.Module) -> bool:
 def fp4_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
     """``weight_packed`` / ``weight_scale`` (/ ``weight_global_scale``) of an MXFP4 or NVFP4 layer."""
     codes = layer.codes()
-    tensors = {"weight_packed": codes[:, 0::2] | (codes[:, 1::2] << 4), "weight_scale": layer.scales.clone()}
+    tensors = {"weight_packed": pack_nibbles(codes), "weight_scale": layer.scales.clone()}
     if layer.scheme.dtype.value == "nvfp4":
         tensors["weight_global_scale"] = 1.0 / layer.tensor_scale.float()
     if layer.bias is not None:

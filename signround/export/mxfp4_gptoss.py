@@ -38,6 +38,7 @@ from signround.errors import SignRoundError
 from signround.export.common import Planned, planned_from_model, write_hf_folder
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.model.experts import PROJECTIONS, UnfusedGptOssExperts, join_gate_up_bias
+from signround.pack.bitpack import pack_nibbles
 from signround.pack.packed import QuantLinear
 
 FORMAT = "gpt-oss-mxfp4"
@@ -104,7 +105,7 @@ def check_gptoss_mxfp4(model: nn.Module, planned: Sequence[Planned]) -> None:
 def pack_blocks(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes ``[..., rows, in]`` (uint8, 0..15) -> ``[..., rows, in / 32, 16]`` bytes, the even column
     in the low nibble."""
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    packed = pack_nibbles(codes)
     return packed.reshape(*codes.shape[:-1], codes.shape[-1] // BLOCK, BLOCK // 2).contiguous()
 
 

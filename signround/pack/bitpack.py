@@ -90,3 +90,9 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lo = p[:, start // 32] >> (start % 32)
     hi = p[:, start // 32 + 1] << (32 - start % 32)
     return ((lo | hi) & (2**bits - 1)).to(torch.uint8)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[..., n]`` (uint8, 0..15, ``n`` even) -> bytes ``[..., n / 2]``: two codes per byte, the even
+    column in the low nibble (compressed-tensors' FP4 ``weight_packed`` and gpt-oss's MXFP4 blocks)."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
