@@ -30,10 +30,12 @@ included), then every model is scored by the same ``signround eval`` perplexity 
 tools run interleaved (their order rotates with the seed and config) so the machine's drift hits them alike.
 
 A finished row is written to ``<results>/compare-peers/rows/<recipe_key>.json``: the key is a hash of the
-row's full recipe (tool and version, the runner's source, signround's source hash, flags, model, calibration
-hash, seed, evaluation windows), so a rerun (on a fresh checkout too) reuses only rows whose recipe matches
-and continues where the last run stopped. The tables ``<results>/compare-peers.{md,json,png}`` are rebuilt
-from the rows after every row. Work files go to bench/work/compare-peers/ (git-ignored).
+row's full recipe (tool and version, the runner's source, signround's source hash for signround's rows, flags,
+model, calibration hash, seed, evaluation windows and the source of signround/eval), so a rerun (on a fresh
+checkout too) reuses only rows whose recipe matches and continues where the last run stopped. Any edit under
+signround/ retires signround's and RTN's rows; the peers' rows survive it. The tables
+``<results>/compare-peers.{md,json,png}`` are rebuilt from the rows after every row. Work files go to
+bench/work/compare-peers/ (git-ignored).
 
     .venv/bin/python bench/compare_peers.py --configs 2:128:asym,3:128:sym,4:128:asym --seeds 42,43,44 \\
         --budgets light,default --default-seeds 42 --eval-windows 20
@@ -396,7 +398,10 @@ class Driver:
         self.model_id = {"model": args.model, "fingerprint": model_fingerprint(self.folder)}
         self.commit = git_commit()
         self.signround_source = source_sha()  # at start: others edit the worktree live
-        self.eval_source = source_sha("signround/eval", "signround/model", "signround/cli.py")
+        # the perplexity code is keyed; the checkpoint readers it loads through are not: the tests hold them to
+        # the tools' own logits, and keying on signround/model or cli.py would throw away every peer's row (hours
+        # of auto-round each) with any unrelated edit there
+        self.eval_source = source_sha("signround/eval")
         self.versions = {
             "signround_venv": venv_versions(Path(sys.executable), ("signround", "torch", "transformers")),
             "bench_venv": venv_versions(BENCH_PY, ("auto-round", "torch", "transformers", "accelerate")),

@@ -13,6 +13,10 @@ and keeps the embeddings F16 as our files do; the table lists each file's per-te
 the same types are compared (Q4_K_M matches ``gguf:q4_k_m``; Q4_K_S gives the first n/8 ``ffn_down`` Q5_K where
 ``gguf:q4_k`` keeps Q4_K).
 Writes bench/results/llamacpp.md (``--name``: another file, e.g. for a mixture of experts).
+
+``--native LABEL=FOLDER`` adds, for the file of that label, signround's own perplexity of the checkpoint the
+file was exported from (``signround eval``, the same windows; the float row gets the model's): a GGUF export
+that llama.cpp runs as signround does scores the same in both columns.
 """
 
 from __future__ import annotations
@@ -140,6 +144,25 @@ def cached_score(path: Path, wins: np.ndarray, work: Path) -> tuple[float, str]:
     return ppl, text
 
 
+def signround_ppl(model: str, max_windows: int, work: Path) -> float:
+    """signround's perplexity of ``model`` (a folder or alias) on the windows :func:`windows` cuts (cached per
+    folder and its files' sizes and mtimes)."""
+    import hashlib
+    import json
+
+    folder = Path(model)
+    stamp = "".join(f"{p.name}{p.stat().st_size}{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*"))) if (
+        folder.is_dir()) else model  # fmt: skip
+    key = hashlib.sha256(f"{folder.resolve() if folder.is_dir() else model}|{stamp}|{max_windows}".encode())
+    out = work / "scores" / f"signround-{key.hexdigest()[:24]}.json"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [str(MAIN_PY), "-m", "signround.cli", "eval", "--model", model, "--ppl", "wikitext2", "--seqlen",
+               "2048", "--max-windows", str(max_windows), "--json", str(out), "--quiet"]  # fmt: skip
+        subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())["ppl"]
+
+
 def file_info(path: Path) -> tuple[str, dict[str, str]]:
     """(llama.cpp file type name, {tensor name: tensor type} of the decoder blocks) of a GGUF file."""
     from gguf import GGUFReader, LlamaFileType
@@ -156,6 +179,7 @@ class Row(NamedTuple):
     path: Path
     ppl: float
     text: str
+    ours: float | None  # signround's perplexity of the checkpoint the file came from (--native), or None
     ftype: str  # llama.cpp file type name, e.g. Q4_K_M
     tensors: dict[str, str]  # decoder tensor name -> GGUF type name
 
@@ -175,6 +199,8 @@ def main() -> None:
                    help="llama.cpp file type(s) for its own quantizer (LLAMA_FTYPE_MOSTLY_*; repeatable; "
                    "default Q4_K_S)")  # fmt: skip
     p.add_argument("--ours", action="append", default=[], metavar="LABEL=FOLDER", help="signround GGUF files to run")
+    p.add_argument("--native", action="append", default=[], metavar="LABEL=FOLDER",
+                   help="the checkpoint an --ours file came from: adds signround's perplexity of it")  # fmt: skip
     p.add_argument("--max-windows", type=int, default=10)
     p.add_argument("--name", default="llamacpp", help="writes bench/results/<name>.md")
     args = p.parse_args()
@@ -189,10 +215,15 @@ def main() -> None:
         )
     files += [(label, gguf_in(Path(folder))) for label, folder in (o.split("=", 1) for o in args.ours)]
     wins = windows(args.model, args.max_windows)
+    natives = dict(n.split("=", 1) for n in args.native)
+    natives[files[0][0]] = args.model
+    if unknown := set(natives) - {label for label, _ in files}:
+        raise SystemExit(f"--native labels {sorted(unknown)} name no --ours file")
     rows = []
     for label, path in files:
         ppl, text = cached_score(path, wins, work)
-        rows.append(Row(label, path, ppl, text, *file_info(path)))
+        ours = signround_ppl(natives[label], args.max_windows, work) if label in natives else None
+        rows.append(Row(label, path, ppl, text, ours, *file_info(path)))
         print(f"{label}: ppl {ppl:.4f} | {text!r}", flush=True)
     first = {}  # file type -> its first appearance (float first, then llama.cpp's types in --type order)
     for r in rows:
@@ -213,8 +244,12 @@ def main() -> None:
         "",
         "Same types: decoder tensors whose GGUF type equals that of llama.cpp's file of the same file type.",
         "",
-        "| file | file type | decoder tensor types | same types | size MB | ppl (llama.cpp) | continuation |",
-        "|---|---|---|---:|---:|---:|---|",
+        "ppl (signround): signround's own perplexity of the checkpoint the file was exported from (`--native`), "
+        "same windows.",
+        "",
+        "| file | file type | decoder tensor types | same types | size MB | ppl (llama.cpp) | ppl (signround) "
+        "| continuation |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ref = theirs.get(r.ftype)
@@ -222,7 +257,8 @@ def main() -> None:
         size = r.path.stat().st_size / 1e6
         cont = r.text.replace("|", "/").replace("\n", " ").strip()
         lines.append(
-            f"| {r.label} | {r.ftype} | {type_counts(r.tensors)} | {same} | {size:.1f} | {r.ppl:.4f} | {cont} |"
+            f"| {r.label} | {r.ftype} | {type_counts(r.tensors)} | {same} | {size:.1f} | {r.ppl:.4f} "
+            f"| {'' if r.ours is None else f'{r.ours:.4f}'} | {cont} |"
         )
     (ROOT / "bench" / "results" / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, beside, sh, signround_eval  # noqa: E402
+from common import DATA, ROOT, beside, recipe_key, sh, signround_eval, source_sha  # noqa: E402
 
 BINS = (0, 16, 32, 64, 128, 256, 512, 1024, 10**9)
 
@@ -121,8 +121,11 @@ def main() -> None:
     states = held_out_states(float_model, ids.reshape(-1, 1024), args.blocks)
     rows = {}
     tag = f"w{args.bits}-b{args.blocks}-i{args.iters}"
+    sha = source_sha()
     for name, flags in runs.items():
-        out = work / f"{tag}-{name}"
+        # a cached run is reused only when its whole recipe (model, flags, signround's source) matches
+        key = recipe_key({"model": args.model, "flags": base + flags, "signround": sha})
+        out = work / f"{tag}-{name}-{key}"
         report = quantize(args.model, out, base + flags)
         tokens = {b["index"]: b["expert_tokens"]["mlp.experts"] for b in report["blocks"] if b.get("expert_tokens")}
         quantized, _ = load_model(str(out))
@@ -130,8 +133,10 @@ def main() -> None:
         del quantized
         rows[name] = {
             "flags": flags,
+            "recipe_key": key,
             "seconds": report["seconds"],
-            "ppl": perplexity(str(out), work / f"{tag}-{name}.ppl.json", args.windows),
+            "peak_rss_gb": report["peak_rss_gb"],
+            "ppl": perplexity(str(out), beside(out, ".ppl.json"), args.windows),
             "experts": [
                 {"layer": i, "expert": e, "calib_tokens": tokens[i][e], "error": err}
                 for (i, e), err in sorted(errors.items())
@@ -144,7 +149,8 @@ def main() -> None:
 
 def write(rows: dict, float_ppl: float, args: argparse.Namespace, base: list[str]) -> None:
     results = Path(args.results)
-    results.with_suffix(".json").write_text(json.dumps({"float_ppl": float_ppl, "runs": rows}, indent=1) + "\n")
+    meta = {"command": shlex.join(sys.argv[1:]), "signround_source": source_sha(), "float_ppl": float_ppl}
+    results.with_suffix(".json").write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n")
     lines = [
         "# Starved experts and routing on the upcycled SmolLM2 mixture of experts",
         "",
@@ -167,10 +173,11 @@ def write(rows: dict, float_ppl: float, args: argparse.Namespace, base: list[str
         if count:
             cells = " | ".join(f"{sum(v) / len(v):.5f}" if v else "-" for v in per.values())
             lines.append(f"| {lo}-{hi - 1 if hi < 10**9 else '...'} | {count} | {cells} |")
-    lines += ["", "| run | flags | ppl | quant seconds (ratio to block) |", "|---|---|---|---|"]
+    lines += ["", "| run | flags | ppl | quant seconds (ratio to block) | peak RSS GB |", "|---|---|---|---|---|"]
     for n, r in rows.items():
         lines.append(
-            f"| {n} | `{shlex.join(r['flags'])}` | {r['ppl']:.3f} | {r['seconds'] / rows['block']['seconds']:.2f} |"
+            f"| {n} | `{shlex.join(r['flags'])}` | {r['ppl']:.3f} | {r['seconds'] / rows['block']['seconds']:.2f} "
+            f"| {r['peak_rss_gb']:.2f} |"
         )
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
