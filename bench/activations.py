@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_recipe_args, recipe_from, sh, signround_eval  # noqa: E402
+from common import ROOT, add_recipe_args, cached, data_stamp, recipe_from, sh, signround_eval, source_sha  # noqa: E402
 
 # (label, weight bits, activation flags); weights are INT G128 asymmetric throughout
 CONFIGS = [
@@ -61,15 +61,15 @@ def main() -> None:
                 report = out.with_name(out.name + ".json")
                 if args.cached_only and not out.with_name(f"{out.name}-ppl{args.max_windows}.json").is_file():
                     continue
-                if not report.is_file():
-                    iters = args.iters if method == "signround" else 0
-                    # fmt: off
-                    sh([sys.executable, "-m", "signround.cli", "quantize", "--model", recipe.model, "--bits", str(bits),
-                        "--group-size", "128", "--method", method, "--iters", str(iters), *recipe.flags(), *act,
-                        *(["--smooth"] if smooth else []), "--output", str(out), "--overwrite", "--quiet",
-                        "--report", str(report)])
-                    # fmt: on
-                r = json.loads(report.read_text())
+                iters = args.iters if method == "signround" else 0
+                # fmt: off
+                cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", recipe.model, "--bits", str(bits),
+                       "--group-size", "128", "--method", method, "--iters", str(iters), *recipe.flags(), *act,
+                       *(["--smooth"] if smooth else []), "--output", str(out), "--overwrite", "--quiet",
+                       "--report", str(report)]
+                # fmt: on
+                key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(recipe.dataset)}
+                r = cached(report, key, lambda cmd=cmd: sh(cmd))
                 ppl = signround_eval(str(out), out.with_name(f"{out.name}-ppl{args.max_windows}.json"), windows)["ppl"]
                 rows.append(
                     {"config": label, "smooth": smooth, "method": method, "ppl": ppl, "quant_seconds": r["seconds"]}

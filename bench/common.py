@@ -1,8 +1,10 @@
 """Shared plumbing of the benchmarks: run signround and auto-round as separate processes, reuse finished
-rows from a work folder (so a stopped benchmark resumes), and score every model with signround's code."""
+rows from a work folder only when their full recipe matches (so a stopped benchmark resumes, and a changed one
+reruns), and score every model with signround's code."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -72,45 +74,78 @@ def config_name(bits: int, group: int, sym: bool) -> str:
 def signround_quantize(
     recipe: Recipe, bits: int, group: int, sym: bool, method: str, iters: int, out: Path, eval_flags: list[str]
 ) -> dict:
-    """Quantize with the signround CLI (once; reused from ``out``); returns its JSON report."""
+    """Quantize with the signround CLI (once; reused from ``out`` while its recipe matches, see :func:`cached`);
+    returns its JSON report."""
     report = beside(out, ".json")
-    if not report.is_file():
-        # fmt: off
-        cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", recipe.model, "--bits", str(bits),
-               "--group-size", str(group), "--method", method, "--iters", str(iters), *recipe.flags(),
-               "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *eval_flags]
-        # fmt: on
-        sh(cmd + (["--sym"] if sym else []), beside(out, ".log"))
-    return json.loads(report.read_text())
+    # fmt: off
+    cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", recipe.model, "--bits", str(bits),
+           "--group-size", str(group), "--method", method, "--iters", str(iters), *recipe.flags(),
+           "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *eval_flags]
+    # fmt: on
+    cmd += ["--sym"] if sym else []
+    key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(recipe.dataset)}
+    return cached(report, key, lambda: sh(cmd, beside(out, ".log")))
 
 
 def autoround_quantize(
     recipe: Recipe, bits: int, group: int, sym: bool, iters: int, out: Path, amp: bool = False, extra: tuple = ()
 ) -> dict:
-    """Quantize with auto-round in the bench-only environment (once; reused); returns its JSON report.
-    ``out`` receives auto-round's fake-quantized model as a float HF folder."""
+    """Quantize with auto-round in the bench-only environment (once; reused while its recipe matches, see
+    :func:`cached`); returns its JSON report. ``out`` receives auto-round's fake-quantized model as a float
+    HF folder."""
     report = beside(out, ".json")
-    if not report.is_file():
-        if not BENCH_PY.is_file():
-            raise SystemExit(f"auto-round needs the bench environment {BENCH_PY}; see bench/requirements-bench.txt")
-        from signround.model.load import resolve_model
+    if not BENCH_PY.is_file():
+        raise SystemExit(f"auto-round needs the bench environment {BENCH_PY}; see bench/requirements-bench.txt")
+    from signround.model.load import resolve_model
 
-        # fmt: off
-        cmd = [str(BENCH_PY), str(ROOT / "bench" / "autoround_run.py"), "--model", resolve_model(recipe.model),
-               "--bits", str(bits), "--group-size", str(group), "--iters", str(iters), *recipe.flags(),
-               "--output", str(out), "--report", str(report)]
-        # fmt: on
-        sh(
-            cmd + (["--sym"] if sym else []) + (["--amp"] if amp else []) + list(extra),
-            beside(out, ".log"),
-        )
-    return json.loads(report.read_text())
+    # fmt: off
+    cmd = [str(BENCH_PY), str(ROOT / "bench" / "autoround_run.py"), "--model", resolve_model(recipe.model),
+           "--bits", str(bits), "--group-size", str(group), "--iters", str(iters), *recipe.flags(),
+           "--output", str(out), "--report", str(report)]
+    # fmt: on
+    cmd += (["--sym"] if sym else []) + (["--amp"] if amp else []) + list(extra)
+    key = {"cmd": cmd[1:], "runner": source_sha("bench/autoround_run.py"), "data": data_stamp(recipe.dataset),
+           "sampler": source_sha("signround/calib")}  # fmt: skip
+    return cached(report, key, lambda: sh(cmd, beside(out, ".log")))
 
 
 def signround_eval(model: str, out: Path, flags: list[str]) -> dict:
-    """``signround eval`` of ``model`` (once; reused from ``out``); returns its JSON."""
-    if not out.is_file():
-        sh([sys.executable, "-m", "signround.cli", "eval", "--model", model, "--json", str(out), "--quiet", *flags])
+    """``signround eval`` of ``model`` (once; reused from ``out`` while the model's files, the flags and the
+    perplexity code match, see :func:`cached`); returns its JSON."""
+    cmd = [sys.executable, "-m", "signround.cli", "eval", "--model", model, "--json", str(out), "--quiet", *flags]
+    key = {"cmd": cmd[1:], "model": files_stamp(model), "eval": source_sha("signround/eval")}
+    return cached(out, key, lambda: sh(cmd))
+
+
+def files_stamp(path: str) -> str:
+    """Name, size and mtime of every file under ``path`` (a folder or file; an alias stays as it is)."""
+    p = Path(path)
+    if not p.exists():
+        return path
+    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    return hashlib.sha256("|".join(f"{f.relative_to(p.parent)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                   for f in files).encode()).hexdigest()[:16]  # fmt: skip
+
+
+def data_stamp(path: str) -> str:
+    """Size and sha256 prefix of a data file (its path otherwise), for a recipe."""
+    p = Path(path)
+    if not p.is_file():
+        return path
+    return f"{p.name}:{p.stat().st_size}:{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}"
+
+
+def cached(out: Path, recipe: dict, run) -> dict:
+    """``out``'s JSON, produced by ``run()`` unless ``out`` exists and its side file ``<out>.recipe.json`` holds
+    the same ``recipe`` (a cached result is reused only when its full recipe matches: a file of the same name
+    from another bench, flags, data or signround source is redone, not reused)."""
+    side = beside(out, ".recipe.json")
+    want = json.loads(json.dumps(recipe, sort_keys=True, default=str))
+    if out.is_file() and side.is_file() and json.loads(side.read_text()) == want:
+        return json.loads(out.read_text())
+    side.unlink(missing_ok=True)
+    run()
+    side.write_text(json.dumps(want, indent=1, sort_keys=True) + "\n")
     return json.loads(out.read_text())
 
 

@@ -17,7 +17,6 @@ Q4_0 fallback), RTN and SignRound.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_PY, ROOT, add_recipe_args, recipe_from, sh, signround_quantize  # noqa: E402
+from common import BENCH_PY, ROOT, add_recipe_args, cached, files_stamp, recipe_from, sh, signround_quantize, source_sha  # noqa: E402
 
 # (label, source checkpoint, method, bits, group, sym, format, reader, python)
 CHECKS = [
@@ -50,11 +49,11 @@ TUNED_FOR = {"gguf:q4_k": ["--data-type", "q4_k"], "gguf:q2_k": ["--data-type", 
 
 def read(folder: Path, reader: str, python: str, out: Path, windows: int) -> tuple[dict, torch.Tensor]:
     js, lg = out.with_suffix(".json"), out.with_suffix(".pt")
-    if not js.is_file():
-        exe = str(BENCH_PY) if python == "bench" else sys.executable
-        sh([exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
-            "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)])  # fmt: skip
-    return json.loads(js.read_text()), torch.load(lg)
+    exe = str(BENCH_PY) if python == "bench" else sys.executable
+    cmd = [exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
+           "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)]  # fmt: skip
+    key = {"cmd": cmd, "model": files_stamp(str(folder)), "reader": source_sha("bench/reader_ppl.py")}
+    return cached(js, key, lambda: sh(cmd)), torch.load(lg)
 
 
 def reader_error(folder: Path, reader: str, python: str) -> str:
