@@ -71,6 +71,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--use-last", action="store_true", help="keep each block's last step instead of its best")
     p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold N calibration samples out of each block's tuning batches; a block the steps made worse on "
+        "them keeps its starting rounding (default 0: off)",
+    )
+    p.add_argument(
         "--loss",
         choices=[v.value for v in Loss],
         default="relative",
@@ -292,6 +300,7 @@ def quant_config(args: argparse.Namespace) -> Any:
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
         expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts, routing=args.routing,
+        holdout=args.holdout,
     )  # fmt: skip
     act = None
     if args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:

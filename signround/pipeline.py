@@ -37,7 +37,15 @@ from signround.model.blocks import check_finite, find_blocks, resolve_schemes
 from signround.model.experts import RoutingTape, routed_tokens
 from signround.model.lazy import BlockStream
 from signround.pack.packed import QuantLinear
-from signround.report import BlockReport, RunReport, native_bf16_cpu, peak_gpu_gb, peak_rss_gb, release_freed_memory
+from signround.report import (
+    BlockReport,
+    RunReport,
+    holdout_summary,
+    native_bf16_cpu,
+    peak_gpu_gb,
+    peak_rss_gb,
+    release_freed_memory,
+)
 from signround.runstate import RunState, fingerprint
 from signround.tune.experts import starved, tune_alone
 from signround.tune.rtn import tune_rtn
@@ -149,6 +157,8 @@ def run(
         if ctx.parallel:
             ctx.report.blocks = _gather_blocks(ctx)
         if line := starved_summary(ctx.report, cfg.tune):
+            log.info(line)
+        if line := holdout_summary(ctx.report):
             log.info(line)
     else:
         _round_without_data(ctx)
@@ -311,7 +321,7 @@ def _quantize_block(
     ctx.report.blocks.append(
         BlockReport(
             i, f"{ctx.prefix}.{i}", result.rtn_loss, result.first_loss, result.best_loss, final, result.steps,
-            result.seconds, expert_tokens, starved_report,
+            result.seconds, expert_tokens, starved_report, result.holdout,
         )
     )  # fmt: skip
     ctx.persist(i, block, fp_inputs, q_inputs)
@@ -405,7 +415,7 @@ def _tune_starved(
         expert = block.get_submodule(prefix[:-1])
         res = tune_alone(expert, hidden[entry["module"]], schemes, tune, tune.seed + i, tune.starved_experts,
                          expert_act)  # fmt: skip
-        entry.update(rtn_loss=res.rtn_loss, loss=res.last_loss)
+        entry.update(rtn_loss=res.rtn_loss, loss=res.last_loss, **({"holdout": res.holdout} if res.holdout else {}))
         out.update({prefix + n: layer for n, layer in res.layers.items()})
     return out
 

@@ -30,8 +30,12 @@ class BlockReport:
     expert_tokens: dict[str, list[int]] | None = None
     # starved experts (fewer tokens than TuneConfig.expert_min_tokens), one dict each: "module", "expert",
     # "tokens", "mode" (what it got: own / init / block) and, for own / init, "rtn_loss" and "loss" (its own
-    # output error over every calibration token at round-to-nearest and as quantized)
+    # output error over every calibration token at round-to-nearest and as quantized; with
+    # TuneConfig.holdout, "holdout" as below for its own tuning)
     starved: list[dict[str, Any]] | None = None
+    # TuneConfig.holdout > 0: the block's loss on its held-out calibration samples at the start and tuned, and
+    # whether it kept the start: {"samples", "start", "tuned", "kept_start"}
+    holdout: dict[str, Any] | None = None
 
 
 @dataclass
@@ -67,6 +71,20 @@ class RunReport:
 
     def _gpu(self) -> str:
         return "" if self.peak_gpu_gb is None else f", peak GPU memory {self.peak_gpu_gb:.2f} GB"
+
+
+def holdout_summary(report: RunReport) -> str | None:
+    """One line on the held-out check (``TuneConfig.holdout``): how many blocks kept their start because the
+    steps made them worse on the held-out samples; None when no block was checked."""
+    checked = [b for b in report.blocks if b.holdout]
+    if not checked:
+        return None
+    kept = [b.index for b in checked if b.holdout["kept_start"]]
+    which = f" (blocks {', '.join(map(str, kept))})" if kept else ""
+    return (
+        f"held-out check (--holdout {checked[0].holdout['samples']}): {len(kept)} of {len(checked)} blocks kept "
+        f"their starting rounding, the steps having raised their loss on the held-out samples{which}"
+    )
 
 
 def peak_gpu_gb(dev: torch.device) -> float | None:

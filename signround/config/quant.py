@@ -58,6 +58,11 @@ class QuantConfig:
         object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, scheme))
         if self.smooth and self.act is None:
             raise SignRoundError("--smooth balances weights against quantized activations; add --act-bits")
+        if self.tune.holdout and self.tune.iters and self.tune.holdout >= self.calib.nsamples:
+            raise SignRoundError(
+                f"--holdout {self.tune.holdout} must leave at least one of the {self.calib.nsamples} calibration "
+                "samples to tune on; lower it or raise --nsamples"
+            )
         if self.mixed is not None and self.serve_bits:
             raise SignRoundError(
                 "--serve-bits derives one width for every layer; drop it or the mixed-precision options"

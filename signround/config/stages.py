@@ -127,6 +127,11 @@ class TuneConfig:
             on exactly the tokens and gate weights it serves in the float model; the quantized attention's
             error cannot flip a token to another expert during tuning). The final loss and the next block's
             inputs always use the student's own routing.
+        holdout: calibration samples held out of the tuning batches (0: none, the default). With ``k > 0``,
+            ``k`` samples (a seeded draw per block) are never stepped on; after the steps, the block's loss on
+            them with the tuned rounding is compared with its loss at the start (the clipping search's
+            rounding, plain rounding with ``init none``), and a block the steps made worse there keeps its
+            start. The run report says which blocks did (``BlockReport.holdout``).
     """
 
     method: Method = Method.SIGNROUND
@@ -144,6 +149,7 @@ class TuneConfig:
     expert_min_tokens: int = 64
     starved_experts: StarvedExperts = StarvedExperts.OWN
     routing: Routing = Routing.STUDENT
+    holdout: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
@@ -157,6 +163,8 @@ class TuneConfig:
             object.__setattr__(self, "routing", Routing(self.routing))
         except ValueError:
             raise SignRoundError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}") from None
+        if self.holdout < 0:
+            raise SignRoundError(f"holdout must be >= 0 samples, got {self.holdout}")
         if self.expert_min_tokens < 0:
             raise SignRoundError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         try:

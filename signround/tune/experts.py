@@ -81,16 +81,17 @@ def tune_alone(
     """
     t0 = time.perf_counter()
     data = BlockData(inputs, expert_targets(expert, inputs, cfg.batch_size), {})
+    holdout = None
     if mode is StarvedExperts.OWN and cfg.iters > 0:
         result = tune_block(expert, data, schemes, cfg, seed, act)
-        layers = result.layers
+        layers, holdout = result.layers, result.holdout
     else:
         layers = _search_only(expert, data, schemes, cfg)
     rtn = _dequantized(tune_rtn(expert, None, schemes, cfg).layers, inputs.dtype)
     rtn_loss = block_mse(expert, inputs, data.targets, {}, cfg.batch_size, rtn, cfg.loss)
     final = block_mse(expert, inputs, data.targets, {}, cfg.batch_size, _dequantized(layers, inputs.dtype), cfg.loss)
     steps = cfg.iters if mode is StarvedExperts.OWN else 0
-    return BlockResult(layers, rtn_loss, rtn_loss, final, final, -1, steps, time.perf_counter() - t0)
+    return BlockResult(layers, rtn_loss, rtn_loss, final, final, -1, steps, time.perf_counter() - t0, holdout=holdout)
 
 
 def _dequantized(layers: dict[str, LayerResult], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -63,6 +63,9 @@ class BlockResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    # TuneConfig.holdout > 0: {"samples": k, "start": loss, "tuned": loss, "kept_start": bool} on the held-out
+    # samples, else None
+    holdout: dict[str, Any] | None = None
 
 
 # A float output token whose mean square is below this counts as having mean square TINY_POWER.
@@ -117,6 +120,15 @@ def block_mse(
             out = block_output(functional_call(block, weights or {}, (x,), kwargs))
             total += token_errors(out, targets[start : start + batch_size], loss).sum().item()
     return total / targets[..., 0].numel()
+
+
+def holdout_split(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pool, held)``: sample indices ``[n - k]`` to draw tuning batches from and ``[k]`` held out, a seeded
+    draw (its own generator, so the batches' stream is not shifted), each sorted."""
+    if not 0 < k < n:
+        raise SignRoundError(f"holdout {k} must leave at least one of the {n} calibration samples to tune on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return order[k:].sort().values, order[:k].sort().values
 
 
 class BlockData(NamedTuple):
@@ -228,7 +240,14 @@ def tune_block(
             )
         if search:  # the RTN pass recorded each linear's input power: start from the best clipping for it
             init_clipping(tunables, power)
+        n = inputs.shape[0]
+        pool, held = holdout_split(n, cfg.holdout, seed) if learn and cfg.holdout else (None, None)
+        if held is not None:  # the start the steps must beat, on samples they never see
+            start = {name: t.snapshot() for name, t in tunables.items()}
+            with torch.no_grad():
+                start_loss = block_mse(block, inputs[held], targets[held], kwargs, cfg.batch_size, weights(), cfg.loss)
         losses: list[float] = []
+        holdout: dict[str, Any] | None = None
         best_loss, best_step, best_state = math.inf, -1, None
         pending: list[torch.Tensor] = []  # losses of steps not yet read on the host
 
@@ -254,9 +273,10 @@ def tune_block(
         if learn:
             per_token = token_weights(targets, cfg.loss)  # [n, seqlen], once per block
             gen = torch.Generator().manual_seed(seed)
-            n = inputs.shape[0]
             # every step's batch drawn up front and moved once: no host-to-device copy inside the loop
-            batches = torch.stack([torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(cfg.iters)])
+            m = n if pool is None else len(pool)
+            batches = torch.stack([torch.randperm(m, generator=gen)[: cfg.batch_size] for _ in range(cfg.iters)])
+            batches = batches if pool is None else pool[batches]
             batches = batches.to(inputs.device)
             if cfg.use_best and sync_every != 1:
                 raise SignRoundError("use_best reads every step's loss before its update: sync_every must be 1")
@@ -300,6 +320,9 @@ def tune_block(
             if cfg.use_best and best_state is not None:
                 for name, t in tunables.items():
                     t.restore(best_state[name])
+            if held is not None:
+                holdout = keep_better_start(block, tunables, start, start_loss, BlockData(inputs, targets, kwargs),
+                                            held, cfg)  # fmt: skip
         layers = {}
         for name, t in tunables.items():
             codes, scale, zero = t.finalize()
@@ -318,4 +341,28 @@ def tune_block(
         steps=len(losses),
         seconds=time.perf_counter() - t0,
         losses=losses,
+        holdout=holdout,
     )
+
+
+def keep_better_start(
+    block: nn.Module,
+    tunables: dict[str, TunableWeight],
+    start: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    start_loss: float,
+    data: BlockData,
+    held: torch.Tensor,
+    cfg: TuneConfig,
+) -> dict[str, Any]:
+    """Score the tuned state (what :meth:`TunableWeight.finalize` would return) on the ``held`` samples; if
+    it is not below ``start_loss`` (the start's score there), put every layer back to its ``start`` snapshot.
+    Returns the block's ``holdout`` record."""
+    inputs, targets, kwargs = data
+    dtype = inputs.dtype
+    tuned = {f"{name}.weight": t.current_weight(dtype) for name, t in tunables.items()}
+    tuned_loss = block_mse(block, inputs[held], targets[held], kwargs, cfg.batch_size, tuned, cfg.loss)
+    kept_start = not tuned_loss < start_loss
+    if kept_start:
+        for name, t in tunables.items():
+            t.restore(start[name])
+    return {"samples": len(held), "start": start_loss, "tuned": tuned_loss, "kept_start": kept_start}

@@ -105,6 +105,15 @@ class TunableWeight:
         self.kept_codes = codes
 
     @torch.no_grad()
+    def current_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``[out, in]`` :meth:`finalize` stands for now (after :meth:`restore`: the kept codes),
+        dequantized, without gradients."""
+        codes = self.grouped_codes() if self.kept_codes is None else self.kept_codes
+        scale, zero = self.qparams()
+        grouped = get_format(self.scheme.dtype).dequantize_codes(codes, scale, zero)
+        return from_groups(grouped, self.in_features).to(dtype)
+
+    @torch.no_grad()
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes [out, in] uint8, scale [out, groups], zero [out, groups])``.
 
