@@ -89,15 +89,18 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--held-out", type=int, default=8192, help="wikitext-2 tokens for the per-expert errors")
     p.add_argument("--windows", type=int, default=10)
-    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "moe-starved"))
+    p.add_argument(
+        "--results", default=str(ROOT / "bench" / "results" / "moe-starved"), help="writes RESULTS.{md,json}"
+    )
     p.add_argument("--runs", default="block,own,init,default,teacher", help="which of the runs, comma-separated")
+    p.add_argument("--seeds", default="42", help="tuning and calibration seeds, comma-separated")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     later = "|".join(str(i) for i in range(args.blocks, 64))
     keep = json.dumps({rf"model\.layers\.({later})\.": {"bits": 16}})
     base = ["--bits", str(args.bits), "--group-size", "128", "--iters", str(args.iters), "--nsamples", "32",
-            "--seqlen", "256", "--batch-size", "8", "--seed", "42", "--dataset", str(DATA / "calib-c4.jsonl"),
+            "--seqlen", "256", "--batch-size", "8", "--dataset", str(DATA / "calib-c4.jsonl"),
             "--layer-config", keep]  # fmt: skip
     runs = {
         "block": ["--starved-experts", "block", "--expert-min-tokens", "0"],
@@ -119,10 +122,11 @@ def main() -> None:
     text = (DATA / "wikitext2-test.raw").read_text()
     ids = tokenizer(text[: args.held_out * 8], return_tensors="pt").input_ids[:, : args.held_out]
     states = held_out_states(float_model, ids.reshape(-1, 1024), args.blocks)
-    rows = {}
+    rows: dict[str, list[dict]] = {name: [] for name in runs}  # run -> one row per seed
     tag = f"w{args.bits}-b{args.blocks}-i{args.iters}"
     sha = source_sha()
-    for name, flags in runs.items():
+    for seed, (name, flags) in ((int(s), r) for s in args.seeds.split(",") for r in runs.items()):
+        flags = [*flags, "--seed", str(seed)]
         # a cached run is reused only when its whole recipe (model, flags, signround's source) matches
         key = recipe_key({"model": args.model, "flags": base + flags, "signround": sha})
         out = work / f"{tag}-{name}-{key}"
@@ -131,7 +135,8 @@ def main() -> None:
         quantized, _ = load_model(str(out))
         errors = expert_errors(float_model, quantized.eval(), states, args.blocks)
         del quantized
-        rows[name] = {
+        rows[name].append({
+            "seed": seed,
             "flags": flags,
             "recipe_key": key,
             "seconds": report["seconds"],
@@ -141,14 +146,15 @@ def main() -> None:
                 {"layer": i, "expert": e, "calib_tokens": tokens[i][e], "error": err}
                 for (i, e), err in sorted(errors.items())
             ],  # fmt: skip
-        }
-        print(name, rows[name]["ppl"], flush=True)
+        })  # fmt: skip
+        print(name, seed, rows[name][-1]["ppl"], flush=True)
     float_ppl = perplexity(args.model, work / f"float-{args.windows}.ppl.json", args.windows)
     write(rows, float_ppl, args, base)
 
 
-def write(rows: dict, float_ppl: float, args: argparse.Namespace, base: list[str]) -> None:
+def write(rows: dict[str, list[dict]], float_ppl: float, args: argparse.Namespace, base: list[str]) -> None:
     results = Path(args.results)
+    seeds = [r["seed"] for r in next(iter(rows.values()))]
     meta = {"command": shlex.join(sys.argv[1:]), "signround_source": source_sha(), "float_ppl": float_ppl}
     results.with_suffix(".json").write_text(json.dumps({**meta, "runs": rows}, indent=1) + "\n")
     lines = [
@@ -157,27 +163,35 @@ def write(rows: dict, float_ppl: float, args: argparse.Namespace, base: list[str
         f"Command: `.venv/bin/python bench/moe_starved.py {shlex.join(sys.argv[1:])}`",
         "",
         f"The first {args.blocks} blocks quantized at W{args.bits}G128-asym, {args.iters} iterations, 32 x 256 "
-        f"calibration tokens (C4 sample, seed 42), the later blocks kept float. Per-expert errors on the first "
+        f"calibration tokens (C4 sample; seeds {', '.join(map(str, seeds))}: the seed picks the samples and the "
+        "batches), the later blocks kept float. Per-expert errors on the first "
         f"{args.held_out} tokens of wikitext-2 test (relative output error over the tokens the float model routes "
         f"to the expert, float hidden states); perplexity on {args.windows} windows of 2048 (float model: "
         f"{float_ppl:.3f}). signround flags: `{shlex.join(base[:-2])} --layer-config <keep later blocks float>`.",
         "",
-        "Mean relative error of the experts, binned by the calibration tokens they were routed:",
+        "Mean relative error of the experts (over experts and seeds), binned by the calibration tokens they were "
+        "routed (experts: count over seeds):",
         "",
         "| calibration tokens | experts | " + " | ".join(rows) + " |",
         "|---|---|" + "---|" * len(rows),
     ]
     for lo, hi in zip(BINS[:-1], BINS[1:], strict=True):
-        per = {n: [x["error"] for x in r["experts"] if lo <= x["calib_tokens"] < hi] for n, r in rows.items()}
+        per = {
+            n: [x["error"] for r in rs for x in r["experts"] if lo <= x["calib_tokens"] < hi] for n, rs in rows.items()
+        }
         count = len(next(iter(per.values())))
         if count:
             cells = " | ".join(f"{sum(v) / len(v):.5f}" if v else "-" for v in per.values())
             lines.append(f"| {lo}-{hi - 1 if hi < 10**9 else '...'} | {count} | {cells} |")
-    lines += ["", "| run | flags | ppl | quant seconds (ratio to block) | peak RSS GB |", "|---|---|---|---|---|"]
-    for n, r in rows.items():
+    lines += ["", "| run | flags | ppl mean (min-max) | ppl per seed | quant seconds (ratio to block, mean) "
+              "| peak RSS GB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for n, rs in rows.items():
+        ppl = [r["ppl"] for r in rs]
+        ratio = [r["seconds"] / b["seconds"] for r, b in zip(rs, rows["block"], strict=True)] if "block" in rows else []
         lines.append(
-            f"| {n} | `{shlex.join(r['flags'])}` | {r['ppl']:.3f} | {r['seconds'] / rows['block']['seconds']:.2f} "
-            f"| {r['peak_rss_gb']:.2f} |"
+            f"| {n} | `{shlex.join(rs[0]['flags'][:-2])}` | {sum(ppl) / len(ppl):.3f} ({min(ppl):.3f}-{max(ppl):.3f}) "
+            f"| {', '.join(f'{x:.3f}' for x in ppl)} | {sum(ratio) / len(ratio) if ratio else float('nan'):.2f} "
+            f"| {max(r['peak_rss_gb'] for r in rs):.2f} |"
         )
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
