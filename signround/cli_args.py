@@ -27,7 +27,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights and save a checkpoint")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or alias (smollm2-135m)")
     p.add_argument(
-        "--bits", type=int, default=None, help="weight bits, 2..8 (default 4; implied by a floating-point --data-type)"
+        "--bits",
+        type=int,
+        default=None,
+        help="weight bits, 2..8 (default 4; implied by a floating-point --data-type or a gguf --format)",
     )
     p.add_argument(
         "--group-size",
@@ -36,15 +39,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="weights per scale along the input dim; -1 = per channel (default 128; mxfp4, q4_k: 32; nvfp4, q2_k, "
         "q6_k: 16)",
     )
-    p.add_argument("--sym", action="store_true", help="symmetric full-range grid (default: asymmetric)")
+    p.add_argument(
+        "--sym", action="store_true", help="symmetric full-range grid (default: asymmetric, or what --format implies)"
+    )
     p.add_argument(
         "--data-type",
         choices=[d.value for d in DType],
-        default="int",
-        help="weight number format (default int); the others fix their own width and symmetry: fp* / mxfp4 / "
-        "nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids, q4_k / q2_k / q6_k = "
-        "llama.cpp's K-quant structures, for --format gguf:q4_k|q2_k|q6_k|q4_k_m (docs/formats.md); --dtype is "
-        "the model's compute dtype",
+        default=None,
+        help="weight number format (default int, or what --format implies); the others fix their own width and "
+        "symmetry: fp* / mxfp4 / nvfp4 floating-point grids, bitmod = per-group mixture of 4-bit grids, "
+        "q4_k / q2_k / q6_k = llama.cpp's K-quant structures, for --format gguf:q4_k|q2_k|q6_k|q4_k_m "
+        "(docs/formats.md); --dtype is the model's compute dtype",
     )
     p.add_argument(
         "--serve-bits",
@@ -290,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 def quant_config(args: argparse.Namespace) -> Any:
     """The :class:`~signround.config.QuantConfig` of ``quantize``'s flags (validated: a combination the
     config refuses is refused here with the same message as in the Python API)."""
-    from signround.config import ActScheme, CalibConfig, ExportConfig, QuantConfig, QuantScheme, TuneConfig
+    from signround.config import ActScheme, CalibConfig, ExportConfig, QuantConfig, TuneConfig, implied_scheme
 
-    scheme = QuantScheme(
-        bits=args.bits, group_size=args.group_size, sym=True if args.sym else None, dtype=args.data_type
+    # a format that stores one grid (gguf:q4_0, gguf:q4_k_m, ...) fills the fields left unset, refuses contradictions
+    scheme = implied_scheme(
+        args.format, bits=args.bits, group_size=args.group_size, sym=True if args.sym else None, dtype=args.data_type
     )
     tune = TuneConfig(
         method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,

@@ -27,6 +27,7 @@ from signround.config.choices import (
     Solver,
     StarvedExperts,
 )
+from signround.config.implied import implied_scheme
 from signround.config.quant import QuantConfig
 from signround.config.scheme import (
     DEFAULT_BITS,
@@ -84,6 +85,7 @@ __all__ = [
     "TuneConfig",
     "parse_candidates",
     "parse_formats",
+    "implied_scheme",
     "parse_layer_config",
     "parse_serve_bits",
     "resolve_scheme",

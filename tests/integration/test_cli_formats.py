@@ -37,7 +37,8 @@ def test_quantize_writes_one_subfolder_per_format_then_exports(tmp_path, model_d
 
 def test_format_mismatch_fails_before_tuning(tmp_path, model_dir, calib_jsonl, capsys):
     out = tmp_path / "out"
-    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--format", "gguf:q4_0")
+    rule = '{"down_proj": {"bits": 8}}'  # a layer the format cannot store, so the exporter's check refuses it
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--format", "gguf:q4_0", "--layer-config", rule)
     argv.remove("--quiet")  # with progress on, tuning a block writes its "block 0" bar to stderr
     assert main(argv) == 2
     err = capsys.readouterr().err  # this call's stderr, read once
@@ -45,6 +46,43 @@ def test_format_mismatch_fails_before_tuning(tmp_path, model_dir, calib_jsonl, c
     assert len(lines) == 1 and "stores symmetric 4-bit groups of 32" in lines[0], lines
     assert "block 0" not in err  # nothing was tuned
     assert not out.exists()
+
+
+def test_a_gguf_format_alone_implies_its_scheme(tmp_path, model_dir, calib_jsonl, capsys):
+    from gguf import GGUFReader
+
+    for fmt, qtype in (("gguf:q4_0", "Q4_0"), ("gguf:q4_1", "Q4_1")):
+        out = tmp_path / fmt.replace(":", "-")
+        argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--format", fmt)
+        i = argv.index("--group-size")
+        del argv[i : i + 2]  # neither --bits, --group-size nor --sym: the format says W4G32 (sym for q4_0)
+        assert main(argv) == 0
+        (path,) = out.glob("*.gguf")
+        types = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+        assert types == {qtype}, types
+        gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name)
+        assert gguf(IDS).logits.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (
+            ["--bits", "3", "--format", "gguf:q4_0"],
+            "--bits 3 conflicts with --format gguf:q4_0, which stores W4G32",
+        ),
+        (["--sym", "--format", "gguf:q4_1"], "--sym conflicts with --format gguf:q4_1, which stores W4G32-asym"),
+        (["--group-size", "64", "--format", "gguf:q8_0"], "--group-size 64 conflicts with --format gguf:q8_0"),
+        (["--data-type", "int", "--format", "gguf:q4_k_m"], "which stores llama.cpp's Q4_K structure"),
+        (["--format", "native,gguf:q4_0,gguf:q8_0"], "gguf:q4_0 and gguf:q8_0 store different grids"),
+    ],
+)
+def test_flags_that_contradict_the_format_are_one_line_errors(tmp_path, model_dir, calib_jsonl, capsys, extra, match):
+    out = tmp_path / "out"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl))
+    i = argv.index("--group-size")
+    del argv[i : i + 2]
+    assert_refused(capsys, out, [*argv, *extra], match)
 
 
 @pytest.mark.parametrize(
