@@ -27,6 +27,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights and save a checkpoint")
     p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or alias (smollm2-135m)")
     p.add_argument(
+        "--scheme",
+        default=None,
+        metavar="NAME",
+        help="a named scheme, as auto-round and llm-compressor name them: W4A16, W3A16, W2A16, W8A16, W8A8, W4A8, "
+        "W4A4, W4AFP8, FP8_DYNAMIC, MXFP4A16, NVFP4A16 (weights, and activations for the W?A8/A4/FP8 names); "
+        "explicit flags override its fields",
+    )
+    p.add_argument(
         "--bits",
         type=int,
         default=None,
@@ -296,11 +304,22 @@ def quant_config(args: argparse.Namespace) -> Any:
     """The :class:`~signround.config.QuantConfig` of ``quantize``'s flags (validated: a combination the
     config refuses is refused here with the same message as in the Python API)."""
     from signround.config import ActScheme, CalibConfig, ExportConfig, QuantConfig, TuneConfig, implied_scheme
+    from signround.config.named import named_scheme
 
+    named = named_scheme(args.scheme) if args.scheme else None
+    fields = {"bits": args.bits, "group_size": args.group_size, "sym": True if args.sym else None,
+              "dtype": args.data_type}  # fmt: skip
+    labels = {}
+    if named is not None:  # the name fills what the flags left unset
+        w = named.weights
+        if args.data_type is not None and args.data_type != w.dtype.value:  # another grid: its own width and blocks
+            w = None
+        for name, value in () if w is None else (("bits", w.bits), ("group_size", w.group_size), ("sym", w.sym),
+                                                  ("dtype", w.dtype.value)):  # fmt: skip
+            if fields[name] is None:
+                fields[name], labels[name] = value, f"--scheme {args.scheme}"
     # a format that stores one grid (gguf:q4_0, gguf:q4_k_m, ...) fills the fields left unset, refuses contradictions
-    scheme = implied_scheme(
-        args.format, bits=args.bits, group_size=args.group_size, sym=True if args.sym else None, dtype=args.data_type
-    )
+    scheme = implied_scheme(args.format, **fields, labels=labels)
     tune = TuneConfig(
         method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
@@ -309,8 +328,16 @@ def quant_config(args: argparse.Namespace) -> Any:
         holdout=args.holdout,
     )  # fmt: skip
     act = None
-    if args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:
-        act = ActScheme(bits=args.act_bits, dtype=args.act_dtype or "int", granularity=args.act_granularity or "token")
+    base = named.act if named is not None else None
+    if base is not None or args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:
+        bits = args.act_bits
+        if bits is None and base is not None and args.act_dtype is None:
+            bits = base.bits
+        act = ActScheme(
+            bits=bits,
+            dtype=args.act_dtype or (base.dtype.value if base else "int"),
+            granularity=args.act_granularity or (base.granularity.value if base else "token"),
+        )
     return QuantConfig(
         scheme=scheme,
         layer_rules=args.layer_config,

@@ -28,6 +28,7 @@ from signround.config.choices import (
     StarvedExperts,
 )
 from signround.config.implied import implied_scheme
+from signround.config.named import SCHEMES, NamedScheme, named_scheme
 from signround.config.quant import QuantConfig
 from signround.config.scheme import (
     DEFAULT_BITS,
@@ -86,6 +87,9 @@ __all__ = [
     "parse_candidates",
     "parse_formats",
     "implied_scheme",
+    "SCHEMES",
+    "NamedScheme",
+    "named_scheme",
     "parse_layer_config",
     "parse_serve_bits",
     "resolve_scheme",

@@ -30,7 +30,9 @@ IMPLIED: dict[ExportFormat, dict[str, Any]] = {
 _FLAGS = {"bits": "--bits", "group_size": "--group-size", "sym": "--sym", "dtype": "--data-type"}
 
 
-def _given(field: str, value: Any) -> str:
+def _given(field: str, value: Any, label: str | None) -> str:
+    if label is not None:
+        return label
     if field == "sym":
         return "--sym" if value else "an asymmetric grid"
     return f"{_FLAGS[field]} {value}"
@@ -50,10 +52,14 @@ def implied_scheme(
     group_size: int | None = None,
     sym: bool | None = None,
     dtype: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> QuantScheme:
     """The :class:`QuantScheme` of the given fields (None: not given), with the fields the ``formats`` fix
     filled in (``implied_scheme("gguf:q4_k_m")`` is the Q4_K structure, ``implied_scheme("gguf:q4_0")``
     W4G32-sym); unset fields no format fixes take QuantScheme's defaults.
+
+    ``labels`` names where a given field came from in a conflict's message (``{"bits": "--scheme W4A16"}``;
+    default: its flag).
 
     Raises:
         SignRoundError: an explicit field differs from what a format fixes, or two formats fix one field
@@ -74,9 +80,10 @@ def implied_scheme(
         if given[name] is None:
             given[name] = value
         elif given[name] != value:
+            source = (labels or {}).get(name)
             raise SignRoundError(
-                f"{_given(name, given[name])} conflicts with --format {fmt.value}, which stores {_stores(fmt)}; "
-                f"drop {_FLAGS[name]} or choose another format"
+                f"{_given(name, given[name], source)} conflicts with --format {fmt.value}, which stores "
+                f"{_stores(fmt)}; drop {source or _FLAGS[name]} or choose another format"
             )
     if given["dtype"] is None:
         given["dtype"] = "int"

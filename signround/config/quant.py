@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from signround.config.choices import ActGranularity, ExpertUnits, ExportFormat
+from signround.config.named import named_scheme
 from signround.config.scheme import (
     LayerRule,
     QuantScheme,
@@ -24,7 +25,9 @@ class QuantConfig:
     same things with the same message.
 
     Attributes:
-        scheme: the default scheme of every quantized linear (a :class:`QuantScheme` or a preset name).
+        scheme: the default scheme of every quantized linear: a :class:`QuantScheme`, or a name of
+            :data:`signround.config.named.SCHEMES` (``"W4A16"``, ``"W8A8"``...: its weights, and its activations
+            when ``act`` is None).
         layer_rules: per-layer overrides, later ones winning: rules, or ``{regex: {"bits": 8}}`` (a dict, JSON
             text or a .json path; ``null`` keeps a layer float) parsed over ``scheme``.
         tune: how rounding is learned. calib: which calibration tokens.
@@ -51,6 +54,11 @@ class QuantConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.scheme, str):  # a named scheme: its weights, and its activations unless act is given
+            named = named_scheme(self.scheme)
+            object.__setattr__(self, "scheme", named.weights)
+            if self.act is None:
+                object.__setattr__(self, "act", named.act)
         scheme = resolve_scheme(self.scheme)
         object.__setattr__(self, "scheme", scheme)
         if not (isinstance(self.layer_rules, tuple) and all(isinstance(r, LayerRule) for r in self.layer_rules)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -58,7 +60,8 @@ def test_a_gguf_format_alone_implies_its_scheme(tmp_path, model_dir, calib_jsonl
         del argv[i : i + 2]  # neither --bits, --group-size nor --sym: the format says W4G32 (sym for q4_0)
         assert main(argv) == 0
         (path,) = out.glob("*.gguf")
-        types = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+        blk = [t for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+        types = {t.tensor_type.name for t in blk}
         assert types == {qtype}, types
         gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name)
         assert gguf(IDS).logits.isfinite().all()
@@ -122,3 +125,20 @@ def test_generate_reads_every_written_format(tmp_path, model_dir, calib_jsonl, c
     assert set(texts) == {"native", "auto_round", "gptq", "compressed-tensors", "gguf-q8_0"}
     # same codes and scales in every format; GGUF's f16 embeddings may flip a near-tie, the others may not
     assert texts["native"] and len({t for name, t in texts.items() if not name.startswith("gguf")}) == 1
+
+
+def test_a_named_scheme_runs_and_formats_that_cannot_hold_it_refuse(tmp_path, model_dir, calib_jsonl, capsys):
+    out = tmp_path / "w8a8"
+    argv = quantize_args(model_dir, out, "--dataset", str(calib_jsonl), "--scheme", "W8A8")
+    i = argv.index("--group-size")
+    del argv[i : i + 2]  # the name says per-channel int8 weights and int8 per-token activations
+    assert main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert json.dumps(cfg).count('"granularity": "token"') >= 1, cfg
+    model, _ = load_model(str(out))
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q.scheme.name == "W8C-sym" and q.act is not None and q.act.bits == 8
+    refused = tmp_path / "gptq"
+    argv = quantize_args(model_dir, refused, "--dataset", str(calib_jsonl), "--scheme", "W8A8", "--format", "gptq")
+    del argv[argv.index("--group-size") : argv.index("--group-size") + 2]
+    assert_refused(capsys, refused, argv, "cannot store quantized activations")
