@@ -7,6 +7,7 @@ import pytest
 
 from signround import ActScheme, ExportConfig, MixedSpec, QuantConfig, QuantScheme, TuneConfig
 from signround.cli import main
+from signround.config import implied_scheme
 from signround.errors import SignRoundError
 
 MIXED = MixedSpec(avg_bits=3.0, bit_options=(2, 4))
@@ -54,7 +55,14 @@ REFUSED = {
     "unknown-format": (["--format", "awq"], lambda: QuantConfig(export=ExportConfig(formats=("awq",)))),
     "format-twice": (["--format", "gptq,gptq"], lambda: QuantConfig(export=ExportConfig(formats="gptq,gptq"))),
     "bad-loss": (None, lambda: QuantConfig(tune=TuneConfig(loss="l1"))),
-    "unknown-preset": (None, lambda: QuantConfig(scheme="W5A16")),
+    "unknown-preset": (["--scheme", "W5A16"], lambda: QuantConfig(scheme="W5A16")),
+    "unsupported-scheme": (["--scheme", "NVFP4"], lambda: QuantConfig(scheme="NVFP4")),
+    "scheme-vs-format": (
+        ["--scheme", "W8A16", "--format", "gguf:q4_0"],
+        lambda: QuantConfig(
+            scheme=implied_scheme("gguf:q4_0", bits=8, group_size=128, sym=True, labels={"bits": "--scheme W8A16"})
+        ),
+    ),
     "bad-layer-rule": (None, lambda: QuantConfig(layer_rules={"down_proj": 8})),
 }
 
