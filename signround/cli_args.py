@@ -120,9 +120,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--routing",
         choices=[v.value for v in Routing],
-        default="student",
-        help="mixture of experts: while tuned, experts follow the student's own routing (default) or the float "
-        "model's (teacher)",
+        default="teacher",
+        help="mixture of experts: while tuned, experts follow the float model's routing of the same tokens "
+        "(teacher, default) or the student's own (student, auto-round's way)",
     )
     p.add_argument(
         "--amp",
