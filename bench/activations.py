@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_recipe_args, cached, data_stamp, recipe_from, sh, signround_eval, source_sha  # noqa: E402
+from common import ROOT, add_recipe_args, cached_signround, recipe_from, signround_eval  # noqa: E402
 
 # (label, weight bits, activation flags); weights are INT G128 asymmetric throughout
 CONFIGS = [
@@ -68,8 +68,7 @@ def main() -> None:
                        *(["--smooth"] if smooth else []), "--output", str(out), "--overwrite", "--quiet",
                        "--report", str(report)]
                 # fmt: on
-                key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(recipe.dataset)}
-                r = cached(report, key, lambda cmd=cmd: sh(cmd))
+                r = cached_signround(cmd, report, recipe.dataset)
                 ppl = signround_eval(str(out), out.with_name(f"{out.name}-ppl{args.max_windows}.json"), windows)["ppl"]
                 rows.append(
                     {"config": label, "smooth": smooth, "method": method, "ppl": ppl, "quant_seconds": r["seconds"]}

@@ -83,8 +83,14 @@ def signround_quantize(
            "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *eval_flags]
     # fmt: on
     cmd += ["--sym"] if sym else []
-    key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(recipe.dataset)}
-    return cached(report, key, lambda: sh(cmd, beside(out, ".log")))
+    return cached_signround(cmd, report, recipe.dataset, beside(out, ".log"))
+
+
+def cached_signround(cmd: list[str], report: Path, dataset: str, log: Path | None = None) -> dict:
+    """Run ``cmd`` (a ``signround quantize`` that writes the JSON ``report``) once: its report is reused while
+    the command, signround's source and the calibration file match (:func:`cached`)."""
+    key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(dataset)}
+    return cached(report, key, lambda: sh(cmd, log))
 
 
 def autoround_quantize(
@@ -109,10 +115,10 @@ def autoround_quantize(
     return cached(report, key, lambda: sh(cmd, beside(out, ".log")))
 
 
-def signround_eval(model: str, out: Path, flags: list[str]) -> dict:
-    """``signround eval`` of ``model`` (once; reused from ``out`` while the model's files, the flags and the
-    perplexity code match, see :func:`cached`); returns its JSON."""
-    cmd = [sys.executable, "-m", "signround.cli", "eval", "--model", model, "--json", str(out), "--quiet", *flags]
+def signround_eval(model: str, out: Path, flags: list[str], python: str = sys.executable) -> dict:
+    """``signround eval`` of ``model`` with ``python`` (once; reused from ``out`` while the model's files, the
+    flags and the perplexity code match, see :func:`cached`); returns its JSON."""
+    cmd = [python, "-m", "signround.cli", "eval", "--model", model, "--json", str(out), "--quiet", *flags]
     key = {"cmd": cmd[1:], "model": files_stamp(model), "eval": source_sha("signround/eval")}
     return cached(out, key, lambda: sh(cmd))
 

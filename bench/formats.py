@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_recipe_args, cached, data_stamp, pyplot, recipe_from, sh, signround_eval, source_sha  # noqa: E402
+from common import ROOT, add_recipe_args, cached_signround, pyplot, recipe_from, signround_eval  # noqa: E402
 
 # (label, --data-type, bits, group size, methods, extra flags). W4G32 asym is lossless on SmolLM2 (its GGUF
 # is on that grid), so no integer row uses group 32. GRIDS_4 run first, then Double Rounding (SignRound),
@@ -77,8 +77,7 @@ def main() -> None:
                "--bits", str(bits), "--group-size", str(group), "--method", method, "--iters", str(iters),
                *recipe.flags(), "--output", str(out), "--overwrite", "--quiet", "--report", str(report), *extra]
         # fmt: on
-        key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(recipe.dataset)}
-        r = cached(report, key, lambda: sh(cmd))
+        r = cached_signround(cmd, report, recipe.dataset)
         bpw = r.get("bits_per_weight")
         if bpw is None:
             r["bits_per_weight"] = bpw = bits_per_weight(out)

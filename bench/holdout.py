@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, ROOT, beside, cached, data_stamp, machine, sh, signround_eval, source_sha  # noqa: E402
+from common import DATA, ROOT, beside, cached_signround, machine, signround_eval, source_sha  # noqa: E402
 
 # name -> (flags of the setting, samples held out)
 SETTINGS = {
@@ -53,8 +53,7 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, *base, *flags,
                        "--seed", str(seed), "--holdout", str(held), "--output", str(out), "--overwrite", "--quiet",
                        "--report", str(report)]  # fmt: skip
-                key = {"cmd": cmd[1:], "signround": source_sha(), "data": data_stamp(dataset)}
-                rep = cached(report, key, lambda cmd=cmd: sh(cmd))
+                rep = cached_signround(cmd, report, dataset)
                 ppl = signround_eval(str(out), beside(out, f".ppl{args.max_windows}.json"), windows)["ppl"]
                 checked = [b for b in rep["blocks"] if b.get("holdout")]
                 rows.append({

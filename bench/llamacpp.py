@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,22 +147,16 @@ def cached_score(path: Path, wins: np.ndarray, work: Path) -> tuple[float, str]:
 
 
 def signround_ppl(model: str, max_windows: int, work: Path) -> float:
-    """signround's perplexity of ``model`` (a folder or alias) on the windows :func:`windows` cuts (cached per
-    folder and its files' sizes and mtimes)."""
+    """signround's perplexity of ``model`` (a folder or alias) on the windows :func:`windows` cuts, with the main
+    environment's python (cached while the model's files match: ``common.signround_eval``)."""
     import hashlib
-    import json
 
-    folder = Path(model)
-    stamp = "".join(f"{p.name}{p.stat().st_size}{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*"))) if (
-        folder.is_dir()) else model  # fmt: skip
-    key = hashlib.sha256(f"{folder.resolve() if folder.is_dir() else model}|{stamp}|{max_windows}".encode())
-    out = work / "scores" / f"signround-{key.hexdigest()[:24]}.json"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [str(MAIN_PY), "-m", "signround.cli", "eval", "--model", model, "--ppl", "wikitext2", "--seqlen",
-               "2048", "--max-windows", str(max_windows), "--json", str(out), "--quiet"]  # fmt: skip
-        subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())["ppl"]
+    from common import signround_eval
+
+    name = hashlib.sha256(str(Path(model).resolve() if Path(model).exists() else model).encode()).hexdigest()[:24]
+    flags = ["--ppl", "wikitext2", "--seqlen", "2048", "--max-windows", str(max_windows)]
+    (work / "scores").mkdir(parents=True, exist_ok=True)
+    return signround_eval(model, work / "scores" / f"signround-{name}.json", flags, python=str(MAIN_PY))["ppl"]
 
 
 def file_info(path: Path) -> tuple[str, dict[str, str]]:

@@ -310,12 +310,9 @@ def quant_config(args: argparse.Namespace) -> Any:
     fields = {"bits": args.bits, "group_size": args.group_size, "sym": True if args.sym else None,
               "dtype": args.data_type}  # fmt: skip
     labels = {}
-    if named is not None:  # the name fills what the flags left unset
-        w = named.weights
-        if args.data_type is not None and args.data_type != w.dtype.value:  # another grid: its own width and blocks
-            w = None
-        for name, value in () if w is None else (("bits", w.bits), ("group_size", w.group_size), ("sym", w.sym),
-                                                  ("dtype", w.dtype.value)):  # fmt: skip
+    # the name fills what the flags left unset (not under another --data-type: that grid fixes its own fields)
+    if named is not None and args.data_type in (None, named.weights.dtype.value):
+        for name, value in named.weights.to_dict().items():
             if fields[name] is None:
                 fields[name], labels[name] = value, f"--scheme {args.scheme}"
     # a format that stores one grid (gguf:q4_0, gguf:q4_k_m, ...) fills the fields left unset, refuses contradictions

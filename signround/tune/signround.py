@@ -321,8 +321,7 @@ def tune_block(
                 for name, t in tunables.items():
                     t.restore(best_state[name])
             if held is not None:
-                holdout = keep_better_start(block, tunables, start, start_loss, BlockData(inputs, targets, kwargs),
-                                            held, cfg)  # fmt: skip
+                holdout = keep_better_start(block, tunables, start, start_loss, data, held, cfg)
         layers = {}
         for name, t in tunables.items():
             codes, scale, zero = t.finalize()

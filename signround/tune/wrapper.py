@@ -104,11 +104,15 @@ class TunableWeight:
         self.max_factor.copy_(max_factor)
         self.kept_codes = codes
 
+    def _final_codes(self) -> torch.Tensor:
+        """Grouped codes :meth:`finalize` returns: the kept ones after :meth:`restore`, else the current rounding."""
+        return self.grouped_codes() if self.kept_codes is None else self.kept_codes
+
     @torch.no_grad()
     def current_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[out, in]`` :meth:`finalize` stands for now (after :meth:`restore`: the kept codes),
         dequantized, without gradients."""
-        codes = self.grouped_codes() if self.kept_codes is None else self.kept_codes
+        codes = self._final_codes()
         scale, zero = self.qparams()
         grouped = get_format(self.scheme.dtype).dequantize_codes(codes, scale, zero)
         return from_groups(grouped, self.in_features).to(dtype)
@@ -123,6 +127,6 @@ class TunableWeight:
         """
         fmt = get_format(self.scheme.dtype)
         scale, zero = self.qparams()
-        codes = self.grouped_codes() if self.kept_codes is None else self.kept_codes
+        codes = self._final_codes()
         scale, zero = fmt.from_stored(fmt.to_stored(scale, zero, self.scheme), self.scheme)
         return from_groups(codes, self.in_features), scale, zero
