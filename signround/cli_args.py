@@ -31,7 +31,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME",
         help="a named scheme, as auto-round and llm-compressor name them: W4A16, W3A16, W2A16, W8A16, W8A8, W4A8, "
-        "W4A4, W4AFP8, FP8_DYNAMIC, MXFP4A16, NVFP4A16 (weights, and activations for the W?A8/A4/FP8 names); "
+        "W4A4, W4AFP8, FP8_DYNAMIC, FP8, MXFP4A16, NVFP4A16 (weights, and activations for the W?A8/A4/FP8 names); "
         "explicit flags override its fields",
     )
     p.add_argument(
@@ -198,14 +198,17 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         help="mixture of experts: layer (default): all experts of a layer share one width, as vLLM and GGUF store "
         "them; expert: a width per expert (native format only)",
     )
-    a = p.add_argument_group("activations (fake-quantized: simulated in evaluation, native format only)")
+    a = p.add_argument_group(
+        "activations (simulated in signround's evaluation; stored by the native and compressed-tensors formats)"
+    )
     a.add_argument("--act-bits", type=int, default=None, help="quantize every quantized linear's input: 8 or 4 bits")
     a.add_argument("--act-dtype", choices=[d.value for d in ActDType], default=None, help="default int")
     a.add_argument(
         "--act-granularity",
         choices=[g.value for g in ActGranularity],
         default=None,
-        help="token: dynamic per-token scales (default); channel: static per-channel scales from calibration",
+        help="token: dynamic per-token scales (default); channel: static per-channel scales from calibration; "
+        "tensor: one static scale per layer from calibration (compressed-tensors / vLLM static activations)",
     )
     a.add_argument(
         "--smooth",

@@ -354,7 +354,7 @@ def _tune(
     act = None
     if cfg.act is not None:
         scales = None
-        if cfg.act.granularity == "channel":
+        if cfg.act.granularity.is_static:
             scales, clips = calibrate_static(block, data.inputs, data.kwargs, list(ctx.plans[i]), cfg.act,
                                              tune.batch_size)  # fmt: skip
             log.info("block %d activation clip ratios: %s", i, clips)

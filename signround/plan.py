@@ -124,7 +124,7 @@ def make_plan(model: nn.Module, tokenizer: Any, cfg: QuantConfig, data: Any = No
                      ", ".join(f"{r.pattern.rstrip('$')}: {r.scheme.name}" for r in rules))  # fmt: skip
             cfg = dataclasses.replace(cfg, layer_rules=cfg.layer_rules + rules)
             added += rules
-    options = export.ExportOptions(allow_partial_groups=cfg.export.allow_partial_groups)
+    options = export.ExportOptions(allow_partial_groups=cfg.export.allow_partial_groups, act=cfg.act)
     export.check_formats(model, planned_layers(model, cfg), cfg.export.formats, options)
     weights = account_model(prefix, blocks, cfg.scheme, cfg.layer_rules)
     log.info("%s", weights.summary())

@@ -1,5 +1,5 @@
-"""Static activation scales from calibration data: per-channel input maxima of a block's linears and the
-clip ratio per layer that quantizes them best."""
+"""Static activation scales from calibration data: the input maxima of a block's linears (per input channel,
+or one per layer for ``tensor`` granularity) and the clip ratio per layer that quantizes them best."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from signround.act.quant import channel_scales, fake_quant_channel
-from signround.config import ActScheme
+from signround.config import ActGranularity, ActScheme
 
 # clip ratios tried for static per-channel activation scales (1.0: the calibration absmax itself)
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
@@ -41,7 +41,8 @@ def input_absmax(
 def static_scales(
     absmax: dict[str, torch.Tensor], act: ActScheme, clips: dict[str, float] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-channel scales ``[in]`` for every layer from its calibration absmax, times its clip ratio."""
+    """Static scales for every layer from its calibration absmax (``[in]`` per channel or ``[1]`` per tensor),
+    times its clip ratio; the same shape as the absmax."""
     clips = clips or {}
     return {name: channel_scales(a, act.bits, act.dtype, clips.get(name, 1.0)) for name, a in absmax.items()}
 
@@ -71,12 +72,15 @@ def calibrate_static(
     batch_size: int,
     clips: tuple[float, ...] = CLIPS,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Static per-channel scales for the named linears of ``block`` with adaptive clipping (MergeQuant):
-    per layer, the clip ratio among ``clips`` whose quantized inputs give the least output error over the
-    calibration ``inputs`` (a ratio below 1 saturates rare outliers to resolve the bulk of the values
-    better). Returns ``(scales {name: [in]}, clip ratio {name: c})``. The layers see float inputs during
-    the search (one pass for the absmax, one for the errors)."""
+    """Static scales for the named linears of ``block`` with adaptive clipping (MergeQuant): per layer, the
+    clip ratio among ``clips`` whose quantized inputs give the least output error over the calibration
+    ``inputs`` (a ratio below 1 saturates rare outliers to resolve the bulk of the values better). Returns
+    ``(scales {name: [in]}, clip ratio {name: c})`` for ``channel`` granularity, ``[1]`` scales (the largest
+    channel's) for ``tensor``. The layers see float inputs during the search (one pass for the absmax, one
+    for the errors)."""
     absmax = input_absmax(block, inputs, kwargs, names, batch_size)
+    if act.granularity is ActGranularity.TENSOR:
+        absmax = {name: a.amax().reshape(1) for name, a in absmax.items()}
     errors: dict[str, torch.Tensor] = {}
     modules = dict(block.named_modules())
 

@@ -8,7 +8,8 @@ Activations ``x [..., in]`` (the input of a linear layer) are quantized symmetri
   saturating at its max (448 / 6).
 
 The scale ``s`` is ``absmax / grid_max``: per token (the last dimension's absmax of each row, computed at run
-time: *dynamic*) or per input channel (from calibration data, fixed: *static*, ``[in]``). Gradients pass
+time: *dynamic*), or per input channel (``[in]``) or per layer (``[1]``) from calibration data, fixed:
+*static*. Gradients pass
 straight through the rounding (and are zero where a value saturates), so SignRound can tune weights with
 quantized activations in the block's forward: :func:`quantized_inputs` hooks the quantizer onto a block's
 linears for the duration of a ``with`` (here, below the tuning code that uses it).
@@ -62,7 +63,8 @@ def channel_scales(absmax: torch.Tensor, bits: int = 8, dtype: str = "int", clip
 
 
 def fake_quant_channel(x: torch.Tensor, scale: torch.Tensor, bits: int = 8, dtype: str = "int") -> torch.Tensor:
-    """Per-channel static quantize-dequantize of ``x [..., in]`` with fixed ``scale [in]``."""
+    """Static quantize-dequantize of ``x [..., in]`` with fixed ``scale``: ``[in]`` (per channel) or ``[1]``
+    (per tensor)."""
     s = scale.to(x.dtype)
     return _round(x / s, dtype, bits) * s
 

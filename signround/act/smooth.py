@@ -148,9 +148,7 @@ def _quantized_loss(
         layer = trial.get_submodule(name)
         layer.weight.copy_(TunableWeight.from_linear(layer, scheme, learn=False).fake_quant_weight(layer.weight.dtype))
     names = list(schemes)
-    scales = (
-        calibrate_static(trial, inputs, kwargs, names, act, batch_size)[0] if act.granularity == "channel" else None
-    )
+    scales = calibrate_static(trial, inputs, kwargs, names, act, batch_size)[0] if act.granularity.is_static else None
     with quantized_inputs(trial, names, act, scales):
         return block_mse(trial, inputs, targets, kwargs, batch_size)
 

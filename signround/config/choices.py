@@ -81,8 +81,14 @@ class ActDType(_Choice):
 class ActGranularity(_Choice):
     """Which activations share a scale (see :class:`ActScheme`)."""
 
-    TOKEN = "token"
-    CHANNEL = "channel"
+    TOKEN = "token"  # one scale per token, from its absmax at run time (dynamic)
+    CHANNEL = "channel"  # one calibrated scale per input channel (static, ``input_scale [in]``)
+    TENSOR = "tensor"  # one calibrated scale per layer (static, ``input_scale [1]``)
+
+    @property
+    def is_static(self) -> bool:
+        """Scales calibrated once and stored (``input_scale``), not computed per token at run time."""
+        return self is not ActGranularity.TOKEN
 
 
 class Solver(_Choice):
@@ -154,6 +160,12 @@ class ExportFormat(_Choice):
     def is_mix(self) -> bool:
         """A GGUF mix of two K-quant types (``gguf:q4_k_m``: Q4_K with some layers Q6_K)."""
         return self.gguf_type in GGUF_MIXES
+
+    @property
+    def stores_activations(self) -> bool:
+        """Whether the format stores activation quantization (the native format any :class:`ActScheme`;
+        compressed-tensors the schemes vLLM serves, checked by its exporter)."""
+        return self in (ExportFormat.NATIVE, ExportFormat.COMPRESSED_TENSORS)
 
     @property
     def subfolder(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from signround.config.choices import ActGranularity, ExpertUnits, ExportFormat
+from signround.config.choices import ExpertUnits, ExportFormat
 from signround.config.named import named_scheme
 from signround.config.scheme import (
     LayerRule,
@@ -78,11 +78,11 @@ class QuantConfig:
         if self.mixed is not None and scheme.dtype.is_float:
             raise SignRoundError(f"mixed precision chooses integer widths; drop --data-type {scheme.dtype.value}")
         formats = self.export.formats
-        if self.act is not None and formats != (ExportFormat.NATIVE,):
-            others = [f.value for f in formats if f is not ExportFormat.NATIVE]
+        if self.act is not None and not all(f.stores_activations for f in formats):
+            others = [f.value for f in formats if not f.stores_activations]
             raise SignRoundError(
-                f"{', '.join(others)} cannot store quantized activations; use --format native for a model "
-                "quantized with --act-bits"
+                f"{', '.join(others)} cannot store quantized activations; use --format native or "
+                "compressed-tensors for a model quantized with --act-bits"
             )
         if self.mixed is not None and self.mixed.experts is ExpertUnits.EXPERT and formats != (ExportFormat.NATIVE,):
             others = [f.value for f in formats if f is not ExportFormat.NATIVE]
@@ -107,5 +107,5 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
-        static = self.act is not None and (self.act.granularity is ActGranularity.CHANNEL or self.smooth)
+        static = self.act is not None and (self.act.granularity.is_static or self.smooth)
         return self.tune.iters > 0 or static

@@ -32,9 +32,10 @@ class ActScheme:
         bits: 2..8 for ``int`` (default 8); implied by ``fp8_e4m3`` (8) and ``fp4_e2m1`` (4).
         dtype: ``int`` (symmetric, restricted range), ``fp8_e4m3`` or ``fp4_e2m1`` (an :class:`ActDType`;
             its value is accepted and converted).
-        granularity: ``token`` (one scale per token from its absmax, at run time) or ``channel`` (one static
-            scale per input channel, calibrated from the calibration data and stored as ``input_scale``); an
-            :class:`ActGranularity` or its value.
+        granularity: ``token`` (one scale per token from its absmax, at run time), ``channel`` (one static
+            scale per input channel, calibrated from the calibration data and stored as ``input_scale [in]``)
+            or ``tensor`` (one static scale per layer, calibrated the same way, ``input_scale [1]``: what
+            compressed-tensors and vLLM call static activations); an :class:`ActGranularity` or its value.
     """
 
     bits: int | None = None
@@ -56,7 +57,8 @@ class ActScheme:
         try:
             granularity = ActGranularity(self.granularity)
         except ValueError:
-            raise SignRoundError(f"activation granularity must be token or channel, got {self.granularity!r}") from None
+            choices = ", ".join(g.value for g in ActGranularity)
+            raise SignRoundError(f"activation granularity must be one of {choices}, got {self.granularity!r}") from None
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "granularity", granularity)
         object.__setattr__(self, "bits", bits)

@@ -9,6 +9,7 @@ only; they never import the tuning code. Importing this package registers every 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from signround.errors import SignRoundError
 # importing each exporter module registers its exporters
 from signround.export import ct, gguf_export, gptq, mxfp4_gptoss, native  # noqa: F401
 from signround.export.atomic import atomic_folder
-from signround.export.common import planned_from_model
+from signround.export.common import model_act, planned_from_model
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, get_exporter, register_exporter
 from signround.model.blocks import Planned
 
@@ -56,13 +57,14 @@ def check_formats(
 
 
 def refuse_activations(formats: Sequence[ExportFormat]) -> None:
-    """Refuse the formats that cannot store quantized activations (only the native one stores their scheme
-    and static input scales)."""
-    others = [f for f in formats if not get_exporter(f).stores_activations]
+    """Refuse the formats that cannot store quantized activations (:attr:`ExportFormat.stores_activations`:
+    the native format stores any scheme and its static input scales, compressed-tensors what its exporter's
+    check accepts)."""
+    others = [f for f in formats if not f.stores_activations]
     if others:
         raise SignRoundError(
-            f"{', '.join(others)} cannot store quantized activations; use --format native for a model quantized "
-            "with --act-bits"
+            f"{', '.join(others)} cannot store quantized activations; use --format native or compressed-tensors "
+            "for a model quantized with --act-bits"
         )
 
 
@@ -82,10 +84,11 @@ def save(
     :attr:`ExportFormat.subfolder`). The formats' checks run first; nothing is written when one refuses.
     """
     fmts = parse_formats(formats)
-    check_formats(model, planned_from_model(model), fmts, options)
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("activations"):
+    act = model_act(model)
+    if act is not None:
         refuse_activations(fmts)
+        options = dataclasses.replace(options, act=act)
+    check_formats(model, planned_from_model(model), fmts, options)
     with atomic_folder(output, overwrite=overwrite) as tmp:
         for f in fmts:
             target = tmp if len(fmts) == 1 else tmp / f.subfolder

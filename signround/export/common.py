@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from signround.config import QuantScheme
+from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
 from signround.model.blocks import Planned
 from signround.pack.packed import QuantLinear
@@ -22,6 +22,18 @@ def planned_from_model(model: nn.Module) -> list[Planned]:
         for n, m in model.named_modules()
         if isinstance(m, QuantLinear)
     ]
+
+
+def model_act(model: nn.Module) -> ActScheme | None:
+    """The activation scheme of the model's quantized layers (None: weights only); refuses a model whose
+    quantized layers do not share one (signround gives every quantized layer the run's scheme)."""
+    acts = {m.act for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(acts) > 1:
+        names = sorted(a.name if a is not None else "A16" for a in acts)
+        raise SignRoundError(
+            f"the quantized layers mix activation schemes ({', '.join(names)}); the checkpoint is corrupt"
+        )
+    return acts.pop() if acts else None
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -24,7 +24,20 @@ library's ``MXFP4A16`` / ``NVFP4A16`` weight arguments):
 * ``P.weight_global_scale`` float32 ``[1]`` (NVFP4): the reciprocal of our tensor scale, ``1 / s_t``; the
   reader divides by it, so a weight is ours up to one float32 rounding of that reciprocal.
 
-Only integer, MXFP4 and NVFP4 grids export here; the group must divide the layer width (no override).
+Layers whose inputs are quantized (``--act-bits 8``; which weight and activation schemes combine is the table of
+:mod:`signround.export.ct_schemes`) and fp8 weights are stored one value per byte:
+
+* ``int-quantized`` (int8 W8A8, int4 W4A8): ``P.weight`` int8 ``[out, in]`` holding ``code - 2^(b-1)``
+  (symmetric only) and ``P.weight_scale`` ``[out, G]`` (``G = 1`` per channel), ``W = weight * scale``;
+* ``float-quantized`` (fp8 weights): ``P.weight`` float8_e4m3fn ``[out, in]`` (our codes are its bit patterns)
+  and ``P.weight_scale`` ``[out, 1]``;
+* int4 weights with fp8 activations (W4A8-FP8) keep the ``pack-quantized`` tensors above.
+
+Each such config group carries ``input_activations`` (8 bits, symmetric; ``strategy: token, dynamic: true``,
+or ``strategy: tensor, dynamic: false`` with ``P.input_scale`` float32 ``[1]``: ``x ~= round(x / s) * s``).
+
+Only integer, fp8_e4m3, MXFP4 and NVFP4 grids export here; the FP4 grids' groups must divide the layer width
+(no override).
 
 Mixtures of experts are written one linear per expert under the names the serving engines read
 (:func:`signround.export.moe_names.serving_name`: Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``, the
@@ -57,9 +70,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from signround.config import QuantScheme
+from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
-from signround.export.common import Planned, planned_from_model, quantized_layers
+from signround.export.common import Planned, model_act, planned_from_model, quantized_layers
+from signround.export.ct_schemes import FLOAT, FP4_FORMATS, INT, PACK, check_act, ct_format, input_args, weight_args
 from signround.export.gptq import check_fused_experts
 from signround.export.moe_names import serving_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
@@ -91,35 +105,34 @@ def _divisor_hint(width: int, group: int) -> int | None:
     return None
 
 
-FP4_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
-
-
-def check_ct(model: nn.Module, planned: Sequence[Planned], allow_partial_groups: bool = False) -> None:
-    """Refuse what compressed-tensors cannot hold: grids other than int / mxfp4 / nvfp4, (unless
-    ``allow_partial_groups``, integer grids only) groups that do not divide a layer's input width, which
-    stock readers fail on at the first forward, and mixtures of experts no reader loads (:func:`check_moe`)."""
+def check_ct(
+    model: nn.Module, planned: Sequence[Planned], allow_partial_groups: bool = False, act: ActScheme | None = None
+) -> None:
+    """Refuse what compressed-tensors cannot hold: a weight scheme and activation scheme ``act`` outside the
+    table of :mod:`signround.export.ct_schemes`, (unless ``allow_partial_groups``, for the integer
+    ``pack-quantized`` layout only) groups that do not divide a layer's input width, which stock readers fail
+    on at the first forward, and mixtures of experts no reader loads (:func:`check_moe`)."""
     _ct()
+    if act is not None:
+        check_act(act)
     check_moe(model, planned)
     for p in planned:
-        dtype = p.scheme.dtype.value
-        if dtype in FP4_FORMATS:
-            if p.in_features % p.scheme.group_size:
-                raise SignRoundError(
-                    f"{FP4_FORMATS[dtype]} needs whole blocks of {p.scheme.group_size}; {p.name} has input width "
-                    f"{p.in_features}; keep that layer in float with --layer-config"
-                )
-            continue
-        if dtype != "int":
-            raise SignRoundError(
-                f"compressed-tensors stores int, mxfp4 and nvfp4 grids; {p.name} uses {dtype} (use --format native)"
-            )
+        fmt = ct_format(p.scheme, act, p.name)
         g = p.scheme.group_size
-        if not allow_partial_groups and g != -1 and p.in_features % g:
+        if g == -1 or p.in_features % g == 0:
+            continue
+        if fmt in FP4_FORMATS.values():
+            raise SignRoundError(
+                f"{fmt} needs whole blocks of {g}; {p.name} has input width {p.in_features}; keep that layer in "
+                "float with --layer-config"
+            )
+        if fmt != PACK or act is not None or not allow_partial_groups:
             hint = _divisor_hint(p.in_features, g)
             fix = f"quantize with --group-size {hint}" if hint else "quantize with --group-size -1"
+            also = ", or pass --allow-partial-groups to write it anyway" if fmt == PACK and act is None else ""
             raise SignRoundError(
                 f"compressed-tensors readers (vLLM, transformers) cannot run group size {g} on {p.name} "
-                f"(input width {p.in_features}); {fix}, or pass --allow-partial-groups to write it anyway"
+                f"(input width {p.in_features}); {fix}{also}"
             )
 
 
@@ -161,20 +174,32 @@ def fp4_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def layer_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    if layer.scheme.dtype.value in FP4_FORMATS:
+    """A layer's tensors in its :func:`signround.export.ct_schemes.ct_format` layout (module docstring), plus
+    ``input_scale [1]`` float32 for static activations."""
+    fmt = ct_format(layer.scheme, layer.act)
+    if fmt in FP4_FORMATS.values():
         return fp4_tensors(layer)
-    pack_to_int32 = _ct()[0]
-    bits = layer.scheme.bits
-    offset = 2 ** (bits - 1)
-    signed = (layer.codes().to(torch.int16) - offset).to(torch.int8)
-    tensors = {
-        "weight_packed": pack_to_int32(signed, bits),
-        "weight_scale": layer.scales.to(dtype),
-        "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
-    }
-    if not layer.scheme.sym:
-        zp = (layer.qzeros.to(torch.int16) - offset).to(torch.int8)
-        tensors["weight_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
+    if fmt == FLOAT:  # our fp8 codes are float8_e4m3fn bit patterns
+        tensors = {"weight": layer.codes().view(torch.float8_e4m3fn), "weight_scale": layer.scales.to(dtype)}
+    else:
+        bits = layer.scheme.bits
+        offset = 2 ** (bits - 1)
+        signed = (layer.codes().to(torch.int16) - offset).to(torch.int8)
+        scales = layer.scales.to(dtype)
+        if fmt == INT:
+            tensors = {"weight": signed, "weight_scale": scales}
+        else:
+            pack_to_int32 = _ct()[0]
+            tensors = {
+                "weight_packed": pack_to_int32(signed, bits),
+                "weight_scale": scales,
+                "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
+            }
+            if not layer.scheme.sym:
+                zp = (layer.qzeros.to(torch.int16) - offset).to(torch.int8)
+                tensors["weight_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
+    if layer.act is not None and layer.act.granularity.is_static:
+        tensors["input_scale"] = layer.input_scale.detach().float().reshape(1).clone()
     if layer.bias is not None:
         tensors["bias"] = layer.bias.detach()
     return tensors
@@ -207,32 +232,27 @@ def ct_config(model: nn.Module, layers: dict[str, QuantLinear], rename: Callable
     one scheme, :func:`check_moe`) is one :func:`experts_target` regex, as vLLM resolves a ``FusedMoE``."""
     _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
     experts = _experts_of(model)
-    by_scheme: dict[QuantScheme, dict[str, None]] = {}  # scheme -> its targets, in model order, once each
+    by_scheme: dict[tuple[QuantScheme, ActScheme | None], dict[str, None]] = {}  # -> its targets, in order
     for name, layer in layers.items():
         module = experts.get(name)
         target = rename(name) if module is None else experts_target(rename(module))
-        by_scheme.setdefault(layer.scheme, {})[target] = None
+        by_scheme.setdefault((layer.scheme, layer.act), {})[target] = None
     groups = {}
     formats = set()
-    for i, (scheme, names) in enumerate(by_scheme.items()):
+    for i, ((scheme, act), names) in enumerate(by_scheme.items()):
         targets = ["Linear"] if len(by_scheme) == 1 else list(names)
-        fp4 = FP4_FORMATS.get(scheme.dtype.value)
-        if fp4 is not None:
+        fmt = ct_format(scheme, act)
+        formats.add(fmt)
+        if fmt in FP4_FORMATS.values():
             from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
             preset = PRESET_SCHEMES["NVFP4A16" if scheme.dtype.value == "nvfp4" else "MXFP4A16"]
-            groups[f"group_{i}"] = QuantizationScheme(targets=targets, **preset, format=fp4)
-            formats.add(fp4)
+            groups[f"group_{i}"] = QuantizationScheme(targets=targets, **preset, format=fmt)
             continue
-        formats.add("pack-quantized")
-        args = QuantizationArgs(
-            num_bits=scheme.bits,
-            type="int",
-            symmetric=scheme.sym,
-            strategy="channel" if scheme.group_size == -1 else "group",
-            group_size=None if scheme.group_size == -1 else scheme.group_size,
+        inputs = QuantizationArgs(**input_args(act)) if act is not None else None
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=targets, weights=QuantizationArgs(**weight_args(scheme)), input_activations=inputs, format=fmt
         )
-        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
     ignore = [rename(n) for n, m in model.named_modules() if type(m) is nn.Linear or is_router(m)]
     # A MoE layer kept float: vLLM checks ``ignore`` with the same ``prefix.0.gate_proj`` names (Mixtral's
     # per-expert ``w1`` entries never match them).
@@ -269,7 +289,7 @@ def write_compressed_tensors(
     """Save ``model`` as an HF folder: each quantized layer's tensors replaced by :func:`layer_tensors`, every
     tensor under its serving name, ``config.json`` carrying :func:`ct_config`. (transformers' save then
     reverts its load-time renames, as for any model; none matches a serving name.)"""
-    check_ct(model, planned_from_model(model), allow_partial_groups)
+    check_ct(model, planned_from_model(model), allow_partial_groups, model_act(model))
     layers = quantized_layers(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     rename = serving_names(model)
@@ -295,7 +315,7 @@ class CompressedTensorsExporter(Exporter):
     integer groups that do not divide a layer's width through."""
 
     def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
-        check_ct(model, planned, options.allow_partial_groups)
+        check_ct(model, planned, options.allow_partial_groups, options.act)
 
     def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
         write_compressed_tensors(model, tokenizer, folder, options.allow_partial_groups)

@@ -86,8 +86,6 @@ class NativeExporter(Exporter):
     """signround's own checkpoint, the one format that stores activation quantization; a streamed run's
     blocks come from ``options.stream``."""
 
-    stores_activations = True
-
     def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:
         write_native(model, tokenizer, folder, options.stream)
 

@@ -1,5 +1,6 @@
 """signround's own readers of the formats other tools write (auto-round, GPTQ v1/v2, compressed-tensors
-``pack-quantized``), so ``signround eval`` / ``generate`` take any of them without those tools installed.
+``pack-quantized``, ``int-quantized``, ``float-quantized``), so ``signround eval`` / ``generate`` take any
+of them without those tools installed.
 
 Each reader decodes a layer's tensors back to codes ``[out, in]``, scales and zero points ``[out, G]`` and
 builds a :class:`~signround.pack.packed.QuantLinear`; the layouts are in docs/formats.md. Verification of
@@ -16,6 +17,7 @@ from torch import nn
 
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
+from signround.export.ct_schemes import act_from_args
 from signround.export.moe_names import serving_name
 from signround.pack.bitpack import pack_int32, unpack_bitstream
 from signround.pack.packed import QuantLinear
@@ -81,22 +83,49 @@ def _ct_fp4_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str
     return layer
 
 
-def _ct_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str, Any]):
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
+def _ct_layer(t: dict[str, torch.Tensor], out: int, inp: int, group: dict[str, Any]):
+    """A compressed-tensors layer from its tensors ``t`` and config group (``weights``, ``input_activations``):
+    ``pack-quantized`` (``weight_packed``), ``int-quantized`` (int8 ``weight``), ``float-quantized`` (float8
+    ``weight``) or the FP4 layouts; per-tensor weight scales are spread over the rows, and quantized input
+    activations become the layer's :class:`~signround.config.ActScheme` (with ``input_scale`` when static)."""
+    args = group["weights"]
     if args.get("type") == "float" and int(args.get("num_bits", 0)) == 4:
         return _ct_fp4_layer(t, out, inp, args)
     bits, sym = int(args["num_bits"]), bool(args.get("symmetric", True))
-    group = -1 if args.get("strategy") == "channel" else int(args["group_size"])
-    off = 2 ** (bits - 1)
-    codes = unpack_from_int32(t["weight_packed"], bits, torch.Size([out, inp])).to(torch.int64) + off
-    scales = t["weight_scale"]
-    if "weight_zero_point" in t:
-        zp = unpack_from_int32(t["weight_zero_point"], bits, torch.Size([out, scales.shape[1]]), packed_dim=0)
-        zeros = zp.to(torch.int64) + off
+    group_size = int(args["group_size"]) if args.get("strategy") == "group" else -1
+    scales = t["weight_scale"].reshape(out, -1) if t["weight_scale"].numel() > 1 else t["weight_scale"].reshape(1, 1)
+    scales = scales.expand(out, -1)  # per-tensor: one scale for every row
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    if "weight_packed" in t:
+        signed = unpack_from_int32(t["weight_packed"], bits, torch.Size([out, inp]))
+    elif t["weight"].dtype == torch.float8_e4m3fn:
+        if group_size != -1:
+            raise ValueError(f"fp8 weights in groups of {group_size}; signround reads per-channel or per-tensor scales")
+        layer = QuantLinear(inp, out, QuantScheme(dtype="fp8_e4m3", group_size=-1), "bias" in t, torch.float32)
+        layer.qweight.copy_(pack_int32(t["weight"].view(torch.uint8), 8))
+        layer.scales.copy_(scales.to(torch.float16))  # exact for signround's own files (float16 scales)
+        if "bias" in t:
+            layer.bias.data.copy_(t["bias"])
+    elif t["weight"].dtype == torch.int8:
+        signed = t["weight"]
     else:
-        zeros = torch.full(scales.shape, off, dtype=torch.int64)
-    return _layer(codes, scales, zeros, bits, group, sym, t.get("bias"))
+        raise ValueError(f"weight of dtype {t['weight'].dtype} beside a weight_scale; expected int8 or float8_e4m3fn")
+    if "weight_packed" in t or t["weight"].dtype == torch.int8:
+        off = 2 ** (bits - 1)
+        codes = signed.to(torch.int64) + off
+        if "weight_zero_point" in t:
+            zp = t["weight_zero_point"]
+            if "weight_packed" in t:
+                zp = unpack_from_int32(zp, bits, torch.Size([out, scales.shape[1]]), packed_dim=0)
+            zeros = zp.reshape(out, -1).expand(out, scales.shape[1]).to(torch.int64) + off
+        else:
+            zeros = torch.full(scales.shape, off, dtype=torch.int64)
+        layer = _layer(codes, scales.contiguous(), zeros, bits, group_size, sym, t.get("bias"))
+    act = act_from_args(group.get("input_activations"))
+    if act is not None:
+        layer.set_act(act, t["input_scale"].float().reshape(1) if act.granularity.is_static else None)
+    return layer
 
 
 def _override(name: str, qc: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None:
@@ -115,7 +144,8 @@ def _override(name: str, qc: dict[str, Any], base: dict[str, Any]) -> dict[str, 
     return None if scheme.get("bits", 16) >= 16 else scheme
 
 
-def _ct_args(name: str, qc: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+def _ct_group(name: str, qc: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """The config group whose targets match layer ``name`` (exact name, class name, or ``re:`` match)."""
     for group in qc.get("config_groups", {}).values():
         for target in group.get("targets", []):
             hit = (
@@ -124,7 +154,7 @@ def _ct_args(name: str, qc: dict[str, Any], module: nn.Module) -> dict[str, Any]
                 or (target.startswith("re:") and re.match(target[3:], name))
             )
             if hit:
-                return group["weights"]
+                return group
     raise SignRoundError(f"{name} has packed weights but no config group targets it; the config is corrupt")
 
 
@@ -149,15 +179,15 @@ def replace_foreign_layers(
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        key = "weight_packed" if method == "compressed-tensors" else "qweight"
-        if f"{name}.{key}" not in state:
+        keys = ("weight_packed", "weight_scale") if method == "compressed-tensors" else ("qweight",)
+        if not any(f"{name}.{key}" in state for key in keys):
             continue
         t = {k[len(name) + 1 :]: state.pop(k) for k in [k for k in state if k.startswith(name + ".")]}
         out, inp = module.out_features, module.in_features
         served = name if method == "auto-round" else serving_name(model_type, name)
         try:
             if method == "compressed-tensors":
-                layer = _ct_layer(t, out, inp, _ct_args(served, qc, module))
+                layer = _ct_layer(t, out, inp, _ct_group(served, qc, module))
             else:
                 s = _override(served, qc, base)
                 if s is None:

@@ -14,9 +14,9 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-from signround.config import ExportFormat
+from signround.config import ActScheme, ExportFormat
 from signround.model.blocks import Planned
 from signround.model.lazy import BlockStream
 
@@ -30,17 +30,19 @@ class ExportOptions:
             width (stock readers fail on them at the first forward; refused by default).
         stream: the block store of a streamed (``--low-memory``) run: the native writer reads the finished
             blocks' packed tensors back from it, one block at a time, as the model holds none of them.
+        act: the activation scheme of every quantized layer (None: weights only), so that a format's check
+            refuses, before tuning, activations it cannot store (only formats whose
+            :attr:`ExportFormat.stores_activations` is set get a plan with one).
     """
 
     allow_partial_groups: bool = False
     stream: BlockStream | None = None
+    act: ActScheme | None = None
 
 
 class Exporter(abc.ABC):
     """The writer of one format (``self.format``). Exporters read ``QuantLinear`` layers only; they never
     import the tuning code. Subclasses register with ``@register_exporter(ExportFormat.X, ...)``."""
-
-    stores_activations: ClassVar[bool] = False  # whether it stores activation quantization (scheme, scales)
 
     def __init__(self, fmt: ExportFormat) -> None:
         self.format = fmt

@@ -16,9 +16,10 @@ State (all saved in the checkpoint, names are the on-disk tensor names under the
     ``tensor_scale`` for nvfp4), codes holding sign, exponent, mantissa from the high bit down
     (:mod:`signround.formats.fp`).
 * ``bias`` (optional): unchanged from the float layer.
-* ``input_scale`` float32 ``[in]``, only when the input is quantized with static per-channel scales
-  (:meth:`QuantLinear.set_act`); per-token activation quantization stores nothing (scales are computed
-  at run time). The activation scheme itself is in ``quantization_config["activations"]``.
+* ``input_scale`` float32 ``[in]`` (static per-channel scales) or ``[1]`` (static per-tensor), only when
+  the input is quantized with static scales (:meth:`QuantLinear.set_act`); per-token activation
+  quantization stores nothing (scales are computed at run time). The activation scheme itself is in
+  ``quantization_config["activations"]``.
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ class QuantLinear(nn.Module):
         self.act: ActScheme | None = None
 
     def set_act(self, act: ActScheme | None, input_scale: torch.Tensor | None = None) -> None:
-        """Quantize this layer's input with ``act`` from now on (None: keep it float). Channel granularity
-        registers the ``input_scale [in]`` buffer (zeros until ``input_scale`` or a state dict fills it)."""
+        """Quantize this layer's input with ``act`` from now on (None: keep it float). Static granularities
+        register the ``input_scale`` buffer, ``[in]`` per channel or ``[1]`` per tensor (zeros until
+        ``input_scale`` or a state dict fills it)."""
         self.act = act
-        if act is not None and act.granularity == "channel":
-            scale = torch.zeros(self.in_features) if input_scale is None else input_scale.detach().float().reshape(-1)
+        if act is not None and act.granularity.is_static:
+            width = self.in_features if act.granularity == "channel" else 1
+            scale = torch.zeros(width) if input_scale is None else input_scale.detach().float().reshape(-1)
             self.register_buffer("input_scale", scale.clone())
         elif "input_scale" in self._buffers:
             del self._buffers["input_scale"]

@@ -142,3 +142,19 @@ def test_a_named_scheme_runs_and_formats_that_cannot_hold_it_refuse(tmp_path, mo
     argv = quantize_args(model_dir, refused, "--dataset", str(calib_jsonl), "--scheme", "W8A8", "--format", "gptq")
     del argv[argv.index("--group-size") : argv.index("--group-size") + 2]
     assert_refused(capsys, refused, argv, "cannot store quantized activations")
+    # compressed-tensors stores what vLLM serves: static per-tensor fp8 activations with their calibrated scales
+    served = tmp_path / "fp8"
+    argv = quantize_args(model_dir, served, "--dataset", str(calib_jsonl), "--scheme", "FP8", "--format",
+                         "compressed-tensors")  # fmt: skip
+    del argv[argv.index("--group-size") : argv.index("--group-size") + 2]
+    assert main(argv) == 0
+    group = json.loads((served / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["format"] == "float-quantized" and group["input_activations"]["strategy"] == "tensor"
+    model, _ = load_model(str(served))
+    o = model.get_submodule("model.layers.1.self_attn.o_proj")
+    assert o.act.granularity == "tensor" and float(o.input_scale) > 0
+    refused = tmp_path / "asym"
+    argv = quantize_args(model_dir, refused, "--dataset", str(calib_jsonl), "--bits", "8", "--act-bits", "8",
+                         "--format", "compressed-tensors")  # fmt: skip
+    argv[argv.index("--group-size") + 1] = "-1"  # asymmetric by default: no int8 kernel of vLLM takes it
+    assert_refused(capsys, refused, argv, "symmetric weights")

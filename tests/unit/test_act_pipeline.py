@@ -26,7 +26,7 @@ def test_act_scheme_rules():
         ({"dtype": "fp8_e4m3", "bits": 4}, "--act-bits 8"),
         ({"bits": 1}, "from 2 to 8"),
         ({"dtype": "nf4"}, "unknown activation dtype"),
-        ({"granularity": "tensor"}, "token or channel"),
+        ({"granularity": "row"}, "one of token, channel, tensor"),
     ):
         with pytest.raises(SignRoundError, match=match):
             ActScheme(**kwargs)
@@ -35,6 +35,7 @@ def test_act_scheme_rules():
     rtn = TuneConfig(iters=0)
     assert not QuantConfig(act=ActScheme(), tune=rtn).needs_calibration  # per-token RTN needs no data
     assert QuantConfig(act=ActScheme(granularity="channel"), tune=rtn).needs_calibration
+    assert QuantConfig(act=ActScheme(granularity="tensor"), tune=rtn).needs_calibration
     assert QuantConfig(act=ActScheme(), smooth=True, tune=rtn).needs_calibration
 
 

@@ -118,7 +118,10 @@ def test_config_dumps_are_the_strings_ones():
             "unknown activation dtype 'fp16'; choose one of ['int', 'fp8_e4m3', 'fp4_e2m1']",
         ),
         (lambda: ActScheme(dtype="fp8_e4m3", bits=4), "fp8_e4m3 activations are 8-bit; use --act-bits 8 or drop it"),
-        (lambda: ActScheme(granularity="tensor"), "activation granularity must be token or channel, got 'tensor'"),
+        (
+            lambda: ActScheme(granularity="row"),
+            "activation granularity must be one of token, channel, tensor, got 'row'",
+        ),
     ],
 )
 def test_option_refusals_are_worded_as_before(make, message):

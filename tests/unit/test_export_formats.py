@@ -147,7 +147,8 @@ def test_every_format_has_one_registered_exporter():
     for fmt in ExportFormat:
         exporter = export.get_exporter(fmt)
         assert isinstance(exporter, export.Exporter) and exporter.format is fmt
-    assert [f for f in ExportFormat if export.get_exporter(f).stores_activations] == [ExportFormat.NATIVE]
+    stores = [ExportFormat.NATIVE, ExportFormat.COMPRESSED_TENSORS]
+    assert [f for f in ExportFormat if f.stores_activations] == stores
     with pytest.raises(SignRoundError, match="gptq, gguf:q8_0 cannot store quantized activations"):
         export.refuse_activations([ExportFormat.NATIVE, ExportFormat.GPTQ, ExportFormat.GGUF_Q8_0])
 

@@ -30,7 +30,9 @@ def test_names_mean_what_compressed_tensors_means():
     fp8 = named_scheme("FP8_DYNAMIC")
     assert fp8.weights.name == "W8C-fp8_e4m3" and fp8.act.dtype == "fp8_e4m3" and fp8.act.granularity == "token"
     assert named_scheme("MXFP4A16").weights.name == "W4G32-mxfp4" and named_scheme("NVFP4A16").act is None
-    for name, why in (("FP8", "static per-tensor"), ("NVFP4", "NVFP4A16"), ("MXFP4", "MXFP4A16")):
+    static = named_scheme("FP8")
+    assert static.weights == fp8.weights and static.act.dtype == "fp8_e4m3" and static.act.granularity == "tensor"
+    for name, why in (("NVFP4", "NVFP4A16"), ("MXFP4", "MXFP4A16")):
         with pytest.raises(SignRoundError, match=why):
             named_scheme(name)
     with pytest.raises(SignRoundError, match="unknown scheme 'W5A5'; choose one of W4A16"):
