@@ -2,7 +2,9 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SR     := $(VENV)/bin/signround
-DATA   ?= ../shared/data
+DATA   ?=
+# named data sets (c4, wikitext2) are looked for in $(DATA) (when given), $SIGNROUND_DATA, ../shared/data, then the hub
+DATADIR = $(if $(DATA),--data-dir $(DATA))
 OUT    ?= out
 # torch is pinned to the CPU build that this project's machines carry on disk; other specs may pull CUDA.
 TORCH  ?= torch==2.13.0
@@ -26,11 +28,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	@echo "== demo: light recipe (32 x 256 calibration tokens, 50 iters), perplexity on the first 10 windows =="
 	mkdir -p $(OUT)
-	$(SR) eval --model smollm2-135m --ppl wikitext2 --max-windows 10 --json $(OUT)/demo-float.json --quiet
+	$(SR) eval --model smollm2-135m --ppl wikitext2 $(DATADIR) --max-windows 10 --json $(OUT)/demo-float.json --quiet
 	$(SR) quantize --model smollm2-135m --bits 4 --group-size 128 --iters 50 --nsamples 32 --seqlen 256 \
-		--batch-size 4 --dataset $(DATA)/calib-c4.jsonl --output $(OUT)/smollm2-w4g128 --overwrite \
+		--batch-size 4 --dataset c4 $(DATADIR) --output $(OUT)/smollm2-w4g128 --overwrite \
 		--report $(OUT)/demo-report.json
-	$(SR) eval --model $(OUT)/smollm2-w4g128 --ppl wikitext2 --max-windows 10 --json $(OUT)/demo-w4g128.json --quiet
+	$(SR) eval --model $(OUT)/smollm2-w4g128 --ppl wikitext2 $(DATADIR) --max-windows 10 --json $(OUT)/demo-w4g128.json --quiet
 	@$(PY) -c "import json; f=json.load(open('$(OUT)/demo-float.json')); q=json.load(open('$(OUT)/demo-w4g128.json')); \
 		print(f\"demo result (first {f['windows']} windows, seqlen {f['seqlen']}): float ppl {f['ppl']:.3f}, \
 		SignRound W4G128 checkpoint ppl {q['ppl']:.3f}  [light recipe; see bench/results for full numbers]\")"

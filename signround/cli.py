@@ -31,7 +31,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from signround import export
     from signround.api import check_low_memory, join_distributed, load_for_quantize, quantize_run
     from signround.cli_args import quant_config
-    from signround.eval.ppl import perplexity
+    from signround.eval.ppl import perplexity, resolve_text
     from signround.export.atomic import check_output
     from signround.model.load import load_model
     from signround.pipeline import RunOptions
@@ -49,7 +49,9 @@ def _quantize(args: argparse.Namespace) -> int:
     rank, _ = join_distributed(cfg, options, args.low_memory)
     check_output(args.output, args.overwrite)
     refuse_unresumed(state_dir, args.resume)  # fail before loading anything
-    check_dataset(cfg.calib.dataset)
+    check_dataset(cfg.calib.dataset, cfg.calib.data_dir)
+    if args.eval_ppl:
+        resolve_text(args.eval_ppl, args.data_dir)  # found (or fetched) before hours of tuning, not after
     torch.manual_seed(args.seed)
     model, tokenizer, stream = load_for_quantize(args.model, compute_dtype(args.dtype, device), args.low_memory, cfg)
     if rank != 0 and not args.block_parallel:  # rank 0 alone keeps the run state
@@ -72,7 +74,7 @@ def _quantize(args: argparse.Namespace) -> int:
         if stream is not None:  # the blocks were freed; the saved checkpoint is a fraction of the float size
             model, tokenizer = load_model(args.output)
         ppl = perplexity(model, tokenizer, args.eval_ppl, seqlen=args.eval_seqlen, max_windows=args.eval_max_windows,
-                         progress=not args.quiet)  # fmt: skip
+                         progress=not args.quiet, data_dir=args.data_dir)  # fmt: skip
         print(f"perplexity ({args.eval_ppl}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}")
         summary["ppl"] = ppl.to_dict()
     if args.report:
@@ -81,12 +83,13 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_dataset(dataset: str | None) -> None:
-    """Fail fast on a calibration file that does not exist (a hub name is looked up when it is read)."""
+def check_dataset(dataset: str | None, data_dir: str | None = None) -> None:
+    """Fail fast on calibration data that cannot be found (a named data set or hub id is read here, once,
+    into the ``datasets`` cache when it comes from the hub)."""
     if dataset is not None and not Path(dataset).expanduser().is_file():
         from signround.calib.data import load_texts
 
-        load_texts(dataset)
+        load_texts(dataset, data_dir)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -141,7 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
     # Fail fast on bad options before loading the model.
     ppl_text = args.ppl if args.ppl or args.tasks else "wikitext2"
     if ppl_text:
-        resolve_text(ppl_text)
+        resolve_text(ppl_text, args.data_dir)
     tasks = parse_tasks(args.tasks) if args.tasks else []
     device = resolve_device(args.device)
     if args.json:
@@ -161,6 +164,7 @@ def _eval(args: argparse.Namespace) -> int:
             max_windows=args.max_windows,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            data_dir=args.data_dir,
         )
         print(
             f"perplexity ({ppl_text}, {ppl.windows} windows x {ppl.seqlen} tokens): {ppl.ppl:.4f}  "

@@ -77,7 +77,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dataset",
         default=None,
-        help="calibration .txt/.jsonl/.json/.parquet file or HF dataset name; none = data-free",
+        help="calibration data: c4, pile-10k, wikitext2 (a data folder's file, else the hub), a "
+        ".txt/.jsonl/.json/.parquet file, or an HF dataset id; none = data-free",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="data folder searched first for named data sets (default $SIGNROUND_DATA), then ../shared/data",
     )
     p.add_argument(
         "--layer-config", default=None, help='per-layer overrides, JSON or .json file: {"down_proj": {"bits": 8}}'
@@ -167,7 +173,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "safetensors files (HF folders; native format; see docs/operations.md)",
     )
     p.add_argument(
-        "--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2 or a file"
+        "--eval-ppl", default=None, metavar="TEXT", help="after quantizing, perplexity on wikitext2, c4, ptb or a file"
     )
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-max-windows", type=int, default=None)
@@ -254,12 +260,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a float model or a quantized checkpoint")
     p.add_argument("--model", required=True, help="HF folder, signround checkpoint, .gguf file, hub id or alias")
-    p.add_argument("--ppl", default=None, help="wikitext2 or a path to a text file (default wikitext2 without --tasks)")
+    p.add_argument(
+        "--ppl", default=None, help="wikitext2, c4, ptb or a path to a text file (default wikitext2 without --tasks)"
+    )
     p.add_argument(
         "--tasks", default=None, help="zero-shot tasks through lm-eval, comma-separated, e.g. piqa,winogrande"
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
-    p.add_argument("--data-dir", default=None, help="folder of local task files (default ../shared/data/tasks)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="data folder searched first for named texts and for tasks/ (default $SIGNROUND_DATA, then "
+        "../shared/data); a folder of task files also works",
+    )
     p.add_argument(
         "--bits", type=int, default=None, help="serve a quantized checkpoint at fewer bits (Double Rounding)"
     )
@@ -342,7 +355,9 @@ def quant_config(args: argparse.Namespace) -> Any:
         scheme=scheme,
         layer_rules=args.layer_config,
         tune=tune,
-        calib=CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        calib=CalibConfig(
+            dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir
+        ),
         serve_bits=args.serve_bits,
         act=act,
         smooth=args.smooth,

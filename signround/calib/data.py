@@ -1,9 +1,10 @@
 """Calibration texts -> a seeded ``[nsamples, seqlen]`` token tensor.
 
-Sources: a local ``.txt`` (documents separated by blank lines), ``.jsonl`` (field ``text``),
-``.json`` (a list of strings or of objects with ``text``), ``.parquet`` (column ``text``); an HF dataset
-name when online (needs the ``datasets`` package); or nothing, in which case the model generates its own
-calibration text (data-free calibration).
+Sources: a named data set (``c4``, ``pile-10k``, ``wikitext2``: a data folder's file, else the hub; see
+:mod:`signround.calib.sources`); a local ``.txt`` (documents separated by blank lines), ``.jsonl`` (field
+``text``), ``.json`` (a list of strings or of objects with ``text``), ``.parquet`` (column ``text``); any other
+HF dataset id when online (needs the ``datasets`` package); or nothing, in which case the model generates its
+own calibration text (data-free calibration).
 
 Sampling (deterministic for a seed): documents are shuffled; each document of at least ``seqlen`` tokens
 gives one sample, its first ``seqlen`` tokens (auto-round's rule, so both tools see the same samples);
@@ -22,19 +23,28 @@ from typing import Any
 
 import torch
 
+from signround.calib.sources import CALIB, load_hub, local_file
 from signround.config import CalibConfig
 from signround.errors import SignRoundError
 
 log = logging.getLogger("signround")
 
 
-def load_texts(dataset: str) -> list[str]:
-    """Read calibration documents from a file path or an HF dataset name."""
+def load_texts(dataset: str, data_dir: str | Path | None = None) -> list[str]:
+    """Read calibration documents: a named data set (:data:`signround.calib.sources.CALIB`, looked for in
+    ``data_dir`` / ``$SIGNROUND_DATA``, ``../shared/data``, then the hub), a file path, or an HF dataset id."""
+    if dataset in CALIB:
+        found = local_file(dataset, CALIB, data_dir)
+        if found is not None:
+            log.info("calibration data %s: %s", dataset, found)
+            return _read_file(found)
+        log.info("calibration data %s: %s from the hub", dataset, CALIB[dataset].hub.describe())
+        return load_hub(CALIB[dataset].hub, f"calibration data {dataset}", CALIB[dataset].file, data_dir)
     path = Path(dataset).expanduser()
     if path.is_file():
         return _read_file(path)
     if path.suffix in {".txt", ".jsonl", ".json", ".parquet"} or dataset.startswith((".", "/")):
-        raise SignRoundError(f"calibration file {dataset} not found")
+        raise SignRoundError(f"calibration file {dataset} not found (named data sets: {', '.join(CALIB)})")
     return _read_hub(dataset)
 
 
@@ -168,7 +178,7 @@ def calibration_tokens(model, tokenizer, cfg: CalibConfig) -> torch.Tensor:
     """The run's calibration tokens ``[n, seqlen]``: from ``cfg.dataset``, or generated when it is None."""
     if cfg.dataset is None:
         return generate_tokens(model, tokenizer, cfg)
-    return sample_tokens(load_texts(cfg.dataset), tokenizer, cfg)
+    return sample_tokens(load_texts(cfg.dataset, cfg.data_dir), tokenizer, cfg)
 
 
 def resolve_tokens(model: Any, tokenizer: Any, calib: CalibConfig, data: Any = None) -> torch.Tensor:

@@ -206,17 +206,21 @@ class CalibConfig:
     """Which calibration tokens are used.
 
     Attributes:
-        dataset: a local .txt/.jsonl/.parquet path, an HF dataset name, or None for data-free
-            calibration (the model generates its own text).
+        dataset: a named data set (``c4``, ``pile-10k``, ``wikitext2``; :mod:`signround.calib.sources`), a
+            local .txt/.jsonl/.json/.parquet path, an HF dataset id, or None for data-free calibration (the
+            model generates its own text).
         nsamples: number of sequences.
         seqlen: tokens per sequence.
         seed: seeds shuffling and generation.
+        data_dir: the data folder named data sets are looked for in first (``--data-dir``; default
+            ``$SIGNROUND_DATA``), before ``../shared/data`` and the hub.
     """
 
     dataset: str | None = None
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 42
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.nsamples < 1:

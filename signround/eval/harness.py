@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from signround.calib.sources import data_dir
 from signround.errors import SignRoundError
-from signround.eval.ppl import data_dir
 from signround.pack.packed import dequantized_weights
 from signround.paths import cache_dir
 
@@ -55,7 +55,13 @@ TASKS: dict[str, TaskSource] = {
 
 
 def tasks_dir(explicit: str | Path | None = None) -> Path:
-    return Path(explicit).expanduser() if explicit else data_dir() / "tasks"
+    """The task files' folder: ``explicit``'s ``tasks/`` when it has one (``--data-dir`` names the data
+    folder), else ``explicit`` itself (a folder of task files); by default the first data folder's ``tasks/``
+    (``$SIGNROUND_DATA`` or ``../shared/data``)."""
+    if explicit:
+        folder = Path(explicit).expanduser()
+        return folder / "tasks" if (folder / "tasks").is_dir() else folder
+    return data_dir() / "tasks"
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:

@@ -8,7 +8,6 @@ tokens (``seqlen - 1`` per window: the first token of a window has no context).
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,35 +15,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from signround.calib.sources import EVAL, eval_text
 from signround.errors import SignRoundError
 from signround.pack.packed import dequantized_weights
 
-SHARED_DATA_ENV = "SIGNROUND_DATA"
 
-
-def data_dir() -> Path:
-    """Where named data sets live: ``$SIGNROUND_DATA`` or ``../shared/data`` next to the project."""
-    if os.environ.get(SHARED_DATA_ENV):
-        return Path(os.environ[SHARED_DATA_ENV])
-    here = Path(__file__).resolve().parents[2]
-    return here.parent / "shared" / "data"
-
-
-NAMED_TEXTS = {"wikitext2": "wikitext2-test.raw"}
-
-
-def resolve_text(spec: str) -> Path:
-    """``wikitext2`` -> the shared wikitext-2 test file; anything else is a path to a text file."""
-    if spec in NAMED_TEXTS:
-        path = data_dir() / NAMED_TEXTS[spec]
-        if not path.is_file():
-            raise SignRoundError(
-                f"{spec} test text not found at {path}; set {SHARED_DATA_ENV} to the data folder or give a file path"
-            )
-        return path
+def resolve_text(spec: str, data_dir: str | Path | None = None) -> Path:
+    """A perplexity text: a named data set (``wikitext2``, ``c4``, ``ptb``: a data folder's file, else joined
+    from the hub once; :mod:`signround.calib.sources`) or a path to a text file."""
+    if spec in EVAL:
+        return eval_text(spec, data_dir)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise SignRoundError(f"perplexity text {spec!r} not found; give 'wikitext2' or a path to a text file")
+        raise SignRoundError(f"perplexity text {spec!r} not found; give {', '.join(EVAL)} or a path to a text file")
     return path
 
 
@@ -99,13 +82,15 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    data_dir: str | Path | None = None,
 ) -> PplResult:
-    """Perplexity of ``model`` on ``text`` (a name such as ``wikitext2`` or a file path)."""
+    """Perplexity of ``model`` on ``text`` (a name such as ``wikitext2``, found as :func:`resolve_text` says,
+    looking in ``data_dir`` first, or a file path)."""
     if seqlen < 2:
         raise SignRoundError(f"seqlen must be >= 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise SignRoundError(f"--max-windows must be >= 1, got {max_windows}")
-    path = resolve_text(text)
+    path = resolve_text(text, data_dir)
     windows = tokenize_windows(path.read_text(encoding="utf-8"), tokenizer, seqlen, max_windows)
     was_training = model.training
     model.eval()

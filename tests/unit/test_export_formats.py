@@ -177,3 +177,30 @@ def test_registering_a_format_twice_is_refused(monkeypatch):
         export.register_exporter(ExportFormat.NATIVE, ExportFormat.NATIVE)(Other)
     assert export.register_exporter("native")(Other) is Other
     assert type(export.get_exporter(ExportFormat.NATIVE)) is Other
+
+
+def test_asymmetric_compressed_tensors_tensors_are_the_librarys_own(tmp_path, tokenizer):
+    """Our asymmetric ``pack-quantized`` tensors are byte for byte what compressed-tensors' own compressor
+    writes for the same weights, scales and zero points (zero points packed along the output dimension), so
+    transformers' refusal of them on its default load (docs/formats.md) is upstream's, not our layout's."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    q = quantize_tiny(tokenizer, scheme=signround.QuantScheme(bits=4, group_size=32, sym=False))
+    export.save(q, tokenizer, tmp_path / "ct", "compressed-tensors")
+    ours = load_file(tmp_path / "ct/model.safetensors")
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = q.get_submodule(name)
+        theirs = PackedQuantizationCompressor.compress(
+            {
+                "weight": layer.dequantize(),
+                "weight_scale": layer.scales.float(),
+                "weight_zero_point": (layer.qzeros.to(torch.int16) - 8).to(torch.int8),
+            },
+            scheme,
+        )
+        assert theirs["weight_zero_point"].shape[0] == -(-layer.out_features * 4 // 32)  # packed along dim 0
+        for key in ("weight_packed", "weight_zero_point", "weight_shape"):
+            assert torch.equal(theirs[key], ours[f"{name}.{key}"]), key
