@@ -241,7 +241,8 @@ def _add_format_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-partial-groups",
         action="store_true",
-        help="compressed-tensors: write groups that do not divide a layer's width (stock readers cannot run them)",
+        help="compressed-tensors and auto_round: write groups that do not divide a layer's width (their stock and "
+        "CPU readers cannot run them)",
     )
 
 

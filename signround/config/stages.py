@@ -293,8 +293,8 @@ class ExportConfig:
 
     Attributes:
         formats: ``"native,gguf:q4_0"``, a sequence of names or :class:`ExportFormat` values.
-        allow_partial_groups: compressed-tensors: write groups that do not divide a layer's width (stock
-            readers cannot run them).
+        allow_partial_groups: compressed-tensors and auto_round: write groups that do not divide a layer's
+            width (their stock and CPU readers cannot run them; refused by default).
     """
 
     formats: tuple[ExportFormat, ...] = (ExportFormat.NATIVE,)

@@ -31,6 +31,7 @@ per MoE layer, so every expert of a layer must have one scheme (checked before t
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -285,12 +286,37 @@ def write_gptq(model: nn.Module, tokenizer: Any, folder: Path) -> None:
     _write(model, tokenizer, folder, tensors, gptq_config(model))
 
 
+def working_groups(planned: Sequence[Planned]) -> list[int]:
+    """Group sizes (multiples of 32, and -1) that divide every planned layer's input width."""
+    width = math.gcd(*(p.in_features for p in planned))
+    return [g for g in range(32, width + 1, 32) if width % g == 0] + [-1]
+
+
+def check_auto_round_groups(planned: Sequence[Planned], allow_partial_groups: bool = False) -> None:
+    """Refuse groups that do not divide a layer's input width: auto-round 0.16.1's loader cannot run them.
+    Its CPU backends (``auto_round:torch_zp``, ``auto_round_kernel_zp``) require ``in % group_size == 0``; such
+    a layer falls back to its ``auto_round:fake`` backend, which expects a float weight and fails at the first
+    forward; auto-round writes the same layout and fails on it the same way. Its CUDA Triton backends
+    (``tritonv2``) build ``g_idx = i // g`` at run time and may take them (not run here), hence the override."""
+    bad = [p for p in planned if p.scheme.group_size != -1 and p.in_features % p.scheme.group_size]
+    if bad and not allow_partial_groups:
+        p = bad[0]
+        works = ", ".join(map(str, working_groups(planned)))
+        raise SignRoundError(
+            f"auto_round: auto-round's loader cannot run group size {p.scheme.group_size} on {p.name} (input width "
+            f"{p.in_features}: its CPU backends need groups that divide it); quantize with --group-size one of "
+            f"{works}, or pass --allow-partial-groups to write it anyway (for auto-round's CUDA Triton backend)"
+        )
+
+
 @register_exporter(ExportFormat.AUTO_ROUND)
 class AutoRoundExporter(Exporter):
-    """auto-round's ``auto_round`` packing (:func:`write_auto_round`)."""
+    """auto-round's ``auto_round`` packing (:func:`write_auto_round`); groups must divide every layer's width
+    unless ``options.allow_partial_groups`` (:func:`check_auto_round_groups`)."""
 
     def check(self, model: Any, planned: Sequence[Planned], options: ExportOptions) -> None:
         check_gptq_layout(model, planned, self.format)
+        check_auto_round_groups(planned, options.allow_partial_groups)
         warn_moe_widths(model, planned, self.format)
 
     def write(self, model: Any, tokenizer: Any, folder: Path, options: ExportOptions) -> None:

@@ -26,8 +26,8 @@ class ExportOptions:
     """What an export needs beyond the model and the tokenizer.
 
     Attributes:
-        allow_partial_groups: compressed-tensors writes integer groups that do not divide a layer's input
-            width (stock readers fail on them at the first forward; refused by default).
+        allow_partial_groups: compressed-tensors and auto_round write integer groups that do not divide a
+            layer's input width (stock readers fail on them at the first forward; refused by default).
         stream: the block store of a streamed (``--low-memory``) run: the native writer reads the finished
             blocks' packed tensors back from it, one block at a time, as the model holds none of them.
         act: the activation scheme of every quantized layer (None: weights only), so that a format's check

@@ -204,3 +204,13 @@ def test_asymmetric_compressed_tensors_tensors_are_the_librarys_own(tmp_path, to
         assert theirs["weight_zero_point"].shape[0] == -(-layer.out_features * 4 // 32)  # packed along dim 0
         for key in ("weight_packed", "weight_zero_point", "weight_shape"):
             assert torch.equal(theirs[key], ours[f"{name}.{key}"]), key
+
+
+def test_auto_round_refuses_groups_its_loader_cannot_run(tmp_path, tokenizer):
+    # down_proj's input width 160 is not a multiple of 64: auto-round's CPU backends cannot run that layer
+    q = quantize_tiny(tokenizer, scheme=signround.QuantScheme(bits=4, group_size=64, sym=True))
+    with pytest.raises(SignRoundError, match=r"down_proj \(input width 160.*--group-size one of 32, -1") as err:
+        export.save(q, tokenizer, tmp_path / "ar", "auto_round")
+    assert "\n" not in str(err.value) and not (tmp_path / "ar").exists()
+    export.save(q, tokenizer, tmp_path / "ar", "auto_round", options=ExportOptions(allow_partial_groups=True))
+    assert (tmp_path / "ar" / "model.safetensors").is_file()
