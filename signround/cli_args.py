@@ -222,6 +222,12 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         help="move activation outliers into the weights (per-channel scales folded into the norms / up_proj, "
         "strength searched per layer group on calibration data)",
     )
+    a.add_argument(
+        "--rotate",
+        action="store_true",
+        help="fold a seeded randomized-Hadamard rotation (residual stream, attention values per head) into the "
+        "float weights first, spreading outlier channels (QuaRot-style; LLaMA-style models; off by default)",
+    )
     p.add_argument(
         "--format-search",
         default=None,
@@ -362,6 +368,7 @@ def quant_config(args: argparse.Namespace) -> Any:
         serve_bits=args.serve_bits,
         act=act,
         smooth=args.smooth,
+        rotate=args.rotate,
         mixed=_mixed_spec(args),
         format_search=args.format_search,
         export=ExportConfig(formats=args.format, allow_partial_groups=args.allow_partial_groups),

@@ -34,6 +34,10 @@ class QuantConfig:
         serve_bits: Double Rounding: lower widths the checkpoint also serves (``"6,4,3,2"`` or a sequence).
         act: quantize every quantized linear's input (fake-quant). smooth: with ``act``, fold searched
             per-channel smoothing scales into the norms / up_proj first.
+        rotate: fold a seeded randomized-Hadamard rotation of the residual stream and of each attention head's
+            values into the float weights before quantizing (:mod:`signround.model.rotate`; LLaMA-style models;
+            the result is an ordinary model, every format writes it). Off by default: measured in
+            bench/results/rotation.md.
         mixed: choose each layer's bits for a size budget (:class:`MixedSpec`); ``scheme`` then gives the
             group size and symmetry.
         format_search: per layer, the grid of least activation-weighted error among these data types of one
@@ -49,6 +53,7 @@ class QuantConfig:
     serve_bits: tuple[int, ...] = ()
     act: ActScheme | None = None
     smooth: bool = False
+    rotate: bool = False
     mixed: MixedSpec | None = None
     format_search: tuple[QuantScheme, ...] = ()
     export: ExportConfig = field(default_factory=ExportConfig)
