@@ -1,0 +1,95 @@
+"""Rotation benchmark (not a test): SmolLM2-135M with and without ``--rotate`` (signround/model/rotate.py), at
+W4A4 (INT4 per token, FP4 per token, INT4 static per channel) and weight-only W3 / W2, RTN or SignRound, each
+scored by signround's perplexity code on the first ``--max-windows`` wikitext-2 windows of 2048. Writes
+bench/results/rotation.{md,json} (one row per run: weights, acts, rotate, smooth, method, ppl, float_ppl,
+eval_windows).
+
+    python bench/rotation.py --work bench/work/rotation --methods rtn --max-windows 5
+
+Weights are INT G128 symmetric (SmolLM2's 576-wide rows end in a partial group, which the native format holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, ROOT, beside, cached_signround, git_commit, machine, signround_eval  # noqa: E402
+
+# (weights label, bits, acts label, activation flags)
+CONFIGS = [
+    ("W4G128-sym", 4, "A4-int-token", ["--act-bits", "4"]),
+    ("W4G128-sym", 4, "A4-fp4-token", ["--act-dtype", "fp4_e2m1"]),
+    ("W4G128-sym", 4, "A4-int-channel", ["--act-bits", "4", "--act-granularity", "channel"]),
+    ("W3G128-sym", 3, "A16", []),
+    ("W2G128-sym", 2, "A16", []),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default=str(DATA / "calib-c4.jsonl"))
+    p.add_argument("--methods", default="rtn", help="rtn, signround or both (comma-separated)")
+    p.add_argument("--iters", type=int, default=50, help="SignRound rows' iterations")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=10)
+    p.add_argument("--only", default=None, help="comma-separated weights/acts labels (W4G128-sym/A4-int-token)")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rotation"))
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ppl = ["--ppl", "wikitext2", "--max-windows", str(args.max_windows)]
+    floating = signround_eval(args.model, work / f"float-{args.max_windows}.json", ppl)["ppl"]
+    only = set(args.only.split(",")) if args.only else None
+    rows = []
+    for weights, bits, acts, act_flags in CONFIGS:
+        if only is not None and f"{weights}/{acts}" not in only:
+            continue
+        for method in args.methods.split(","):
+            for rotate in (False, True):
+                name = f"{weights}-{acts}-{method}-{'rot' if rotate else 'plain'}"
+                out = work / name
+                iters = args.iters if method == "signround" else 0
+                cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, "--bits", str(bits),
+                       "--group-size", "128", "--sym", "--iters", str(iters), "--nsamples", str(args.nsamples),
+                       "--seqlen", str(args.seqlen), "--batch-size", "4", "--dataset", args.dataset, *act_flags,
+                       *(["--rotate"] if rotate else []), "--output", str(out), "--overwrite", "--quiet",
+                       "--report", str(beside(out, ".report.json"))]  # fmt: skip
+                cached_signround(cmd, beside(out, ".report.json"), args.dataset, beside(out, ".log"))
+                res = signround_eval(str(out), beside(out, f".ppl{args.max_windows}.json"), ppl)
+                rows.append({"weights": weights, "acts": acts, "rotate": rotate, "smooth": False, "method": method,
+                             "iters": iters, "ppl": res["ppl"], "float_ppl": floating,
+                             "eval_windows": res["windows"]})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    command = "python bench/rotation.py " + " ".join(sys.argv[1:])
+    meta = {"command": command, "commit": git_commit(), "machine": machine(), "float_ppl": floating}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# Rotation (`--rotate`) on SmolLM2-135M", "",
+        f"Command: `{command}` (commit {meta['commit']}, {meta['machine']}).", "",
+        f"Perplexity on the first {args.max_windows} wikitext-2 windows of 2048 (float {floating:.3f}); INT G128 "
+        f"symmetric weights; calibration {args.nsamples} x {args.seqlen} tokens of calib-c4.jsonl (RTN rows use "
+        "them for the clipping search and the static scales). Rotation: randomized Hadamard of the residual "
+        "stream and of each head's values, folded into the weights; down_proj's input is not rotated.", "",
+        "| weights | activations | method | plain | rotated | rotated / plain | plain / float | rotated / float |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for plain, rot in zip(rows[::2], rows[1::2], strict=True):
+        lines.append(
+            f"| {plain['weights']} | {plain['acts']} | {plain['method']} | {plain['ppl']:.2f} | {rot['ppl']:.2f} | "
+            f"{rot['ppl'] / plain['ppl']:.3f} | {plain['ppl'] / floating:.2f}x | {rot['ppl'] / floating:.2f}x |"
+        )
+    lines += ["", "Issue 30's targets (W4A4 with rotation + SignRound: INT4 per token <= 2x float, FP4 <= 1.6x) are "
+              "judged on the SignRound rows; RTN rows show what the rotation alone does. Times are not quoted."]  # fmt: skip
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
