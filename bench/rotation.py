@@ -85,8 +85,11 @@ def main() -> None:
             f"| {plain['weights']} | {plain['acts']} | {plain['method']} | {plain['ppl']:.2f} | {rot['ppl']:.2f} | "
             f"{rot['ppl'] / plain['ppl']:.3f} | {plain['ppl'] / floating:.2f}x | {rot['ppl'] / floating:.2f}x |"
         )
-    lines += ["", "Issue 30's targets (W4A4 with rotation + SignRound: INT4 per token <= 2x float, FP4 <= 1.6x) are "
-              "judged on the SignRound rows; RTN rows show what the rotation alone does. Times are not quoted."]  # fmt: skip
+    lines += [
+        "",
+        "Issue 30's targets (W4A4 with rotation + SignRound: INT4 per token <= 2x float, FP4 <= 1.6x) are judged "
+        "on the SignRound rows; RTN rows show what the rotation alone does. Times are not quoted.",
+    ]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
