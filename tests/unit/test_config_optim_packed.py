@@ -99,7 +99,8 @@ def test_config_dumps_are_the_strings_ones():
     got = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     assert got == (
         '{"act": {"bits": 4, "dtype": "int", "granularity": "token"}, "calib": {"data_dir": null, "dataset": null, '
-        '"nsamples": 128, "seed": 42, "seqlen": 2048}, "export": {"allow_partial_groups": false, "formats": ["native"]}, '
+        '"nsamples": 128, "seed": 42, "seqlen": 2048}, "export": {"allow_partial_groups": false, '
+        '"formats": ["native"]}, '
         '"format_search": [], "layer_rules": [], "mixed": null, "rotate": false, "scheme": {"bits": 4, '
         '"dtype": "int", "group_size": 128, "sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, '
         '"batch_size": 8, "expert_min_tokens": 64, "holdout": 0, "init": "search", '

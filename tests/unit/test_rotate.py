@@ -22,7 +22,7 @@ def _logits(model) -> torch.Tensor:
 
 def _random_norms(model, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
-    for name, m in model.named_modules():
+    for m in model.modules():
         if type(m).__name__.endswith("RMSNorm"):
             m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=gen)
 
