@@ -123,6 +123,20 @@ def signround_eval(model: str, out: Path, flags: list[str], python: str = sys.ex
     return cached(out, key, lambda: sh(cmd))
 
 
+def reader_ppl(folder: Path, reader: str, out: Path, windows: int, python: str = "main"):
+    """``(result, logits)``: bench/reader_ppl.py's perplexity of ``folder`` with ``reader`` (and its logits of
+    the first prompt tokens), in ``out.json`` / ``out.pt``; ``python`` "bench" runs it in the bench
+    environment. Reused while the command, the folder's files, the reader script and signround's source match."""
+    import torch
+
+    js, lg = out.with_suffix(".json"), out.with_suffix(".pt")
+    exe = str(BENCH_PY) if python == "bench" else sys.executable
+    cmd = [exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
+           "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)]  # fmt: skip
+    key = {"cmd": cmd, "model": files_stamp(str(folder)), "code": source_sha("bench/reader_ppl.py", "signround")}
+    return cached(js, key, lambda: sh(cmd)), torch.load(lg)
+
+
 def files_stamp(path: str) -> str:
     """Name, size and mtime of every file under ``path`` (a folder or file; an alias stays as it is)."""
     p = Path(path)

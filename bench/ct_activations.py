@@ -18,10 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, beside, cached, cached_signround, files_stamp, git_commit, machine, sh, source_sha  # noqa: E402
+from common import ROOT, beside, cached, cached_signround, git_commit, machine, reader_ppl, sh, source_sha  # noqa: E402
 
 # (label, quantize flags): each a named scheme (and its overrides), as a user would type it
 SCHEMES = [
@@ -32,16 +30,6 @@ SCHEMES = [
     ("FP8 (fp8 per channel, fp8 per tensor, static)", ["--scheme", "FP8"]),
 ]
 READERS = [("native", "signround"), ("compressed-tensors", "transformers"), ("compressed-tensors", "signround")]
-
-
-def read(folder: Path, reader: str, out: Path, windows: int) -> tuple[dict, torch.Tensor]:
-    """``reader``'s perplexity of ``folder`` (and its logits of the first prompt tokens), reused while the
-    folder's files, the reader script and signround's evaluation code match."""
-    js, lg = beside(out, ".json"), beside(out, ".pt")
-    cmd = [sys.executable, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
-           "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)]  # fmt: skip
-    key = {"cmd": cmd[1:], "model": files_stamp(str(folder)), "code": source_sha("bench/reader_ppl.py", "signround")}
-    return cached(js, key, lambda: sh(cmd)), torch.load(lg)
 
 
 def slug(label: str) -> str:
@@ -78,7 +66,9 @@ def main() -> None:
         report = cached_signround(cmd, beside(out, ".report.json"), args.dataset, beside(out, ".log"))
         results = {}
         for fmt, reader in READERS:
-            results[(fmt, reader)] = read(out / fmt, reader, work / f"{slug(label)}-{fmt}-{reader}", args.max_windows)
+            results[(fmt, reader)] = reader_ppl(
+                out / fmt, reader, work / f"{slug(label)}-{fmt}-{reader}", args.max_windows
+            )
         ref = results[("native", "signround")][1]
         row = {"scheme": label, "flags": flags, "quantize_seconds": report.get("seconds"), "float_ppl": floating["ppl"]}
         for (fmt, reader), (res, logits) in results.items():

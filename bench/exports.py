@@ -22,10 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_PY, ROOT, add_recipe_args, cached, files_stamp, recipe_from, sh, signround_quantize, source_sha  # noqa: E402
+from common import BENCH_PY, ROOT, add_recipe_args, reader_ppl, recipe_from, sh, signround_quantize  # noqa: E402
 
 # (label, source checkpoint, method, bits, group, sym, format, reader, python)
 CHECKS = [
@@ -45,15 +43,6 @@ CHECKS = [
 ]
 # formats written by quantize itself, with these flags
 TUNED_FOR = {"gguf:q4_k": ["--data-type", "q4_k"], "gguf:q2_k": ["--data-type", "q2_k"]}
-
-
-def read(folder: Path, reader: str, python: str, out: Path, windows: int) -> tuple[dict, torch.Tensor]:
-    js, lg = out.with_suffix(".json"), out.with_suffix(".pt")
-    exe = str(BENCH_PY) if python == "bench" else sys.executable
-    cmd = [exe, str(ROOT / "bench" / "reader_ppl.py"), "--folder", str(folder), "--reader", reader,
-           "--max-windows", str(windows), "--json", str(js), "--logits", str(lg)]  # fmt: skip
-    key = {"cmd": cmd, "model": files_stamp(str(folder)), "reader": source_sha("bench/reader_ppl.py")}
-    return cached(js, key, lambda: sh(cmd)), torch.load(lg)
 
 
 def reader_error(folder: Path, reader: str, python: str) -> str:
@@ -97,10 +86,10 @@ def main() -> None:
             sh([sys.executable, "-m", "signround.cli", "export", "--model", str(src), "--format", fmt,
                 "--output", str(exported), "--allow-partial-groups", "--quiet"])  # fmt: skip
         mine = work / "exports" / f"{label}-{method}-ours"
-        ours, ours_logits = read(src, "signround", "main", mine, args.max_windows)
+        ours, ours_logits = reader_ppl(src, "signround", mine, args.max_windows)
         try:
-            theirs, their_logits = read(exported, reader, python, exported.with_name(exported.name + "-read"),
-                                        args.max_windows)  # fmt: skip
+            theirs, their_logits = reader_ppl(exported, reader, exported.with_name(exported.name + "-read"),
+                                              args.max_windows, python)  # fmt: skip
         except subprocess.CalledProcessError:
             err = reader_error(exported, reader, python)
             rows.append((label, method, fmt, reader, f"fails: {err}", ours["ppl"], None, None))

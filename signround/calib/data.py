@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from signround.calib.sources import CALIB, load_hub, local_file
+from signround.calib.sources import CALIB, HubSource, load_hub, local_file, put_file_hint
 from signround.config import CalibConfig
 from signround.errors import SignRoundError
 
@@ -39,7 +39,7 @@ def load_texts(dataset: str, data_dir: str | Path | None = None) -> list[str]:
             log.info("calibration data %s: %s", dataset, found)
             return _read_file(found)
         log.info("calibration data %s: %s from the hub", dataset, CALIB[dataset].hub.describe())
-        return load_hub(CALIB[dataset].hub, f"calibration data {dataset}", CALIB[dataset].file, data_dir)
+        return load_hub(CALIB[dataset].hub, f"calibration data {dataset}", put_file_hint(CALIB[dataset].file, data_dir))
     path = Path(dataset).expanduser()
     if path.is_file():
         return _read_file(path)
@@ -84,22 +84,9 @@ def _read_file(path: Path) -> list[str]:
 
 
 def _read_hub(name: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise SignRoundError(
-            f"{name!r} is not a local file; to use an HF dataset name install 'datasets' (and be online)"
-        ) from None
+    """An HF dataset id (``repo`` or ``repo:subset``): its train split's ``text`` column."""
     repo, _, subset = name.partition(":")
-    try:
-        ds = datasets.load_dataset(repo, subset or None, split="train")
-    except Exception as exc:  # datasets raises many unrelated types for "not reachable"
-        raise SignRoundError(
-            f"cannot load HF dataset {name!r} ({type(exc).__name__}); offline? give a local file"
-        ) from None
-    if "text" not in ds.column_names:
-        raise SignRoundError(f"HF dataset {name!r} has no 'text' column")
-    return [t for t in ds["text"] if isinstance(t, str)]
+    return load_hub(HubSource(repo, "train", name=subset or None), f"HF dataset {name!r}", "give a local file")
 
 
 def sample_tokens(texts: list[str], tokenizer, cfg: CalibConfig) -> torch.Tensor:

@@ -5,7 +5,8 @@ A name resolves, in order, to:
 1. its file in the data folder given by ``--data-dir`` (or ``$SIGNROUND_DATA`` when no folder is given);
 2. its file in ``../shared/data`` next to the project (this project's machines, offline);
 3. the hub, through the ``datasets`` library (cached by it; perplexity texts are also joined once into
-   ``$XDG_CACHE_HOME/signround/data/``), with the split and joining the field's protocol uses;
+   ``$SIGNROUND_CACHE/data/``, default ``~/.cache/signround/data/``), with the split and joining the field's
+   protocol uses;
 
 and otherwise to a one-line error that names the file to put in a data folder, or the package and network the
 hub needs. Anything that is not a name is a path.
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from signround.errors import SignRoundError
+from signround.paths import cache_dir
 
 SHARED_DATA_ENV = "SIGNROUND_DATA"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -103,15 +105,19 @@ def local_file(name: str, table: dict[str, NamedData], explicit: str | Path | No
     return None
 
 
-def load_hub(source: HubSource, what: str, file: str, explicit: str | Path | None = None) -> list[str]:
-    """The rows' ``field`` values of a hub data set; a one-line error (what to download, where to put it)
-    when ``datasets`` is missing or the hub cannot be reached."""
+def put_file_hint(file: str, explicit: str | Path | None = None) -> str:
+    """What to do when a named data set is nowhere: put its file in one of the data folders."""
     where = " or ".join(str(d) for d in data_dirs(explicit))
-    fix = f"put {file} in {where} (or pass --data-dir)"
+    return f"put {file} in {where} (or pass --data-dir)"
+
+
+def load_hub(source: HubSource, what: str, fix: str) -> list[str]:
+    """The rows' ``field`` values of a hub data set; a one-line error ending in ``fix`` when ``datasets`` is
+    missing or the hub cannot be reached."""
     try:
         import datasets
     except ImportError:
-        raise SignRoundError(f"{what} is not in a data folder and 'datasets' is not installed; {fix}") from None
+        raise SignRoundError(f"{what}: 'datasets' is not installed; {fix}") from None
     kwargs = {"data_files": {source.split: source.data_files}} if source.data_files else {}
     quiet = [logging.getLogger(n) for n in ("huggingface_hub", "datasets")]  # their retries print warnings
     levels = [q.level for q in quiet]
@@ -132,21 +138,16 @@ def load_hub(source: HubSource, what: str, file: str, explicit: str | Path | Non
     return [t for t in rows if isinstance(t, str)]
 
 
-def cache_dir() -> Path:
-    """Where joined hub texts are kept: ``$XDG_CACHE_HOME/signround/data`` (default ``~/.cache``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "signround" / "data"
-
-
 def eval_text(name: str, explicit: str | Path | None = None) -> Path:
     """The text file of the perplexity data set ``name`` (:data:`EVAL`), local or joined from the hub once."""
     found = local_file(name, EVAL, explicit)
     if found is not None:
         return found
     entry = EVAL[name]
-    cached = cache_dir() / entry.file
+    cached = cache_dir() / "data" / entry.file
     if cached.is_file():
         return cached
-    text = entry.hub.join.join(load_hub(entry.hub, f"{name} test text", entry.file, explicit))
+    text = entry.hub.join.join(load_hub(entry.hub, f"{name} test text", put_file_hint(entry.file, explicit)))
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cached.parent, delete=False) as tmp:
         tmp.write(text)

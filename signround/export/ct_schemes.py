@@ -31,7 +31,6 @@ PACK = "pack-quantized"
 INT = "int-quantized"
 FLOAT = "float-quantized"
 FP4_FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
-ACT_FORMATS = (INT, FLOAT)  # formats whose weights are stored one value per byte (``weight``)
 
 
 def check_act(act: ActScheme) -> None:

@@ -83,6 +83,39 @@ def _ct_fp4_layer(t: dict[str, torch.Tensor], out: int, inp: int, args: dict[str
     return layer
 
 
+def _ct_fp8_layer(t: dict[str, torch.Tensor], out: int, inp: int, scales: torch.Tensor, group_size: int):
+    """A ``float-quantized`` layer: float8_e4m3fn ``weight`` (our code bit patterns) and per-row scales."""
+    if group_size != -1:
+        raise ValueError(f"fp8 weights in groups of {group_size}; signround reads per-channel or per-tensor scales")
+    layer = QuantLinear(inp, out, QuantScheme(dtype="fp8_e4m3", group_size=-1), "bias" in t, torch.float32)
+    layer.qweight.copy_(pack_int32(t["weight"].view(torch.uint8), 8))
+    layer.scales.copy_(scales.to(torch.float16))  # exact for signround's own files (float16 scales)
+    if "bias" in t:
+        layer.bias.data.copy_(t["bias"])
+    return layer
+
+
+def _ct_int_layer(t: dict[str, torch.Tensor], out: int, inp: int, scales: torch.Tensor, args: dict[str, Any]):
+    """A ``pack-quantized`` (``weight_packed``) or ``int-quantized`` (int8 ``weight``) layer: signed values
+    ``code - 2^(b-1)``, zero points (packed along the output dimension when the weight is) likewise."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    bits, sym = int(args["num_bits"]), bool(args.get("symmetric", True))
+    group_size = int(args["group_size"]) if args.get("strategy") == "group" else -1
+    packed = "weight_packed" in t
+    if not packed and t["weight"].dtype != torch.int8:
+        raise ValueError(f"weight of dtype {t['weight'].dtype} beside a weight_scale; expected int8 or float8_e4m3fn")
+    signed = unpack_from_int32(t["weight_packed"], bits, torch.Size([out, inp])) if packed else t["weight"]
+    off = 2 ** (bits - 1)
+    zeros = torch.full(scales.shape, off, dtype=torch.int64)
+    if "weight_zero_point" in t:
+        zp = t["weight_zero_point"]
+        if packed:
+            zp = unpack_from_int32(zp, bits, torch.Size([out, scales.shape[1]]), packed_dim=0)
+        zeros = zp.reshape(out, -1).expand(out, scales.shape[1]).to(torch.int64) + off
+    return _layer(signed.to(torch.int64) + off, scales, zeros, bits, group_size, sym, t.get("bias"))
+
+
 def _ct_layer(t: dict[str, torch.Tensor], out: int, inp: int, group: dict[str, Any]):
     """A compressed-tensors layer from its tensors ``t`` and config group (``weights``, ``input_activations``):
     ``pack-quantized`` (``weight_packed``), ``int-quantized`` (int8 ``weight``), ``float-quantized`` (float8
@@ -91,37 +124,13 @@ def _ct_layer(t: dict[str, torch.Tensor], out: int, inp: int, group: dict[str, A
     args = group["weights"]
     if args.get("type") == "float" and int(args.get("num_bits", 0)) == 4:
         return _ct_fp4_layer(t, out, inp, args)
-    bits, sym = int(args["num_bits"]), bool(args.get("symmetric", True))
-    group_size = int(args["group_size"]) if args.get("strategy") == "group" else -1
-    scales = t["weight_scale"].reshape(out, -1) if t["weight_scale"].numel() > 1 else t["weight_scale"].reshape(1, 1)
-    scales = scales.expand(out, -1)  # per-tensor: one scale for every row
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    if "weight_packed" in t:
-        signed = unpack_from_int32(t["weight_packed"], bits, torch.Size([out, inp]))
-    elif t["weight"].dtype == torch.float8_e4m3fn:
-        if group_size != -1:
-            raise ValueError(f"fp8 weights in groups of {group_size}; signround reads per-channel or per-tensor scales")
-        layer = QuantLinear(inp, out, QuantScheme(dtype="fp8_e4m3", group_size=-1), "bias" in t, torch.float32)
-        layer.qweight.copy_(pack_int32(t["weight"].view(torch.uint8), 8))
-        layer.scales.copy_(scales.to(torch.float16))  # exact for signround's own files (float16 scales)
-        if "bias" in t:
-            layer.bias.data.copy_(t["bias"])
-    elif t["weight"].dtype == torch.int8:
-        signed = t["weight"]
+    s = t["weight_scale"]
+    scales = s.reshape(1, 1).expand(out, 1).contiguous() if s.numel() == 1 else s.reshape(out, -1)
+    if "weight_packed" not in t and t["weight"].dtype == torch.float8_e4m3fn:
+        group_size = int(args["group_size"]) if args.get("strategy") == "group" else -1
+        layer = _ct_fp8_layer(t, out, inp, scales, group_size)
     else:
-        raise ValueError(f"weight of dtype {t['weight'].dtype} beside a weight_scale; expected int8 or float8_e4m3fn")
-    if "weight_packed" in t or t["weight"].dtype == torch.int8:
-        off = 2 ** (bits - 1)
-        codes = signed.to(torch.int64) + off
-        if "weight_zero_point" in t:
-            zp = t["weight_zero_point"]
-            if "weight_packed" in t:
-                zp = unpack_from_int32(zp, bits, torch.Size([out, scales.shape[1]]), packed_dim=0)
-            zeros = zp.reshape(out, -1).expand(out, scales.shape[1]).to(torch.int64) + off
-        else:
-            zeros = torch.full(scales.shape, off, dtype=torch.int64)
-        layer = _layer(codes, scales.contiguous(), zeros, bits, group_size, sym, t.get("bias"))
+        layer = _ct_int_layer(t, out, inp, scales, args)
     act = act_from_args(group.get("input_activations"))
     if act is not None:
         layer.set_act(act, t["input_scale"].float().reshape(1) if act.granularity.is_static else None)

@@ -62,7 +62,7 @@ def shared(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setattr(sources, "SHARED", folder)
     monkeypatch.delenv(sources.SHARED_DATA_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIGNROUND_CACHE", str(tmp_path / "cache"))
     return folder
 
 
