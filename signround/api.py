@@ -128,9 +128,10 @@ def quantize_run(
         data = saved if saved is not None else data
     rotation = None
     if config.rotate:  # deterministic for the seed, so a resumed run rotates its fresh float model the same way
-        rotation = rotate_model(model, seed=config.tune.seed)
-        log.info("rotated: randomized Hadamard of the residual stream (%d) and of each head (%d), seed %d",
-                 rotation["residual"], rotation["head_dim"], rotation["seed"])  # fmt: skip
+        rotation = rotate_model(model, seed=config.tune.seed, mode=config.rotate)
+        log.info("rotated: randomized Hadamard of the residual stream (%d) and of each head (%d)%s, seed %d",
+                 rotation["residual"], rotation["head_dim"],
+                 ", down_proj's input online" if rotation["online"] else "", rotation["seed"])  # fmt: skip
     plan = make_plan(model, tokenizer, config, data, progress=options.progress)
     if plan.tokens is not None:
         data = plan.tokens

@@ -16,6 +16,7 @@ from signround.config import (
     Init,
     Loss,
     Method,
+    Rotation,
     Routing,
     Sensitivity,
     Solver,
@@ -224,9 +225,13 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     )
     a.add_argument(
         "--rotate",
-        action="store_true",
+        nargs="?",
+        const="folded",
+        default="none",
+        choices=[r.value for r in Rotation],
         help="fold a seeded randomized-Hadamard rotation (residual stream, attention values per head) into the "
-        "float weights first, spreading outlier channels (QuaRot-style; LLaMA-style models; off by default)",
+        "float weights first, spreading outlier channels (QuaRot-style; LLaMA-style models; off by default); "
+        "`--rotate online` also rotates down_proj's input at run time (native format only)",
     )
     p.add_argument(
         "--format-search",

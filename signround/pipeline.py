@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from signround import dist
 from signround._version import __version__
 from signround.act.calibrate import calibrate_static
+from signround.act.hadamard import carry_online
 from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, capture_block_kwargs, to_device
 from signround.calib.data import resolve_tokens
@@ -476,6 +477,7 @@ def _replace_linears(
         qlayer = QuantLinear.from_codes(layer.codes, layer.scale, layer.zero, layer.scheme, old.bias)
         qlayer.set_act(act, (scales or {}).get(name))
         qlayer.to(old.weight.device)
+        carry_online(old, qlayer)
         setattr(parent, child, qlayer)
 
 

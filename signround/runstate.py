@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from signround.act.hadamard import carry_online
 from signround.config import QuantScheme
 from signround.errors import SignRoundError
 from signround.pack.packed import QuantLinear
@@ -154,6 +155,7 @@ class RunState:
                 old.weight.dtype,
             )
             layer.set_act(act)
+            carry_online(old, layer)
             setattr(parent, child, layer.to(device))
         if device.type != "meta":
             block.load_state_dict(load_file(str(path)), strict=True)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from signround.act.calibrate import calibrate_static, input_absmax
+from signround.act.hadamard import online_of
 from signround.act.quant import quantized_inputs
 from signround.config import ActScheme, QuantScheme
 from signround.errors import SignRoundError
@@ -74,13 +75,16 @@ def untie(s: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
 
 
 def smooth_groups(block: nn.Module) -> list[SmoothGroup]:
-    """The smoothable groups of a LLaMA-style block (raises for other layouts)."""
+    """The smoothable groups of a LLaMA-style block (raises for other layouts); up_proj -> down_proj is left out
+    when down_proj rotates its input online (:mod:`signround.act.hadamard`)."""
     groups = [
         SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
     ]
     names = dict(block.named_modules())
+    if isinstance(names.get("mlp.down_proj"), nn.Module) and online_of(names["mlp.down_proj"]) is not None:
+        groups.pop()  # down_proj's input is rotated online: scales folded before the rotation do not cancel
     for g in groups:
         if g.producer not in names or any(c not in names for c in g.consumers):
             raise SignRoundError(

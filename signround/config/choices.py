@@ -91,6 +91,29 @@ class ActGranularity(_Choice):
         return self is not ActGranularity.TOKEN
 
 
+class Rotation(_Choice):
+    """What ``--rotate`` folds into the float model (:mod:`signround.model.rotate`)."""
+
+    NONE = "none"
+    FOLDED = "folded"  # residual stream and values per head, all absorbed: an ordinary model, every format
+    ONLINE = "online"  # also down_proj's input, rotated at run time: the native format only
+
+    def __bool__(self) -> bool:  # ``if config.rotate:`` reads as "some rotation", as the bool it replaced
+        return self is not Rotation.NONE
+
+    @classmethod
+    def of(cls, value: Any) -> Rotation:
+        """A mode from a flag or config value: a bool (True is FOLDED), None (NONE), or a mode name."""
+        if isinstance(value, bool) or value is None:
+            return cls.FOLDED if value else cls.NONE
+        try:
+            return cls(value)
+        except ValueError:
+            raise SignRoundError(
+                f"unknown rotation {value!r}; choose one of {', '.join(m.value for m in cls)}"
+            ) from None
+
+
 class Solver(_Choice):
     """How mixed precision solves for per-layer bits: exactly (scipy's HiGHS integer program) or greedily."""
 

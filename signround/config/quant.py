@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from signround.config.choices import ExpertUnits, ExportFormat
+from signround.config.choices import ExpertUnits, ExportFormat, Rotation
 from signround.config.named import named_scheme
 from signround.config.scheme import (
     LayerRule,
@@ -34,10 +34,11 @@ class QuantConfig:
         serve_bits: Double Rounding: lower widths the checkpoint also serves (``"6,4,3,2"`` or a sequence).
         act: quantize every quantized linear's input (fake-quant). smooth: with ``act``, fold searched
             per-channel smoothing scales into the norms / up_proj first.
-        rotate: fold a seeded randomized-Hadamard rotation of the residual stream and of each attention head's
-            values into the float weights before quantizing (:mod:`signround.model.rotate`; LLaMA-style models;
-            the result is an ordinary model, every format writes it). Off by default: measured in
-            bench/results/rotation.md.
+        rotate: a :class:`Rotation` (a bool reads as FOLDED / NONE). FOLDED folds a seeded randomized-Hadamard
+            rotation of the residual stream and of each attention head's values into the float weights before
+            quantizing (:mod:`signround.model.rotate`; LLaMA-style models; the result is an ordinary model,
+            every format writes it). ONLINE also rotates down_proj's input at run time (native format only).
+            Off by default: measured in bench/results/rotation.md.
         mixed: choose each layer's bits for a size budget (:class:`MixedSpec`); ``scheme`` then gives the
             group size and symmetry.
         format_search: per layer, the grid of least activation-weighted error among these data types of one
@@ -53,7 +54,7 @@ class QuantConfig:
     serve_bits: tuple[int, ...] = ()
     act: ActScheme | None = None
     smooth: bool = False
-    rotate: bool = False
+    rotate: Rotation = Rotation.NONE
     mixed: MixedSpec | None = None
     format_search: tuple[QuantScheme, ...] = ()
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -69,6 +70,7 @@ class QuantConfig:
         if not (isinstance(self.layer_rules, tuple) and all(isinstance(r, LayerRule) for r in self.layer_rules)):
             object.__setattr__(self, "layer_rules", parse_layer_config(self.layer_rules, scheme))
         object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, scheme))
+        object.__setattr__(self, "rotate", Rotation.of(self.rotate))
         if self.smooth and self.act is None:
             raise SignRoundError("--smooth balances weights against quantized activations; add --act-bits")
         if self.tune.holdout and self.tune.iters and self.tune.holdout >= self.calib.nsamples:
@@ -88,6 +90,12 @@ class QuantConfig:
             raise SignRoundError(
                 f"{', '.join(others)} cannot store quantized activations; use --format native or "
                 "compressed-tensors for a model quantized with --act-bits"
+            )
+        if self.rotate is Rotation.ONLINE and formats != (ExportFormat.NATIVE,):
+            others = [f.value for f in formats if f is not ExportFormat.NATIVE]
+            raise SignRoundError(
+                f"--rotate online rotates down_proj's input at run time, which {', '.join(others)} readers do not "
+                "apply; use --format native, or --rotate folded"
             )
         if self.mixed is not None and self.mixed.experts is ExpertUnits.EXPERT and formats != (ExportFormat.NATIVE,):
             others = [f.value for f in formats if f is not ExportFormat.NATIVE]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from signround.act.hadamard import online_layers
 from signround.config import parse_formats as config_parse_formats
 from signround.errors import SignRoundError
 
@@ -84,6 +85,13 @@ def save(
     :attr:`ExportFormat.subfolder`). The formats' checks run first; nothing is written when one refuses.
     """
     fmts = parse_formats(formats)
+    online = online_layers(model)
+    others = [f.value for f in fmts if f is not ExportFormat.NATIVE]
+    if online and others:
+        raise SignRoundError(
+            f"this model rotates the input of {len(online)} layers at run time (--rotate online), which "
+            f"{', '.join(others)} readers do not apply; save it with --format native"
+        )
     act = model_act(model)
     if act is not None:
         refuse_activations(fmts)

@@ -25,6 +25,7 @@ from signround.export.moe_names import module_name
 from signround.export.registry import Exporter, ExportFormat, ExportOptions, register_exporter
 from signround.model.experts import unfuse_experts
 from signround.model.lazy import BlockStream
+from signround.model.rotate import attach_online
 from signround.pack.packed import QuantLinear
 
 log = logging.getLogger("signround")
@@ -159,6 +160,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise SignRoundError(f"weights in {folder} do not fit its config: {what}")
     model.tie_weights()
+    attach_online(model, qc.get("rotation"))  # down_proj's input rotation of `--rotate online`
     model.config.quantization_config = qc
     model.eval()
     try:

@@ -16,10 +16,14 @@ Row-vector convention throughout: a linear computes ``y = x W^T`` with ``W [out,
    key-value head ``W_v <- H^T W_v`` (and its bias), ``o_proj``'s columns of each query head ``W_o <- W_o H``.
    Attention mixes tokens, not channels, so each head's output is rotated by the same ``H`` as its values.
 
-Everything is absorbed: the result is an ordinary model of the same architecture, which every exporter
-writes unchanged. Not done (QuaRot does it with an *online* Hadamard, a run-time op that a serving kernel
-must apply): down_proj's input (the MLP's hidden state) and the query/key rotation inside attention; their
-outlier channels stay as they were.
+With :attr:`Rotation.FOLDED` everything is absorbed: the result is an ordinary model of the same
+architecture, which every exporter writes unchanged. :attr:`Rotation.ONLINE` also rotates down_proj's input
+(the MLP's hidden state, where SmolLM2's activation outliers live), which no weight can absorb: its weight
+becomes ``W <- W Q_i`` and its input ``x <- x Q_i`` at run time (:class:`OnlineHadamard`, a forward pre-hook,
+before the input's quantizer). The native format records it (``quantization_config["rotation"]["online"]``)
+and its reader applies it; a serving kernel must apply it too (QuaRot's online Hadamard), so every other
+format refuses such a model. Not done: the query/key rotation inside attention (only needed for a quantized
+KV cache).
 
 ``Q`` (and ``H``) is a randomized Hadamard transform: ``diag(s) (R_m kron H_b) / sqrt(b)``. Here ``b`` is the
 largest power of two dividing the width, ``H_b`` Sylvester's Hadamard matrix, ``R_m`` a seeded random
@@ -36,6 +40,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from signround.act.hadamard import OnlineHadamard, attach, hadamard_factors, sylvester
+from signround.config import Rotation
 from signround.errors import SignRoundError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -44,27 +50,22 @@ MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def sylvester(n: int) -> torch.Tensor:
-    """Sylvester's Hadamard matrix ``[n, n]`` (entries +-1) for ``n`` a power of two."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester's construction needs a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
 def random_hadamard(width: int, seed: int) -> torch.Tensor:
     """An orthogonal ``[width, width]`` float64 matrix: ``diag(s) (R_m kron H_b) / sqrt(b)`` (module
     docstring), the same for the same ``(width, seed)``."""
-    b = width & -width  # the largest power of two dividing width
-    m = width // b
-    gen = torch.Generator().manual_seed(seed)
-    r = torch.ones(1, 1, dtype=torch.float64)
-    if m > 1:
-        r, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
-    signs = torch.randint(0, 2, (width,), generator=gen).to(torch.float64) * 2 - 1
-    return signs[:, None] * torch.kron(r.contiguous(), sylvester(b) / b**0.5)
+    signs, r, b = hadamard_factors(width, seed)
+    return signs[:, None] * torch.kron(r, sylvester(b) / b**0.5)
+
+
+def attach_online(model: nn.Module, record: dict | None) -> None:
+    """Attach the online rotations a checkpoint's ``quantization_config["rotation"]`` lists to every block of
+    ``model`` (a loaded model; nothing happens without a record)."""
+    for entry in (record or {}).get("online", []):
+        if entry.get("kind") != "randomized-hadamard":
+            raise SignRoundError(f"unknown online rotation {entry!r} in the checkpoint config; upgrade signround")
+        op = OnlineHadamard(int(entry["width"]), int(entry["seed"]))
+        for block in model.model.layers:
+            attach(block.get_submodule(entry["module"]), op)
 
 
 def _is_plain_rmsnorm(module: nn.Module) -> bool:
@@ -124,9 +125,13 @@ def _untie(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> dict:
+def rotate_model(model: nn.Module, seed: int = 0, mode: Rotation = Rotation.FOLDED) -> dict:
     """Fold the norms and the rotations of the module docstring into ``model``'s weights, in place (float
-    weights; before quantization). Returns the record written into the checkpoint config."""
+    weights; before quantization); with ``mode`` ONLINE also rotate every down_proj's input, attaching the
+    :class:`OnlineHadamard`. Returns the record written into the checkpoint config."""
+    mode = Rotation(mode)
+    if mode is Rotation.NONE:
+        raise SignRoundError("rotate_model needs a rotation mode, folded or online")
     check_rotatable(model)
     inner = model.model
     _untie(model)
@@ -155,4 +160,14 @@ def rotate_model(model: nn.Module, seed: int = 0) -> dict:
         o.weight.data = (o.weight.double() @ torch.block_diag(*[h] * heads)).to(o.weight.dtype)
     _fold_norm(inner.norm, [model.lm_head])
     _right(model.lm_head, q)
-    return {"kind": "randomized-hadamard", "seed": seed, "residual": width, "head_dim": head_dim, "online": []}
+    online = []
+    if mode is Rotation.ONLINE:
+        down = blocks[0].mlp.down_proj
+        op = OnlineHadamard(down.in_features, seed + 2)
+        q_in = random_hadamard(down.in_features, seed + 2)
+        for block in blocks:
+            _right(block.mlp.down_proj, q_in)  # W <- W Q_i; its input becomes x Q_i at run time
+            attach(block.mlp.down_proj, op)
+        online.append(op.record("mlp.down_proj"))
+    return {"kind": "randomized-hadamard", "mode": mode.value, "seed": seed, "residual": width,
+            "head_dim": head_dim, "online": online}  # fmt: skip

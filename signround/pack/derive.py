@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from signround.act.hadamard import carry_online
 from signround.config import DType
 from signround.errors import SignRoundError
 from signround.pack.packed import QuantLinear
@@ -48,6 +49,7 @@ def derive_layer(layer: QuantLinear, bits: int) -> QuantLinear:
     scale = scale.float() * 2.0 ** (scheme.bits - bits)
     derived = QuantLinear.from_codes(codes, scale, zero.float(), new, layer.bias)
     derived.set_act(layer.act, getattr(layer, "input_scale", None))  # quantized inputs stay as they were
+    carry_online(layer, derived)  # and so does an online input rotation
     return derived
 
 

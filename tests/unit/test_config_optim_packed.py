@@ -101,7 +101,7 @@ def test_config_dumps_are_the_strings_ones():
         '{"act": {"bits": 4, "dtype": "int", "granularity": "token"}, "calib": {"data_dir": null, "dataset": null, '
         '"nsamples": 128, "seed": 42, "seqlen": 2048}, "export": {"allow_partial_groups": false, '
         '"formats": ["native"]}, '
-        '"format_search": [], "layer_rules": [], "mixed": null, "rotate": false, "scheme": {"bits": 4, '
+        '"format_search": [], "layer_rules": [], "mixed": null, "rotate": "none", "scheme": {"bits": 4, '
         '"dtype": "int", "group_size": 128, "sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, '
         '"batch_size": 8, "expert_min_tokens": 64, "holdout": 0, "init": "search", '
         '"iters": 200, "loss": "mse", "lr": null, "method": "signround", "minmax_lr": null, "quant_inputs": true, '

@@ -1,6 +1,10 @@
 """Rotations folded into the weights: the Hadamard construction is orthogonal and seeded, the rotated float
 model computes the same logits (tied embeddings and biases included) and saves and reloads as an ordinary
-model, outlier channels are spread, and what is not handled is refused in one line."""
+model, outlier channels are spread, and what is not handled is refused in one line. ``--rotate online``: the
+run-time Hadamard equals the dense matrix, the rotated float model still computes the same logits, a W4A4 run
+has less error than the folded rotation where the MLP's hidden state has an outlier, the native checkpoint
+reloads with the rotation applied (Double Rounding keeps it), and the formats whose readers cannot apply it
+refuse it before tuning and at save time."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from signround.errors import SignRoundError
+from signround.act.hadamard import OnlineHadamard, online_layers
+from signround.config import Rotation
 from signround.model.rotate import random_hadamard, rotate_model, sylvester
 from tests.conftest import make_model
 
@@ -109,3 +115,73 @@ def test_rotate_in_a_run_lowers_4bit_activation_error_and_saves_an_ordinary_chec
     signround.save(q, tokenizer, tmp_path / "rotated")
     loaded, _ = signround.load_model(str(tmp_path / "rotated"))
     assert torch.equal(_logits(loaded), _logits(q))
+
+
+@pytest.mark.parametrize("width", [64, 192, 1536])
+def test_online_hadamard_is_the_dense_rotation(width):
+    x = torch.randn(2, 5, width, dtype=torch.float64)
+    op = OnlineHadamard(width, seed=11)
+    dense = (x @ random_hadamard(width, seed=11)).float()
+    assert torch.allclose(op.apply(x.float()), dense, atol=1e-5)
+    assert op.apply(x.bfloat16()).dtype == torch.bfloat16
+
+
+def _mlp_outlier_model():
+    """A tiny LLaMA whose MLP hidden state (down_proj's input) has one massive channel, whose down_proj column
+    is as much smaller (the same function: an activation outlier, as in real models)."""
+    model = make_model("llama")
+    for block in model.model.layers:
+        block.mlp.up_proj.weight.data[3] *= 100
+        block.mlp.down_proj.weight.data[:, 3] /= 100
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_online_rotation_keeps_the_logits_and_hooks_every_down_proj(family):
+    model = make_model(family)
+    _random_norms(model)
+    ref = _logits(model)
+    record = rotate_model(model, seed=5, mode=Rotation.ONLINE)
+    down = model.model.layers[0].mlp.down_proj
+    assert record["mode"] == "online"
+    assert record["online"] == [{"module": "mlp.down_proj", "kind": "randomized-hadamard",
+                                 "width": down.in_features, "seed": 7}]  # fmt: skip
+    assert online_layers(model) == [f"model.layers.{i}.mlp.down_proj" for i in range(len(model.model.layers))]
+    got = _logits(model)
+    assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+
+
+def test_online_rotation_in_a_run_lowers_w4a4_error_and_reloads_natively(tmp_path, tokenizer):
+    import signround
+    from signround.config import ActScheme, QuantScheme
+    from signround.pack.derive import serve_at_bits
+    from tests.conftest import quantize_tiny
+
+    ref = _logits(_mlp_outlier_model())
+    errors, models = {}, {}
+    for mode in (Rotation.FOLDED, Rotation.ONLINE):
+        q = quantize_tiny(tokenizer, model=_mlp_outlier_model(), scheme=QuantScheme(bits=8, group_size=32, sym=True),
+                          act=ActScheme(bits=4), iters=0, rotate=mode)  # fmt: skip
+        errors[mode], models[mode] = float((_logits(q) - ref).pow(2).mean()), q
+    assert errors[Rotation.ONLINE] < 0.8 * errors[Rotation.FOLDED], errors  # 0.65x when written
+    q = models[Rotation.ONLINE]
+    assert q.config.quantization_config["rotation"]["online"][0]["module"] == "mlp.down_proj"
+    assert online_layers(q)  # carried onto the quantized layers
+    signround.save(q, tokenizer, tmp_path / "native")
+    loaded, _ = signround.load_model(str(tmp_path / "native"))
+    assert torch.equal(_logits(loaded), _logits(q))
+    served = serve_at_bits(loaded, 4)
+    assert len(online_layers(served)) == len(served.model.layers)
+    with pytest.raises(SignRoundError, match="rotates the input of 2 layers at run time.*--format native") as err:
+        signround.save(q, tokenizer, tmp_path / "gptq", formats="gptq")
+    assert "\n" not in str(err.value) and not (tmp_path / "gptq").exists()
+
+
+def test_online_rotation_is_refused_for_formats_that_cannot_apply_it():
+    from signround.config import ExportConfig, QuantConfig
+
+    with pytest.raises(SignRoundError, match="--rotate online .* auto_round readers do not apply"):
+        QuantConfig(rotate="online", export=ExportConfig(formats="native,auto_round"))
+    assert QuantConfig(rotate=True).rotate is Rotation.FOLDED and not QuantConfig().rotate
+    with pytest.raises(SignRoundError, match="unknown rotation 'spin'"):
+        QuantConfig(rotate="spin")
