@@ -1,10 +1,10 @@
-"""Rotation benchmark (not a test): SmolLM2-135M with and without ``--rotate`` (signround/model/rotate.py), at
-W4A4 (INT4 per token, FP4 per token, INT4 static per channel) and weight-only W3 / W2, RTN or SignRound, each
-scored by signround's perplexity code on the first ``--max-windows`` wikitext-2 windows of 2048. Writes
-bench/results/rotation.{md,json} (one row per run: weights, acts, rotate, smooth, method, ppl, float_ppl,
-eval_windows).
+"""Rotation benchmark (not a test): SmolLM2-135M without rotation and with ``--rotate folded|online``
+(signround/model/rotate.py), at W4A4 (INT4 per token, FP4 per token, INT4 static per channel) and weight-only
+W2 / W3, RTN or SignRound, each scored by signround's perplexity code on the first ``--max-windows``
+wikitext-2 windows of 2048. Writes bench/results/rotation.{md,json} after every row (one row per run:
+weights, acts, rotate, rotation, smooth, method, ppl, float_ppl, eval_windows).
 
-    python bench/rotation.py --work bench/work/rotation --methods rtn --max-windows 5
+    python bench/rotation.py --work bench/work/rotation --methods rtn,signround --rotations none,online
 
 Weights are INT G128 symmetric (SmolLM2's 576-wide rows end in a partial group, which the native format holds).
 """
@@ -24,9 +24,10 @@ CONFIGS = [
     ("W4G128-sym", 4, "A4-int-token", ["--act-bits", "4"]),
     ("W4G128-sym", 4, "A4-fp4-token", ["--act-dtype", "fp4_e2m1"]),
     ("W4G128-sym", 4, "A4-int-channel", ["--act-bits", "4", "--act-granularity", "channel"]),
-    ("W3G128-sym", 3, "A16", []),
     ("W2G128-sym", 2, "A16", []),
+    ("W3G128-sym", 3, "A16", []),
 ]
+CONFIGS = CONFIGS[:2] + CONFIGS[3:] + CONFIGS[2:3]  # the static per-channel row last: the others first
 
 
 def main() -> None:
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=10)
+    p.add_argument("--rotations", default="none,online", help="none, folded, online (comma-separated)")
     p.add_argument("--only", default=None, help="comma-separated weights/acts labels (W4G128-sym/A4-int-token)")
     p.add_argument("--work", required=True)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rotation"))
@@ -48,50 +50,68 @@ def main() -> None:
     floating = signround_eval(args.model, work / f"float-{args.max_windows}.json", ppl)["ppl"]
     only = set(args.only.split(",")) if args.only else None
     rows = []
+    command = "python bench/rotation.py " + " ".join(sys.argv[1:])
+    meta = {"command": command, "commit": git_commit(), "machine": machine(), "float_ppl": floating}
     for weights, bits, acts, act_flags in CONFIGS:
         if only is not None and f"{weights}/{acts}" not in only:
             continue
         for method in args.methods.split(","):
-            for rotate in (False, True):
-                name = f"{weights}-{acts}-{method}-{'rot' if rotate else 'plain'}"
+            for rotation in args.rotations.split(","):
+                name = f"{weights}-{acts}-{method}-{ROT_NAMES[rotation]}"
                 out = work / name
                 iters = args.iters if method == "signround" else 0
                 cmd = [sys.executable, "-m", "signround.cli", "quantize", "--model", args.model, "--bits", str(bits),
                        "--group-size", "128", "--sym", "--iters", str(iters), "--nsamples", str(args.nsamples),
                        "--seqlen", str(args.seqlen), "--batch-size", "4", "--dataset", args.dataset, *act_flags,
-                       *(["--rotate"] if rotate else []), "--output", str(out), "--overwrite", "--quiet",
-                       "--report", str(beside(out, ".report.json"))]  # fmt: skip
+                       *(["--rotate", rotation] if rotation != "none" else []), "--output", str(out), "--overwrite",
+                       "--quiet", "--report", str(beside(out, ".report.json"))]  # fmt: skip
                 cached_signround(cmd, beside(out, ".report.json"), args.dataset, beside(out, ".log"))
                 res = signround_eval(str(out), beside(out, f".ppl{args.max_windows}.json"), ppl)
-                rows.append({"weights": weights, "acts": acts, "rotate": rotate, "smooth": False, "method": method,
-                             "iters": iters, "ppl": res["ppl"], "float_ppl": floating,
-                             "eval_windows": res["windows"]})  # fmt: skip
+                rows.append({"weights": weights, "acts": acts, "rotate": rotation != "none", "rotation": rotation,
+                             "smooth": False, "method": method, "iters": iters, "ppl": res["ppl"],
+                             "float_ppl": floating, "eval_windows": res["windows"]})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-    command = "python bench/rotation.py " + " ".join(sys.argv[1:])
-    meta = {"command": command, "commit": git_commit(), "machine": machine(), "float_ppl": floating}
+                write(args, meta, rows)
+
+
+ROT_NAMES = {"none": "plain", "folded": "rot", "online": "online"}
+
+
+def write(args, meta: dict, rows: list[dict]) -> None:
+    """rotation.{md,json} of the rows so far: one table line per (weights, acts, method), a column per rotation."""
+    floating = meta["float_ppl"]
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    rotations = args.rotations.split(",")
+    head = " | ".join(f"{r}" for r in rotations)
+    ratios = " | ".join(f"{r} / float" for r in rotations)
     lines = [
         "# Rotation (`--rotate`) on SmolLM2-135M", "",
-        f"Command: `{command}` (commit {meta['commit']}, {meta['machine']}).", "",
+        f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}).", "",
         f"Perplexity on the first {args.max_windows} wikitext-2 windows of 2048 (float {floating:.3f}); INT G128 "
-        f"symmetric weights; calibration {args.nsamples} x {args.seqlen} tokens of calib-c4.jsonl (RTN rows use "
-        "them for the clipping search and the static scales). Rotation: randomized Hadamard of the residual "
-        "stream and of each head's values, folded into the weights; down_proj's input is not rotated.", "",
-        "| weights | activations | method | plain | rotated | rotated / plain | plain / float | rotated / float |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"symmetric weights; calibration {args.nsamples} x {args.seqlen} tokens of calib-c4.jsonl, SignRound "
+        f"{args.iters} iterations, batch 4 (RTN rows: round to nearest, no calibration, except the static "
+        "per-channel activation scales). `folded`: randomized Hadamard of the residual stream and of each head's "
+        "values, folded into the weights (an ordinary model); `online`: also down_proj's input, rotated at run "
+        "time (native format only).", "",
+        f"| weights | activations | method | {head} | {ratios} |",
+        "|---|---|---|" + "---:|" * (2 * len(rotations)),
     ]  # fmt: skip
-    for plain, rot in zip(rows[::2], rows[1::2], strict=True):
-        lines.append(
-            f"| {plain['weights']} | {plain['acts']} | {plain['method']} | {plain['ppl']:.2f} | {rot['ppl']:.2f} | "
-            f"{rot['ppl'] / plain['ppl']:.3f} | {plain['ppl'] / floating:.2f}x | {rot['ppl'] / floating:.2f}x |"
-        )
+    keys = []
+    for r in rows:
+        key = (r["weights"], r["acts"], r["method"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        got = {r["rotation"]: r["ppl"] for r in rows if (r["weights"], r["acts"], r["method"]) == key}
+        cells = [f"{got[r]:.2f}" if r in got else "not run" for r in rotations]
+        cells += [f"{got[r] / floating:.2f}x" if r in got else "" for r in rotations]
+        lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
     lines += [
         "",
         "Issue 30's targets (W4A4 with rotation + SignRound: INT4 per token <= 2x float, FP4 <= 1.6x) are judged "
         "on the SignRound rows; RTN rows show what the rotation alone does. Times are not quoted.",
     ]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
