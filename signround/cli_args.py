@@ -22,6 +22,7 @@ from signround.config import (
     Solver,
     StarvedExperts,
 )
+from signround.errors import SignRoundError
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +67,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         metavar="B,B,...",
         help="Double Rounding: lower widths this checkpoint also serves (e.g. 6,4,3,2 with --bits 8); "
         "`signround eval --bits 4` derives one",
+    )
+    p.add_argument(
+        "--nested",
+        action="store_true",
+        help="tune the --serve-bits widths too (nested precision): each step's loss covers the stored codes and "
+        "the codes derived from them at every served width, so each served width is good, not only the widest",
     )
     p.add_argument("--method", choices=[m.value for m in Method], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
@@ -345,12 +352,14 @@ def quant_config(args: argparse.Namespace) -> Any:
                 fields[name], labels[name] = value, f"--scheme {args.scheme}"
     # a format that stores one grid (gguf:q4_0, gguf:q4_k_m, ...) fills the fields left unset, refuses contradictions
     scheme = implied_scheme(args.format, **fields, labels=labels)
+    if args.nested and not args.serve_bits:
+        raise SignRoundError("--nested tunes the widths the checkpoint serves; add --serve-bits (e.g. 4,2)")
     tune = TuneConfig(
         method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
         expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts, routing=args.routing,
-        holdout=args.holdout,
+        holdout=args.holdout, nested=(args.serve_bits or "") if args.nested else (),
     )  # fmt: skip
     act = None
     base = named.act if named is not None else None
@@ -385,7 +394,6 @@ def _mixed_spec(args: argparse.Namespace) -> Any:
     if args.avg_bits is None and args.target_size is None:
         return None
     from signround.config import MixedSpec
-    from signround.errors import SignRoundError
     from signround.mixed.budget import parse_size
 
     try:

@@ -78,6 +78,15 @@ class QuantConfig:
                 f"--holdout {self.tune.holdout} must leave at least one of the {self.calib.nsamples} calibration "
                 "samples to tune on; lower it or raise --nsamples"
             )
+        if self.tune.nested:
+            extra = [b for b in self.tune.nested if b not in self.serve_bits]
+            if extra or scheme.dtype.value != "int":
+                raise SignRoundError(
+                    "nested tuning derives the --serve-bits widths of an integer grid; "
+                    + (f"add {','.join(map(str, extra))} to --serve-bits" if extra else "use --dtype int")
+                )
+            if self.tune.holdout:
+                raise SignRoundError("--holdout judges the stored width alone; drop it or --nested")
         if self.mixed is not None and self.serve_bits:
             raise SignRoundError(
                 "--serve-bits derives one width for every layer; drop it or the mixed-precision options"

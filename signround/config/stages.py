@@ -136,6 +136,11 @@ class TuneConfig:
             them with the tuned rounding is compared with its loss at the start (the clipping search's
             rounding, plain rounding with ``init none``), and a block the steps made worse there keeps its
             start. The run report says which blocks did (``BlockReport.holdout``).
+        nested: lower integer widths tuned together with the stored one (nested precision; the Double Rounding
+            widths the checkpoint serves, ``--nested`` with ``--serve-bits``): every step's loss is the weighted
+            mean of the block-output losses of the stored codes and of the codes derived at each width, each
+            width weighted by one over its loss at the start of the steps (so each counts by its relative
+            improvement). Empty (the default): the stored width alone.
     """
 
     method: Method = Method.SIGNROUND
@@ -154,9 +159,16 @@ class TuneConfig:
     starved_experts: StarvedExperts = StarvedExperts.OWN
     routing: Routing = Routing.TEACHER
     holdout: int = 0
+    nested: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
+        nested = self.nested.split(",") if isinstance(self.nested, str) else self.nested
+        try:
+            widths = {int(b) for b in nested if str(b).strip()}
+        except ValueError:
+            raise SignRoundError(f"nested widths must be integers like 4,2; got {self.nested!r}") from None
+        object.__setattr__(self, "nested", tuple(sorted(widths, reverse=True)))
         try:
             object.__setattr__(self, "starved_experts", StarvedExperts(self.starved_experts))
         except ValueError:

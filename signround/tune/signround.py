@@ -219,7 +219,7 @@ def tune_block(
     on_step, sync_every = hooks.on_step, hooks.sync_every
     linears = block_linears(block)
     learn = cfg.iters > 0
-    tunables = {name: TunableWeight.from_linear(linears[name], s, learn) for name, s in schemes.items()}
+    tunables = {name: TunableWeight.from_linear(linears[name], s, learn, cfg.nested) for name, s in schemes.items()}
     dtype = inputs.dtype
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
@@ -227,6 +227,13 @@ def tune_block(
 
     def weights() -> dict[str, torch.Tensor]:
         return {f"{name}.weight": t.fake_quant_weight(dtype) for name, t in tunables.items()}
+
+    def weight_sets() -> list[dict[str, torch.Tensor]]:
+        """The substituted weights of each tuned width: the stored one, then ``cfg.nested``'s derived ones."""
+        if not cfg.nested:
+            return [weights()]
+        per_layer = {name: t.nested_fake_quant_weights(dtype) for name, t in tunables.items()}
+        return [{f"{name}.weight": ws[i] for name, ws in per_layer.items()} for i in range(len(cfg.nested) + 1)]
 
     stack = contextlib.ExitStack()
     try:
@@ -240,6 +247,26 @@ def tune_block(
             )
         if search:  # the RTN pass recorded each linear's input power: start from the best clipping for it
             init_clipping(tunables, power)
+        coefs = [1.0]
+        if learn and cfg.nested:  # each width weighted by one over its start loss (TuneConfig.nested)
+            with torch.no_grad():
+                starts = [block_mse(block, inputs, targets, kwargs, cfg.batch_size, w, cfg.loss) for w in weight_sets()]
+            inverse = [1.0 / max(s, 1e-30) for s in starts]
+            coefs = [c / sum(inverse) for c in inverse]
+
+        def batch_loss(idx: torch.Tensor, denominator: int | None = None) -> torch.Tensor:
+            """The step's loss on samples ``idx``: the mean token error (or the error sum over ``denominator``),
+            of each tuned width, weighted by ``coefs``."""
+            total = None
+            for coef, substituted in zip(coefs, weight_sets(), strict=True):
+                with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    out = block_output(functional_call(block, substituted, (inputs[idx],), kwargs))
+                err = token_errors(out, targets[idx], weights=per_token[idx])
+                part = err.mean() if denominator is None else err.sum() / denominator
+                part = part if coef == 1.0 else part * coef
+                total = part if total is None else total + part
+            return total
+
         n = inputs.shape[0]
         pool, held = holdout_split(n, cfg.holdout, seed) if learn and cfg.holdout else (None, None)
         if held is not None:  # the start the steps must beat, on samples they never see
@@ -281,7 +308,7 @@ def tune_block(
             if cfg.use_best and sync_every != 1:
                 raise SignRoundError("use_best reads every step's loss before its update: sync_every must be 1")
             lr, mm_lr = cfg.effective_lr, cfg.effective_minmax_lr
-            offsets = [t.v for t in tunables.values()]
+            offsets = [v for t in tunables.values() for v in t.offsets]
             factors = [p for t in tunables.values() for p in (t.min_factor, t.max_factor)]
             # one process: each offset takes its sign step as soon as its gradient is ready (and frees it)
             in_backward = stack.enter_context(SignStepInBackward([] if hooks.data_parallel else offsets))
@@ -291,16 +318,10 @@ def tune_block(
                 if hooks.on_batch is not None:
                     hooks.on_batch(idx if not hooks.data_parallel else hooks.shard(idx))
                 if not hooks.data_parallel:
-                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                        out = block_output(functional_call(block, weights(), (inputs[idx],), kwargs))
-                    loss = token_errors(out, targets[idx], weights=per_token[idx]).mean()
+                    loss = batch_loss(idx)
                     pending.append(loss.detach())
                 else:  # data-parallel: this rank's share of the batch, gradients summed over ranks
-                    mine = hooks.shard(idx)
-                    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                        out = block_output(functional_call(block, weights(), (inputs[mine],), kwargs))
-                    denominator = idx.numel() * targets[0, ..., 0].numel()
-                    loss = token_errors(out, targets[mine], weights=per_token[mine]).sum() / denominator
+                    loss = batch_loss(hooks.shard(idx), idx.numel() * targets[0, ..., 0].numel())
                     loss.backward()
                     total = loss.detach().reshape(1).clone()
                     hooks.reduce([p.grad for p in offsets + factors if p.grad is not None] + [total])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from signround.config import QuantScheme
 from signround.formats import get_format
 from signround.primitives import from_groups, to_groups
+from signround.tune.nested import nested_codes
 
 
 @dataclass
@@ -29,6 +30,9 @@ class TunableWeight:
             [0, 1].
         kept_codes: grouped codes ``[out, groups, g]`` uint8 set by :meth:`restore`; :meth:`finalize`
             returns them instead of rounding with ``v``.
+        nested: ``{width: offsets [out, groups, g]}`` of the lower widths tuned with this one (nested
+            precision, :mod:`signround.tune.nested`; integer grids): the codes are then nested codes, whose
+            Double Rounding at each width gives that width's tuned codes. Empty: the scheme's width alone.
     """
 
     scheme: QuantScheme
@@ -39,9 +43,12 @@ class TunableWeight:
     min_factor: torch.Tensor
     max_factor: torch.Tensor
     kept_codes: torch.Tensor | None = None
+    nested: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, scheme: QuantScheme, learn: bool) -> TunableWeight:
+    def from_linear(
+        cls, layer: nn.Linear, scheme: QuantScheme, learn: bool, nested: tuple[int, ...] = ()
+    ) -> TunableWeight:
         fmt = get_format(scheme.dtype)
         wg = to_groups(layer.weight.detach(), scheme.group_size)
         stats = tuple(fmt.group_minmax(wg.float()))
@@ -54,10 +61,17 @@ class TunableWeight:
             v=torch.zeros(wg.shape, device=wg.device, requires_grad=learn),
             min_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
             max_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
+            nested={b: torch.zeros(wg.shape, device=wg.device, requires_grad=learn) for b in nested},
         )
 
-    def params(self) -> list[torch.Tensor]:
-        return [self.v, self.min_factor, self.max_factor]
+    @property
+    def offsets(self) -> list[torch.Tensor]:
+        """Every rounding offset tensor stepped on: ``v``, then the nested widths' (widest first)."""
+        return [self.v] + [self.nested[b] for b in sorted(self.nested, reverse=True)]
+
+    def _nested(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        scale, zero = self.qparams()
+        return nested_codes(self.wg, scale, zero, self.scheme.bits, {self.scheme.bits: self.v, **self.nested})
 
     def qparams(
         self, min_factor: torch.Tensor | None = None, max_factor: torch.Tensor | None = None
@@ -81,11 +95,22 @@ class TunableWeight:
 
     def fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized-dequantized weight ``[out, in]``, differentiable in ``v`` and the factors."""
+        if self.nested:
+            return from_groups(self._nested()[self.scheme.bits][1], self.in_features).to(dtype)
         return from_groups(self.grouped_fake_quant(v=self.v), self.in_features).to(dtype)
+
+    def nested_fake_quant_weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The weights ``[out, in]`` of the stored width, then of each nested width (widest first), from the
+        nested codes, differentiable in every offset and the factors."""
+        levels = self._nested()
+        order = [self.scheme.bits] + sorted(self.nested, reverse=True)
+        return [from_groups(levels[b][1], self.in_features).to(dtype) for b in order]
 
     @torch.no_grad()
     def grouped_codes(self) -> torch.Tensor:
         """Codes ``[out, groups, g]`` uint8 of the current offsets and clipping factors."""
+        if self.nested:
+            return self._nested()[self.scheme.bits][0].to(torch.uint8)
         scale, zero = self.qparams()
         return get_format(self.scheme.dtype).quantize_codes(self.wg, scale, zero, self.scheme.bits, self.v)
 

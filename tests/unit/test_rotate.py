@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from signround.errors import SignRoundError
 from signround.act.hadamard import OnlineHadamard, online_layers
 from signround.config import Rotation
+from signround.errors import SignRoundError
 from signround.model.rotate import random_hadamard, rotate_model, sylvester
 from tests.conftest import make_model
 
