@@ -534,6 +534,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "nsamples": report.nsamples,
             "seqlen": report.seqlen,
             "dataset": cfg.calib.dataset,
+            **({"nested": list(tune.nested)} if tune.nested else {}),
             **(
                 {
                     "expert_min_tokens": tune.expert_min_tokens,
