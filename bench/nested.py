@@ -64,7 +64,7 @@ def main() -> None:
     for b in [*sorted(serve), STORED]:
         rows[b]["ppl_direct"] = ppl(quantize(f"direct-w{b}", b))
         write(args, meta, rows)
-    derived = quantize(f"derived-w{STORED}-s{spec.replace(',', '')}", STORED, ("--serve-bits", spec))
+    derived = work / f"direct-w{STORED}"  # tuned for 8 bits alone: the same run as --serve-bits without --nested
     for b in rows:
         rows[b]["ppl_derived"] = ppl(derived, b if b != STORED else None)
         write(args, meta, rows)
@@ -89,8 +89,8 @@ def write(args, meta: dict, rows: dict[int, dict]) -> None:
         f"wikitext-2 test, the first {args.max_windows} windows of 2048 (float {meta['float_ppl']:.3f}). "
         "`nested`: the W8 checkpoint tuned with `--serve-bits "
         f"{','.join(map(str, meta['serve']))} --nested` (every served width in the loss, nested codes), served "
-        "with `signround eval --bits B`; `derived`: the W8 checkpoint tuned for 8 bits alone (`--serve-bits` "
-        "only), served the same way; `direct`: SignRound at B bits.", "",
+        "with `signround eval --bits B`; `derived`: the direct W8 checkpoint (tuned for 8 bits alone, as "
+        "`--serve-bits` without `--nested` is), served the same way; `direct`: SignRound at B bits.", "",
         "| bits | nested | derived | direct | nested / direct | derived / direct |",
         "|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
