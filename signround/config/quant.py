@@ -78,12 +78,12 @@ class QuantConfig:
                 f"--holdout {self.tune.holdout} must leave at least one of the {self.calib.nsamples} calibration "
                 "samples to tune on; lower it or raise --nsamples"
             )
-        if self.tune.nested:
+        if self.tune.nested:  # serve_bits is already an integer grid's (parse_serve_bits)
             extra = [b for b in self.tune.nested if b not in self.serve_bits]
-            if extra or scheme.dtype.value != "int":
+            if extra:
                 raise SignRoundError(
-                    "nested tuning derives the --serve-bits widths of an integer grid; "
-                    + (f"add {','.join(map(str, extra))} to --serve-bits" if extra else "use --dtype int")
+                    f"nested tuning tunes the widths the checkpoint serves; add {','.join(map(str, extra))} to "
+                    "--serve-bits"
                 )
             if self.tune.holdout:
                 raise SignRoundError("--holdout judges the stored width alone; drop it or --nested")

@@ -92,6 +92,9 @@ def test_unsupported_architecture(capsys, tmp_path, tokenizer, calib_jsonl):
         (["--serve-bits", "3", "--avg-bits", "3.5"], "drop it or the mixed-precision options"),
         (["--block-parallel", "--fp-inputs"], "torchrun"),
         (["--low-memory", "--format", "gptq"], "--low-memory writes the native format"),
+        (["--rotate", "online", "--format", "gptq"], "which gptq readers do not apply; use --format native"),
+        (["--rotate", "spin"], "invalid choice"),
+        (["--nested"], "add --serve-bits"),
     ],
 )
 def test_bad_options(capsys, tmp_path, model_dir, calib_jsonl, flags, match):
