@@ -185,3 +185,17 @@ def test_online_rotation_is_refused_for_formats_that_cannot_apply_it():
     assert QuantConfig(rotate=True).rotate is Rotation.FOLDED and not QuantConfig().rotate
     with pytest.raises(SignRoundError, match="unknown rotation 'spin'"):
         QuantConfig(rotate="spin")
+
+
+def test_a_folded_rotation_exports_to_compressed_tensors_and_transformers_reads_the_same_logits(tmp_path, tokenizer):
+    import signround
+    from signround.config import ActScheme, QuantScheme
+    from tests.conftest import quantize_tiny
+
+    q = quantize_tiny(tokenizer, model=make_model("llama"), scheme=QuantScheme(dtype="fp8_e4m3", group_size=-1),
+                      act=ActScheme(bits=8, dtype="fp8_e4m3"), iters=0, rotate=Rotation.FOLDED)  # fmt: skip
+    assert q.config.quantization_config["rotation"]["mode"] == "folded" and not online_layers(q)
+    signround.save(q, tokenizer, tmp_path / "ct", formats="compressed-tensors")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()  # the third-party reader
+    ref = _logits(q)
+    assert torch.allclose(_logits(loaded), ref, atol=1e-5, rtol=0)
