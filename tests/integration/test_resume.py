@@ -154,3 +154,32 @@ def test_resume_keeps_what_smoothing_folded_into_the_norms(tmp_path, setup, monk
     b, _ = signround.load_model(str(out))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_resume_of_an_online_rotation_run_gives_the_same_model(tmp_path, setup, monkeypatch):
+    """The resumed run rotates its fresh float model the same way, and the blocks it restores from the run
+    folder keep down_proj's online rotation: the same bytes, and the same in-memory model (--eval-ppl scores the
+    model the run returns, restored blocks included)."""
+    import signround.pipeline as pipeline
+    from signround.errors import SignRoundError
+
+    model, calib, _ = setup
+    extra = ["--act-bits", "4", "--rotate", "online", "--iters", "2", "--eval-ppl", str(calib), "--eval-seqlen",
+             "32", "--eval-max-windows", "4"]  # fmt: skip
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(args(model, ref, calib) + extra + ["--report", str(tmp_path / "ref.json")]) == 0
+    original, calls = pipeline.tune_block, []
+
+    def crash_at_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise SignRoundError("simulated crash")
+        return original(*a, **k)
+
+    monkeypatch.setattr(pipeline, "tune_block", crash_at_3)
+    assert main(args(model, out, calib) + extra) == 2 and done_blocks(out) == 3
+    monkeypatch.setattr(pipeline, "tune_block", original)
+    assert main(args(model, out, calib) + extra + ["--resume", "--report", str(tmp_path / "out.json")]) == 0
+    assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    scored = [json.loads((tmp_path / f"{n}.json").read_text())["ppl"]["ppl"] for n in ("ref", "out")]
+    assert scored[0] == scored[1], scored
