@@ -104,7 +104,8 @@ def test_config_dumps_are_the_strings_ones():
         '"format_search": [], "layer_rules": [], "mixed": null, "rotate": "none", "scheme": {"bits": 4, '
         '"dtype": "int", "group_size": 128, "sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, '
         '"batch_size": 8, "expert_min_tokens": 64, "holdout": 0, "init": "search", '
-        '"iters": 200, "loss": "mse", "lr": null, "method": "signround", "minmax_lr": null, "nested": [], "quant_inputs": true, '
+        '"iters": 200, "loss": "mse", "lr": null, "method": "signround", "minmax_lr": null, "nested": [], '
+        '"quant_inputs": true, '
         '"routing": "teacher", "seed": 42, "starved_experts": "own", "torch_compile": false, "use_best": true}}'
     )
 
