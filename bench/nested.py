@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=10)
     p.add_argument("--work", required=True)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "nested"))
+    p.add_argument("--nested-only", action="store_true",
+                   help="run the nested checkpoint only; keep the direct and derived columns of the existing "
+                   "--out JSON (made at the commit its meta names)")  # fmt: skip
     args = p.parse_args()
     recipe = recipe_from(args)
     work = Path(args.work)
@@ -58,9 +61,16 @@ def main() -> None:
     rows: dict[int, dict] = {b: {"bits": b, "eval_windows": args.max_windows} for b in [STORED, *serve]}
     # the informative runs first: the nested checkpoint, then the direct widths from the lowest, then derived
     nested = quantize(f"nested-w{STORED}-s{spec.replace(',', '')}", STORED, ("--serve-bits", spec, "--nested"))
+    if args.nested_only:
+        before = json.loads(Path(args.out + ".json").read_text())
+        meta["direct_commit"] = before["meta"].get("direct_commit", before["meta"]["commit"])
+        for r in before["rows"]:
+            rows[r["bits"]].update({k: r[k] for k in ("ppl_direct", "ppl_derived") if k in r})
     for b in rows:
         rows[b]["ppl_nested"] = ppl(nested, b if b != STORED else None)
         write(args, meta, rows)
+    if args.nested_only:
+        return
     for b in [*sorted(serve), STORED]:
         rows[b]["ppl_direct"] = ppl(quantize(f"direct-w{b}", b))
         write(args, meta, rows)
@@ -83,7 +93,9 @@ def write(args, meta: dict, rows: dict[int, dict]) -> None:
 
     lines = [
         "# Nested precision: one W8 G128-asym checkpoint served at lower widths", "",
-        f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']}).", "",
+        f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['machine']})."
+        + (f" The direct and derived columns come from commit {meta['direct_commit']} (the same code for them)."
+           if "direct_commit" in meta else ""), "",
         f"SmolLM2-135M-Instruct; SignRound, {args.iters} iterations, {args.nsamples} x {args.seqlen} calibration "
         f"tokens (calib-c4.jsonl), batch {args.batch_size}, seed {args.seed}, for every checkpoint. Perplexity: "
         f"wikitext-2 test, the first {args.max_windows} windows of 2048 (float {meta['float_ppl']:.3f}). "

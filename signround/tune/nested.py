@@ -3,7 +3,12 @@
 tuned code.
 
 Each width ``b`` has its own rounding offsets ``v_b`` and uses the stored width's scale and zero point rounded
-to it (``s_b = s 2^(B-b)``, ``z_b = clamp(round(z / 2^(B-b)))``: what the derivation serves). From the lowest
+to it (``s_b = s 2^(B-b)``, ``z_b = clamp(round(z / 2^(B-b)))``: what the derivation serves). The stored zero
+point is a multiple of ``2^(B - lowest)`` (:func:`nested_zero`), so every ``z_b`` is exact and the grids nest:
+width ``b``'s points are every ``2^(B-b)``-th point of the stored grid, in the middle of their bins. (With any
+other zero point the derived grid is shifted against its bins by ``z - 2^k z_b``, up to half a step, so the
+stored width's nearest codes and the lower widths' disagree: on SmolLM2 at 8/4/2 bits, before this rule, the
+stored 8-bit model scored 24.2 against 20.1 for float.) Symmetric grids (``z = 2^(B-1)``) nest already. From the lowest
 width up, a width's code is its SignRound rounding ``round(w / s_b + v_b) + z_b`` clamped into the codes the
 lower widths still allow; each code then narrows the interval of stored codes
 (:func:`code_interval`), so the stored code derives every lower one exactly. The lowest width is tuned as
@@ -18,6 +23,13 @@ from __future__ import annotations
 import torch
 
 from signround.primitives import round_ste
+
+
+def nested_zero(zero: torch.Tensor, bits: int, lowest: int) -> torch.Tensor:
+    """The stored zero point ``[out, groups]`` rounded to a multiple of ``2^(bits - lowest)`` (straight-through),
+    within ``[0, (2^lowest - 1) 2^(bits - lowest)]``; symmetric zero points ``2^(bits-1)`` are unchanged."""
+    step = 2 ** (bits - lowest)
+    return round_ste(zero / step).clamp(0, 2**lowest - 1) * step
 
 
 def code_interval(codes: torch.Tensor, ratio: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:

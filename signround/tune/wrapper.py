@@ -10,7 +10,7 @@ from torch import nn
 from signround.config import QuantScheme
 from signround.formats import get_format
 from signround.primitives import from_groups, to_groups
-from signround.tune.nested import nested_codes
+from signround.tune.nested import nested_codes, nested_zero
 
 
 @dataclass
@@ -76,11 +76,15 @@ class TunableWeight:
     def qparams(
         self, min_factor: torch.Tensor | None = None, max_factor: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, zero)`` per group for the given clipping factors ``[out, groups]`` (None: the learned ones)."""
+        """``(scale, zero)`` per group for the given clipping factors ``[out, groups]`` (None: the learned ones).
+        With nested widths the zero point is a multiple of ``2^(B - lowest)`` (:func:`nested_zero`)."""
         fmt = get_format(self.scheme.dtype)
         a = self.min_factor if min_factor is None else min_factor
         b = self.max_factor if max_factor is None else max_factor
-        return fmt.choose_qparams(self.stats, self.scheme, a, b)
+        scale, zero = fmt.choose_qparams(self.stats, self.scheme, a, b)
+        if self.nested:
+            zero = nested_zero(zero, self.scheme.bits, min(self.nested))
+        return scale, zero
 
     def grouped_fake_quant(
         self,
