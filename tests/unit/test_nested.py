@@ -81,3 +81,18 @@ def signround_calib():
     from signround.config import CalibConfig
 
     return CalibConfig(nsamples=8)
+
+
+def test_the_nested_start_is_nearest_rounding_at_the_stored_width():
+    """With every offset 0 the stored codes are the stored width's nearest rounding, but for ties at the lower
+    widths' bin edges (one code away): the zero point is on the lowest width's grid, so the grids nest."""
+    from signround.formats import get_format
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 64, bias=False)
+    t = TunableWeight.from_linear(layer, QuantScheme(bits=8, group_size=128, sym=False), learn=False, nested=(4, 2))
+    scale, zero = t.qparams()
+    assert torch.equal(torch.remainder(zero, 64), torch.zeros_like(zero))
+    nearest = get_format("int").quantize_codes(t.wg, scale, zero, 8, None).float()
+    diff = (t.grouped_codes().float() - nearest).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05
