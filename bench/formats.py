@@ -158,6 +158,10 @@ def write(args, command: str, float_ppl: float, rows: list[dict], double: list[d
             "",
             "## Double Rounding: one W8 G128 asym checkpoint served at lower widths",
             "",
+            "> Nested precision (`--nested`, every served width tuned with the stored one) is measured in",
+            "> [nested.md](nested.md) (and nested.json), with the direct and derived widths beside it at today's "
+            "defaults.",
+            "",
             "`derived`: the W8 checkpoint (quantized once, with `--serve-bits 6,4,3,2`) evaluated with "
             "`signround eval --bits B`, its codes rounded to B bits (no re-tuning); `direct`: quantized at B bits "
             "with the same method and recipe.",
