@@ -65,7 +65,8 @@ def main() -> None:
         before = json.loads(Path(args.out + ".json").read_text())
         meta["direct_commit"] = before["meta"].get("direct_commit", before["meta"]["commit"])
         for r in before["rows"]:
-            rows[r["bits"]].update({k: r[k] for k in ("ppl_direct", "ppl_derived") if k in r})
+            if r["bits"] in rows:
+                rows[r["bits"]].update({k: r[k] for k in ("ppl_direct", "ppl_derived") if k in r})
     for b in rows:
         rows[b]["ppl_nested"] = ppl(nested, b if b != STORED else None)
         write(args, meta, rows)
