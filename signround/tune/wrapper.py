@@ -64,6 +64,10 @@ class TunableWeight:
             nested={b: torch.zeros(wg.shape, device=wg.device, requires_grad=learn) for b in nested},
         )
 
+    def params(self) -> list[torch.Tensor]:
+        """Every learned tensor: the rounding offsets (:attr:`offsets`), then the clipping factors."""
+        return [*self.offsets, self.min_factor, self.max_factor]
+
     @property
     def offsets(self) -> list[torch.Tensor]:
         """Every rounding offset tensor stepped on: ``v``, then the nested widths' (widest first)."""
