@@ -128,27 +128,33 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, setup):
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
-def test_resume_keeps_what_smoothing_folded_into_the_norms(tmp_path, setup, monkeypatch):
-    """A resumed block must come back whole: smoothing rescales its norms, not only its packed layers."""
-    import signround
+def crash_at_block_3(monkeypatch, step: str, argv: list[str]) -> None:
+    """Run ``argv`` with ``signround.pipeline.<step>`` failing at its 4th call: the run stops with 3 blocks saved."""
     import signround.pipeline as pipeline
     from signround.errors import SignRoundError
 
-    model, calib, _ = setup
-    extra = ["--act-bits", "8", "--smooth", "--iters", "2"]
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main(args(model, ref, calib) + extra) == 0
-    original, calls = pipeline.smooth_block, []
+    original, calls = getattr(pipeline, step), []
 
-    def crash_at_3(*a, **k):
+    def crash(*a, **k):
         calls.append(1)
         if len(calls) == 4:
             raise SignRoundError("simulated crash")
         return original(*a, **k)
 
-    monkeypatch.setattr(pipeline, "smooth_block", crash_at_3)
-    assert main(args(model, out, calib) + extra) == 2 and done_blocks(out) == 3
-    monkeypatch.setattr(pipeline, "smooth_block", original)
+    monkeypatch.setattr(pipeline, step, crash)
+    assert main(argv) == 2 and done_blocks(argv[argv.index("--output") + 1]) == 3
+    monkeypatch.setattr(pipeline, step, original)
+
+
+def test_resume_keeps_what_smoothing_folded_into_the_norms(tmp_path, setup, monkeypatch):
+    """A resumed block must come back whole: smoothing rescales its norms, not only its packed layers."""
+    import signround
+
+    model, calib, _ = setup
+    extra = ["--act-bits", "8", "--smooth", "--iters", "2"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(args(model, ref, calib) + extra) == 0
+    crash_at_block_3(monkeypatch, "smooth_block", args(model, out, calib) + extra)
     assert main(args(model, out, calib) + extra + ["--resume"]) == 0
     a, _ = signround.load_model(str(ref))
     b, _ = signround.load_model(str(out))
@@ -160,25 +166,13 @@ def test_resume_of_an_online_rotation_run_gives_the_same_model(tmp_path, setup, 
     """The resumed run rotates its fresh float model the same way, and the blocks it restores from the run
     folder keep down_proj's online rotation: the same bytes, and the same in-memory model (--eval-ppl scores the
     model the run returns, restored blocks included)."""
-    import signround.pipeline as pipeline
-    from signround.errors import SignRoundError
 
     model, calib, _ = setup
     extra = ["--act-bits", "4", "--rotate", "online", "--iters", "2", "--eval-ppl", str(calib), "--eval-seqlen",
              "32", "--eval-max-windows", "4"]  # fmt: skip
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(args(model, ref, calib) + extra + ["--report", str(tmp_path / "ref.json")]) == 0
-    original, calls = pipeline.tune_block, []
-
-    def crash_at_3(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise SignRoundError("simulated crash")
-        return original(*a, **k)
-
-    monkeypatch.setattr(pipeline, "tune_block", crash_at_3)
-    assert main(args(model, out, calib) + extra) == 2 and done_blocks(out) == 3
-    monkeypatch.setattr(pipeline, "tune_block", original)
+    crash_at_block_3(monkeypatch, "tune_block", args(model, out, calib) + extra)
     assert main(args(model, out, calib) + extra + ["--resume", "--report", str(tmp_path / "out.json")]) == 0
     assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     scored = [json.loads((tmp_path / f"{n}.json").read_text())["ppl"]["ppl"] for n in ("ref", "out")]
