@@ -225,6 +225,13 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         "tensor: one static scale per layer from calibration (compressed-tensors / vLLM static activations)",
     )
     a.add_argument(
+        "--act-clip",
+        type=float,
+        default=None,
+        help="per-token activations: scale each token by this fraction of its absmax (e.g. 0.9, QuaRot's "
+        "activation clipping; native format only); default 1",
+    )
+    a.add_argument(
         "--smooth",
         action="store_true",
         help="move activation outliers into the weights (per-channel scales folded into the norms / up_proj, "
@@ -363,7 +370,10 @@ def quant_config(args: argparse.Namespace) -> Any:
     )  # fmt: skip
     act = None
     base = named.act if named is not None else None
-    if base is not None or args.act_bits is not None or args.act_dtype is not None or args.act_granularity is not None:
+    given = (args.act_bits, args.act_dtype, args.act_granularity)
+    if args.act_clip is not None and base is None and all(v is None for v in given):
+        raise SignRoundError("--act-clip clips quantized activations; add --act-bits (e.g. 4) or drop --act-clip")
+    if base is not None or any(v is not None for v in given):
         bits = args.act_bits
         if bits is None and base is not None and args.act_dtype is None:
             bits = base.bits
@@ -371,6 +381,7 @@ def quant_config(args: argparse.Namespace) -> Any:
             bits=bits,
             dtype=args.act_dtype or (base.dtype.value if base else "int"),
             granularity=args.act_granularity or (base.granularity.value if base else "token"),
+            clip=args.act_clip if args.act_clip is not None else 1.0,
         )
     return QuantConfig(
         scheme=scheme,

@@ -8,7 +8,7 @@ Activations ``x [..., in]`` (the input of a linear layer) are quantized symmetri
   saturating at its max (448 / 6).
 
 The scale ``s`` is ``absmax / grid_max``: per token (the last dimension's absmax of each row, computed at run
-time: *dynamic*), or per input channel (``[in]``) or per layer (``[1]``) from calibration data, fixed:
+time: *dynamic*; times the scheme's clip ratio where it is below 1), or per input channel (``[in]``) or per layer (``[1]``) from calibration data, fixed:
 *static*. Gradients pass
 straight through the rounding (and are zero where a value saturates), so SignRound can tune weights with
 quantized activations in the block's forward: :func:`quantized_inputs` hooks the quantizer onto a block's
@@ -51,9 +51,11 @@ def _round(y: torch.Tensor, dtype: str, bits: int) -> torch.Tensor:
     return round_to_grid(y, _ELEMENT[dtype])
 
 
-def fake_quant_token(x: torch.Tensor, bits: int = 8, dtype: str = "int") -> torch.Tensor:
-    """Per-token dynamic quantize-dequantize of ``x [..., in]`` (one scale per row, from its absmax)."""
-    scale = (x.detach().abs().amax(dim=-1, keepdim=True) / grid_max(dtype, bits)).clamp(min=MIN_SCALE)
+def fake_quant_token(x: torch.Tensor, bits: int = 8, dtype: str = "int", clip: float = 1.0) -> torch.Tensor:
+    """Per-token dynamic quantize-dequantize of ``x [..., in]``: one scale per row, ``clip`` times its absmax
+    over the grid max (values beyond ``clip * absmax`` saturate)."""
+    absmax = x.detach().abs().amax(dim=-1, keepdim=True)
+    scale = ((absmax * clip if clip != 1.0 else absmax) / grid_max(dtype, bits)).clamp(min=MIN_SCALE)
     return _round(x / scale, dtype, bits) * scale
 
 
@@ -81,7 +83,7 @@ def quantized_inputs(
 
     def quantize(name: str, x: torch.Tensor) -> torch.Tensor:
         if act.granularity == "token":
-            return fake_quant_token(x, act.bits, act.dtype)
+            return fake_quant_token(x, act.bits, act.dtype, act.clip)
         return fake_quant_channel(x, scales[name].to(x.device), act.bits, act.dtype)
 
     modules = dict(block.named_modules())

@@ -36,11 +36,17 @@ class ActScheme:
             scale per input channel, calibrated from the calibration data and stored as ``input_scale [in]``)
             or ``tensor`` (one static scale per layer, calibrated the same way, ``input_scale [1]``: what
             compressed-tensors and vLLM call static activations); an :class:`ActGranularity` or its value.
+        clip: per-token clip ratio in (0, 1] (``token`` granularity only): each token's scale is ``clip`` times
+            its absmax over the grid max, so the largest values saturate and the rest get a finer step (QuaRot's
+            activation clipping, 0.9). 1.0 (default) is the plain absmax scale that vLLM's dynamic kernels use;
+            a checkpoint with another ratio is served by the native format only. Static scales search their
+            clip ratio per layer instead (:mod:`signround.act.calibrate`).
     """
 
     bits: int | None = None
     dtype: ActDType = ActDType.INT
     granularity: ActGranularity = ActGranularity.TOKEN
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -59,16 +65,28 @@ class ActScheme:
         except ValueError:
             choices = ", ".join(g.value for g in ActGranularity)
             raise SignRoundError(f"activation granularity must be one of {choices}, got {self.granularity!r}") from None
+        clip = self.clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
+            raise SignRoundError(f"the activation clip ratio must be a number in (0, 1], got {clip!r}")
+        if clip != 1.0 and granularity is not ActGranularity.TOKEN:
+            raise SignRoundError(
+                f"--act-clip applies to per-token activations; {granularity.value} scales search their clip ratio "
+                "per layer (drop --act-clip)"
+            )
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "granularity", granularity)
         object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "clip", float(clip))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "dtype": self.dtype.value, "granularity": self.granularity.value}
+        """The checkpoint's ``activations`` record; ``clip`` only where it is not 1 (older readers ignore it)."""
+        out: dict[str, Any] = {"bits": self.bits, "dtype": self.dtype.value, "granularity": self.granularity.value}
+        return {**out, "clip": self.clip} if self.clip != 1.0 else out
 
     @property
     def name(self) -> str:
-        return f"A{self.bits}-{self.dtype.value}-{self.granularity.value}"
+        clip = f"-clip{self.clip:g}" if self.clip != 1.0 else ""
+        return f"A{self.bits}-{self.dtype.value}-{self.granularity.value}{clip}"
 
 
 # The values, for argparse's choices

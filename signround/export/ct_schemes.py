@@ -40,6 +40,11 @@ def check_act(act: ActScheme) -> None:
             f"compressed-tensors stores 8-bit activations (int8 or fp8_e4m3, per token or per tensor); {act.name} "
             "needs --format native"
         )
+    if act.clip != 1.0:
+        raise SignRoundError(
+            f"compressed-tensors' readers scale each token by its own absmax; activations clipped at {act.clip:g} "
+            "need --format native (or drop --act-clip)"
+        )
     if act.granularity is ActGranularity.CHANNEL:
         raise SignRoundError(
             "compressed-tensors has no static per-channel activation scales; use --act-granularity tensor (one "

@@ -123,7 +123,8 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     unfuse_experts(model)  # a quantized mixture of experts is stored one linear per expert, as it was tuned
     try:
         fields = ("bits", "dtype", "granularity")
-        act = ActScheme(**{k: qc["activations"][k] for k in fields}) if qc.get("activations") else None
+        record = qc.get("activations")
+        act = ActScheme(**{k: record[k] for k in fields}, clip=record.get("clip", 1.0)) if record else None
     except (TypeError, KeyError):
         raise SignRoundError(
             f"cannot read the activation scheme {qc['activations']!r} in {folder}/config.json"

@@ -75,7 +75,7 @@ class QuantLinear(nn.Module):
         if self.act is None:
             return x
         if self.act.granularity == "token":
-            return fake_quant_token(x, self.act.bits, self.act.dtype)
+            return fake_quant_token(x, self.act.bits, self.act.dtype, self.act.clip)
         return fake_quant_channel(x, self.input_scale, self.act.bits, self.act.dtype)
 
     @classmethod

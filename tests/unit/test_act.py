@@ -49,6 +49,17 @@ def test_int_token_quantizer_rounds_each_row_on_its_own_scale():
     assert (q - x).abs().le(s / 2 + 1e-6).all()
 
 
+def test_token_clip_saturates_the_largest_values_and_lowers_int4_error_on_gaussian_rows():
+    x = torch.tensor([[1.0, -0.5, 0.2, 0.95]])
+    q = fake_quant_token(x, bits=4, clip=0.9)
+    s = 0.9 * 1.0 / 7
+    assert torch.allclose(q, torch.round(x / s).clamp(-7, 7) * s)
+    assert q.abs().amax() < 0.9 + 1e-6  # 1.0 saturates at the clipped top
+    g = torch.randn(256, 1536, generator=torch.Generator().manual_seed(0))  # a rotated activation: near Gaussian
+    err = {c: (fake_quant_token(g, 4, clip=c) - g).pow(2).mean().item() for c in (1.0, 0.9)}
+    assert err[0.9] < 0.9 * err[1.0]  # QuaRot's point: the absmax of a Gaussian row wastes most of the grid
+
+
 @pytest.mark.parametrize(("dtype", "element"), [("fp8_e4m3", E4M3), ("fp4_e2m1", E2M1)])
 def test_float_token_quantizer_lands_on_the_grid(dtype, element):
     torch.manual_seed(0)

@@ -27,6 +27,9 @@ def test_act_scheme_rules():
         ({"bits": 1}, "from 2 to 8"),
         ({"dtype": "nf4"}, "unknown activation dtype"),
         ({"granularity": "row"}, "one of token, channel, tensor"),
+        ({"bits": 4, "clip": 0.0}, "in \\(0, 1\\]"),
+        ({"bits": 4, "clip": 1.2}, "in \\(0, 1\\]"),
+        ({"bits": 4, "granularity": "channel", "clip": 0.9}, "search their clip ratio"),
     ):
         with pytest.raises(SignRoundError, match=match):
             ActScheme(**kwargs)
@@ -113,6 +116,18 @@ def test_cli_takes_activation_options_and_refuses_other_formats(tmp_path, model_
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["activations"] == {"bits": 8, "dtype": "int", "granularity": "channel", "smooth": False}
     capsys.readouterr()
+    clipped = tmp_path / "clipped"
+    assert main([*base[:4], str(clipped), *base[5:], "--act-bits", "4", "--act-clip", "0.9"]) == 0
+    qc = json.loads((clipped / "config.json").read_text())["quantization_config"]
+    assert qc["activations"] == {"bits": 4, "dtype": "int", "granularity": "token", "clip": 0.9, "smooth": False}
+    loaded, _ = signround.load_model(str(clipped))
+    assert loaded.model.layers[0].mlp.down_proj.act == ActScheme(bits=4, clip=0.9)
+    capsys.readouterr()
+    for extra, match in ((["--act-clip", "0.9"], "add --act-bits"),
+                         (["--act-bits", "8", "--act-clip", "0.9", "--format", "compressed-tensors"], "need --format native")):  # fmt: skip
+        assert main([*base[:4], str(tmp_path / "refused"), *base[5:], *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0] and not (tmp_path / "refused").exists()
     bad = tmp_path / "bad"
     argv = [*base[:4], str(bad), *base[5:], "--act-dtype", "fp8_e4m3", "--format", "gptq"]
     assert main(argv) == 2
