@@ -1,8 +1,10 @@
 """Rotation benchmark (not a test): SmolLM2-135M without rotation and with ``--rotate folded|online``
 (signround/model/rotate.py), at W4A4 (INT4 per token, FP4 per token, INT4 static per channel) and weight-only
 W2 / W3, RTN or SignRound, each scored by signround's perplexity code on the first ``--max-windows``
-wikitext-2 windows of 2048. Writes bench/results/rotation.{md,json} after every row (one row per run:
-weights, acts, rotate, rotation, smooth, method, ppl, float_ppl, eval_windows).
+wikitext-2 windows of 2048. Writes bench/results/rotation.{md,json} (``--out``) after every row (one row per run:
+weights, acts, rotate, rotation, smooth, act_clip, method, ppl, float_ppl, eval_windows). ``--act-clip 0.9``
+clips the per-token activations (their label gains ``-clip0.9``); ``--smooth`` smooths the activation rows
+(``-smooth``).
 
     python bench/rotation.py --work bench/work/rotation --methods rtn,signround --rotations none,online
 
@@ -40,6 +42,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=10)
     p.add_argument("--rotations", default="none,online", help="none, folded, online (comma-separated)")
+    p.add_argument("--act-clip", type=float, default=1.0, help="per-token activations' clip ratio (--act-clip)")
+    p.add_argument("--smooth", action="store_true", help="--smooth on the activation rows (label gains -smooth)")
     p.add_argument("--only", default=None, help="comma-separated weights/acts labels (W4G128-sym/A4-int-token)")
     p.add_argument("--work", required=True)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rotation"))
@@ -55,6 +59,12 @@ def main() -> None:
     for weights, bits, acts, act_flags in CONFIGS:
         if only is not None and f"{weights}/{acts}" not in only:
             continue
+        clip = args.act_clip if acts.endswith("-token") else 1.0
+        if clip != 1.0:
+            act_flags, acts = [*act_flags, "--act-clip", str(clip)], f"{acts}-clip{clip:g}"
+        smooth = args.smooth and acts != "A16"
+        if smooth:
+            act_flags, acts = [*act_flags, "--smooth"], f"{acts}-smooth"
         for method in args.methods.split(","):
             for rotation in args.rotations.split(","):
                 name = f"{weights}-{acts}-{method}-{ROT_NAMES[rotation]}"
@@ -68,7 +78,7 @@ def main() -> None:
                 cached_signround(cmd, beside(out, ".report.json"), args.dataset, beside(out, ".log"))
                 res = signround_eval(str(out), beside(out, f".ppl{args.max_windows}.json"), ppl)
                 rows.append({"weights": weights, "acts": acts, "rotate": rotation != "none", "rotation": rotation,
-                             "smooth": False, "method": method, "iters": iters, "ppl": res["ppl"],
+                             "smooth": smooth, "act_clip": clip, "method": method, "iters": iters, "ppl": res["ppl"],
                              "float_ppl": floating, "eval_windows": res["windows"]})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
                 write(args, meta, rows)
@@ -92,7 +102,9 @@ def write(args, meta: dict, rows: list[dict]) -> None:
         f"{args.iters} iterations, batch 4 (RTN rows: round to nearest, no calibration, except the static "
         "per-channel activation scales). `folded`: randomized Hadamard of the residual stream and of each head's "
         "values, folded into the weights (an ordinary model); `online`: also down_proj's input, rotated at run "
-        "time (native format only).", "",
+        "time (native format only). `-clip0.9` activations: each token scaled by 0.9 of its absmax "
+        "(`--act-clip`); `-smooth`: `--smooth` (searched smoothing scales folded into the norms first; under "
+        "`online` not into down_proj's input).", "",
         f"| weights | activations | method | {head} | {ratios} |",
         "|---|---|---|" + "---:|" * (2 * len(rotations)),
     ]  # fmt: skip

@@ -8,8 +8,8 @@ Activations ``x [..., in]`` (the input of a linear layer) are quantized symmetri
   saturating at its max (448 / 6).
 
 The scale ``s`` is ``absmax / grid_max``: per token (the last dimension's absmax of each row, computed at run
-time: *dynamic*; times the scheme's clip ratio where it is below 1), or per input channel (``[in]``) or per layer (``[1]``) from calibration data, fixed:
-*static*. Gradients pass
+time: *dynamic*; times the scheme's clip ratio where it is below 1), or per input channel (``[in]``) or per
+layer (``[1]``) from calibration data, fixed: *static*. Gradients pass
 straight through the rounding (and are zero where a value saturates), so SignRound can tune weights with
 quantized activations in the block's forward: :func:`quantized_inputs` hooks the quantizer onto a block's
 linears for the duration of a ``with`` (here, below the tuning code that uses it).

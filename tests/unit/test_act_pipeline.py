@@ -123,8 +123,8 @@ def test_cli_takes_activation_options_and_refuses_other_formats(tmp_path, model_
     loaded, _ = signround.load_model(str(clipped))
     assert loaded.model.layers[0].mlp.down_proj.act == ActScheme(bits=4, clip=0.9)
     capsys.readouterr()
-    for extra, match in ((["--act-clip", "0.9"], "add --act-bits"),
-                         (["--act-bits", "8", "--act-clip", "0.9", "--format", "compressed-tensors"], "need --format native")):  # fmt: skip
+    ct = ["--act-bits", "8", "--act-clip", "0.9", "--format", "compressed-tensors"]
+    for extra, match in ((["--act-clip", "0.9"], "add --act-bits"), (ct, "need --format native")):
         assert main([*base[:4], str(tmp_path / "refused"), *base[5:], *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0] and not (tmp_path / "refused").exists()
