@@ -2,9 +2,9 @@
 (signround/model/rotate.py), at W4A4 (INT4 per token, FP4 per token, INT4 static per channel) and weight-only
 W2 / W3, RTN or SignRound, each scored by signround's perplexity code on the first ``--max-windows``
 wikitext-2 windows of 2048. Writes bench/results/rotation.{md,json} (``--out``) after every row (one row per run:
-weights, acts, rotate, rotation, smooth, act_clip, method, ppl, float_ppl, eval_windows). ``--act-clip 0.9``
-clips the per-token activations (their label gains ``-clip0.9``); ``--smooth`` smooths the activation rows
-(``-smooth``).
+weights, acts, rotate, rotation, smooth, act_clip, method, ppl, float_ppl, eval_windows). ``--act-clip 1,0.9``
+adds rows with the per-token activations clipped (their label gains ``-clip0.9``); ``--smooth`` smooths the
+activation rows (``-smooth``).
 
     python bench/rotation.py --work bench/work/rotation --methods rtn,signround --rotations none,online
 
@@ -42,9 +42,14 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=10)
     p.add_argument("--rotations", default="none,online", help="none, folded, online (comma-separated)")
-    p.add_argument("--act-clip", type=float, default=1.0, help="per-token activations' clip ratio (--act-clip)")
+    p.add_argument("--act-clip", default="1", help="per-token activations' clip ratios (--act-clip), comma-separated")
     p.add_argument("--smooth", action="store_true", help="--smooth on the activation rows (label gains -smooth)")
-    p.add_argument("--only", default=None, help="comma-separated weights/acts labels (W4G128-sym/A4-int-token)")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated weights/acts labels (W4G128-sym/A4-int-token, "
+        "every clip ratio; W4G128-sym/A4-int-token-clip0.9, that one)",
+    )
     p.add_argument("--work", required=True)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rotation"))
     args = p.parse_args()
@@ -56,12 +61,14 @@ def main() -> None:
     rows = []
     command = "python bench/rotation.py " + " ".join(sys.argv[1:])
     meta = {"command": command, "commit": git_commit(), "machine": machine(), "float_ppl": floating}
-    for weights, bits, acts, act_flags in CONFIGS:
-        if only is not None and f"{weights}/{acts}" not in only:
-            continue
-        clip = args.act_clip if acts.endswith("-token") else 1.0
+    clips = [float(c) for c in args.act_clip.split(",")]
+    variants = [(*c, clip) for c in CONFIGS for clip in (clips if c[2].endswith("-token") else [1.0])]
+    for weights, bits, base, act_flags, clip in variants:
+        acts = f"{base}-clip{clip:g}" if clip != 1.0 else base
+        if only is not None and f"{weights}/{base}" not in only and f"{weights}/{acts}" not in only:
+            continue  # a base label selects every clip ratio of it, a clipped label that one
         if clip != 1.0:
-            act_flags, acts = [*act_flags, "--act-clip", str(clip)], f"{acts}-clip{clip:g}"
+            act_flags = [*act_flags, "--act-clip", f"{clip:g}"]
         smooth = args.smooth and acts != "A16"
         if smooth:
             act_flags, acts = [*act_flags, "--smooth"], f"{acts}-smooth"
