@@ -98,7 +98,7 @@ def test_config_dumps_are_the_strings_ones():
     cfg = QuantConfig(act=ActScheme(bits=4), tune=TuneConfig(loss="mse"))
     got = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     assert got == (
-        '{"act": {"bits": 4, "dtype": "int", "granularity": "token"}, "calib": {"data_dir": null, "dataset": null, '
+        '{"act": {"bits": 4, "clip": 1.0, "dtype": "int", "granularity": "token"}, "calib": {"data_dir": null, "dataset": null, '
         '"nsamples": 128, "seed": 42, "seqlen": 2048}, "export": {"allow_partial_groups": false, '
         '"formats": ["native"]}, '
         '"format_search": [], "layer_rules": [], "mixed": null, "rotate": "none", "scheme": {"bits": 4, '
