@@ -31,6 +31,13 @@ def main() -> None:
     p.add_argument("--nested-only", action="store_true",
                    help="run the nested checkpoint only; keep the direct and derived columns of the existing "
                    "--out JSON (made at the commit its meta names)")  # fmt: skip
+    p.add_argument("--derivation", default="shift", choices=["shift", "range"],
+                   help="the nested checkpoint's --derivation (its name gains -range)")  # fmt: skip
+    p.add_argument(
+        "--direct-json",
+        default=None,
+        help="with --nested-only: the JSON whose direct and derived columns to keep (default: --out's)",
+    )
     args = p.parse_args()
     recipe = recipe_from(args)
     work = Path(args.work)
@@ -60,9 +67,12 @@ def main() -> None:
     spec = ",".join(map(str, serve))
     rows: dict[int, dict] = {b: {"bits": b, "eval_windows": args.max_windows} for b in [STORED, *serve]}
     # the informative runs first: the nested checkpoint, then the direct widths from the lowest, then derived
-    nested = quantize(f"nested-w{STORED}-s{spec.replace(',', '')}", STORED, ("--serve-bits", spec, "--nested"))
+    tag = "" if args.derivation == "shift" else f"-{args.derivation}"
+    meta["derivation"] = args.derivation
+    nested = quantize(f"nested-w{STORED}-s{spec.replace(',', '')}{tag}", STORED,
+                      ("--serve-bits", spec, "--nested", "--derivation", args.derivation))  # fmt: skip
     if args.nested_only:
-        before = json.loads(Path(args.out + ".json").read_text())
+        before = json.loads(Path(args.direct_json or args.out + ".json").read_text())
         meta["direct_commit"] = before["meta"].get("direct_commit", before["meta"]["commit"])
         for r in before["rows"]:
             if r["bits"] in rows:
@@ -101,7 +111,8 @@ def write(args, meta: dict, rows: dict[int, dict]) -> None:
         f"tokens (calib-c4.jsonl), batch {args.batch_size}, seed {args.seed}, for every checkpoint. Perplexity: "
         f"wikitext-2 test, the first {args.max_windows} windows of 2048 (float {meta['float_ppl']:.3f}). "
         "`nested`: the W8 checkpoint tuned with `--serve-bits "
-        f"{','.join(map(str, meta['serve']))} --nested` (every served width in the loss, nested codes), served "
+        f"{','.join(map(str, meta['serve']))} --nested --derivation {meta.get('derivation', 'shift')}` (every "
+        "served width in the loss, nested codes), served "
         "with `signround eval --bits B`; `derived`: the direct W8 checkpoint (tuned for 8 bits alone, as "
         "`--serve-bits` without `--nested` is), served the same way; `direct`: SignRound at B bits.", "",
         "| bits | nested | derived | direct | nested / direct | derived / direct |",

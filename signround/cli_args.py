@@ -11,6 +11,7 @@ from typing import Any
 from signround.config import (
     ActDType,
     ActGranularity,
+    Derivation,
     DType,
     ExpertUnits,
     Init,
@@ -73,6 +74,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="tune the --serve-bits widths too (nested precision): each step's loss covers the stored codes and "
         "the codes derived from them at every served width, so each served width is good, not only the widest",
+    )
+    p.add_argument(
+        "--derivation",
+        choices=[d.value for d in Derivation],
+        default=Derivation.SHIFT.value,
+        help="how the --serve-bits widths derive from the stored codes: shift = round(c / 2^(B-b)) (Double "
+        "Rounding's; asymmetric grids lose their top codes), range = round(c (2^b-1) / (2^B-1)) on asymmetric "
+        "grids (the whole range kept; 8/4/2 nest exactly). Recorded in the checkpoint",
     )
     p.add_argument("--method", choices=[m.value for m in Method], default="signround")
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
@@ -366,7 +375,7 @@ def quant_config(args: argparse.Namespace) -> Any:
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
         expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts, routing=args.routing,
-        holdout=args.holdout, nested=(args.serve_bits or "") if args.nested else (),
+        holdout=args.holdout, nested=(args.serve_bits or "") if args.nested else (), derivation=args.derivation,
     )  # fmt: skip
     act = None
     base = named.act if named is not None else None

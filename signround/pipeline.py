@@ -32,7 +32,7 @@ from signround.act.hadamard import carry_online
 from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, capture_block_kwargs, to_device
 from signround.calib.data import resolve_tokens
-from signround.config import ActScheme, QuantConfig, QuantScheme, Routing, StarvedExperts
+from signround.config import ActScheme, Derivation, QuantConfig, QuantScheme, Routing, StarvedExperts
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks, resolve_schemes
 from signround.model.experts import RoutingTape, routed_tokens
@@ -546,5 +546,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             ),
         },
         **({"serve_bits": list(cfg.serve_bits)} if cfg.serve_bits else {}),
+        # absent means shift (every checkpoint before the option), so shift checkpoints stay byte-identical
+        **({"derivation": tune.derivation.value} if tune.derivation is not Derivation.SHIFT else {}),
         **({"activations": {**cfg.act.to_dict(), "smooth": cfg.smooth}} if cfg.act is not None else {}),
     }

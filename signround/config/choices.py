@@ -91,6 +91,14 @@ class ActGranularity(_Choice):
         return self is not ActGranularity.TOKEN
 
 
+class Derivation(_Choice):
+    """How a lower width's codes derive from the stored ones (Double Rounding,
+    :mod:`signround.formats.double_rounding`), recorded as ``quantization_config.derivation``."""
+
+    SHIFT = "shift"  # round(c / 2^(B-b)): the Double Rounding paper's; asymmetric grids lose their top codes
+    RANGE = "range"  # round(c (2^b-1) / (2^B-1)) on asymmetric grids: the whole range kept (8 -> 4 -> 2 nests)
+
+
 class Rotation(_Choice):
     """What ``--rotate`` folds into the float model (:mod:`signround.model.rotate`)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from signround.config.choices import ExpertUnits, ExportFormat, Rotation
+from signround.config.choices import Derivation, ExpertUnits, ExportFormat, Rotation
 from signround.config.named import named_scheme
 from signround.config.scheme import (
     LayerRule,
@@ -77,6 +77,11 @@ class QuantConfig:
             raise SignRoundError(
                 f"--holdout {self.tune.holdout} must leave at least one of the {self.calib.nsamples} calibration "
                 "samples to tune on; lower it or raise --nsamples"
+            )
+        if self.tune.derivation is not Derivation.SHIFT and not self.serve_bits:
+            raise SignRoundError(
+                f"--derivation {self.tune.derivation.value} says how --serve-bits widths are derived; add "
+                "--serve-bits (e.g. 4,2) or drop it"
             )
         if self.tune.nested:  # serve_bits is already an integer grid's (parse_serve_bits)
             extra = [b for b in self.tune.nested if b not in self.serve_bits]

@@ -9,6 +9,7 @@ from typing import Any
 from signround.config.choices import (
     ActDType,
     ActGranularity,
+    Derivation,
     ExpertUnits,
     ExportFormat,
     Init,
@@ -159,6 +160,11 @@ class TuneConfig:
             mean of the block-output losses of the stored codes and of the codes derived at each width, each
             width weighted by one over its loss at the start of the steps (so each counts by its relative
             improvement). Empty (the default): the stored width alone.
+        derivation: how the served widths' codes derive from the stored ones (a :class:`Derivation`;
+            :mod:`signround.formats.double_rounding`): ``shift`` (the default; the Double Rounding paper's
+            ``round(c / 2^(B-b))``) or ``range`` (asymmetric grids keep their whole range:
+            ``round(c (2^b-1) / (2^B-1))``). Recorded in the checkpoint as ``quantization_config.derivation``
+            when it serves lower widths; the nested widths are tuned under it.
     """
 
     method: Method = Method.SIGNROUND
@@ -178,9 +184,11 @@ class TuneConfig:
     routing: Routing = Routing.TEACHER
     holdout: int = 0
     nested: tuple[int, ...] = ()
+    derivation: Derivation = Derivation.SHIFT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method(self.method))
+        object.__setattr__(self, "derivation", _choice(Derivation, self.derivation, "derivation"))
         nested = self.nested.split(",") if isinstance(self.nested, str) else self.nested
         try:
             widths = {int(b) for b in nested if str(b).strip()}

@@ -2,14 +2,15 @@
 
 A checkpoint quantized once at ``B`` bits (SignRound, integer grid) holds codes ``c in [0, 2^B)``, a zero
 point ``z`` and a scale ``s`` per group, ``w = (c - z) * s``. A ``b``-bit model (``b < B``) is derived by
-rounding the codes a second time, with ``k = B - b``:
+rounding the codes a second time, with a ratio ``r`` (:mod:`signround.formats.double_rounding`):
 
-    c' = clamp(round(c / 2^k), 0, 2^b - 1),   z' = clamp(round(z / 2^k), 0, 2^b - 1),   s' = s * 2^k
+    c' = clamp(round(c / r), 0, 2^b - 1),   z' = clamp(round(z / r), 0, 2^b - 1),   s' = s * r
 
-(``round`` half to even). ``s * 2^k`` is exact in float16, so no new rounding enters the scale. For the
-symmetric grid ``z = 2^(B-1)`` becomes ``2^(b-1)``, so ``c' - z'`` is the signed code rounded: the same rule
-serves both flavours. Nothing is re-tuned: the ``b``-bit model costs no calibration (the Double Rounding
-paper's joint multi-precision training is not done here; see docs/formats.md).
+(``round`` half to even). The checkpoint's ``quantization_config.derivation`` says which ``r``: ``shift``
+(absent: every checkpoint before it) ``r = 2^(B-b)``, exact in float16, for which the symmetric grid's
+``z = 2^(B-1)`` becomes ``2^(b-1)``; ``range`` ``r = (2^B - 1) / (2^b - 1)`` for asymmetric layers (symmetric
+ones still shift), so the derived grid keeps the stored range. Nothing is re-tuned here; a checkpoint tuned
+with ``--nested`` holds codes whose derivation is that width's tuned codes (:mod:`signround.tune.nested`).
 """
 
 from __future__ import annotations
@@ -19,34 +20,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from signround._version import __version__
 from signround.act.hadamard import carry_online
-from signround.config import DType
+from signround.config import Derivation, DType
 from signround.errors import SignRoundError
+from signround.formats import double_rounding
 from signround.pack.packed import QuantLinear
 
 
 def derive_codes(
-    codes: torch.Tensor, zero: torch.Tensor, from_bits: int, to_bits: int
+    codes: torch.Tensor,
+    zero: torch.Tensor,
+    from_bits: int,
+    to_bits: int,
+    sym: bool = False,
+    derivation: Derivation = Derivation.SHIFT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes', zero')`` uint8 at ``to_bits`` from codes ``[out, in]`` and zero points ``[out, groups]``
     at ``from_bits`` (see the module docstring)."""
     if not 2 <= to_bits <= from_bits:
         raise SignRoundError(f"can derive 2..{from_bits} bits from a {from_bits}-bit checkpoint, not {to_bits}")
-    div, top = 2.0 ** (from_bits - to_bits), 2**to_bits - 1
-    new_codes = torch.round(codes.float() / div).clamp(0, top).to(torch.uint8)
-    new_zero = torch.round(zero.float() / div).clamp(0, top).to(torch.uint8)
-    return new_codes, new_zero
+    ratio = double_rounding.derive_ratio(from_bits, to_bits, sym, derivation is Derivation.RANGE)
+    return double_rounding.derive_codes(codes, zero, to_bits, ratio)
 
 
-def derive_layer(layer: QuantLinear, bits: int) -> QuantLinear:
+def derive_layer(layer: QuantLinear, bits: int, derivation: Derivation = Derivation.SHIFT) -> QuantLinear:
     """A new ``bits``-wide ``QuantLinear`` derived from ``layer``'s integer codes (``layer`` is unchanged)."""
     scheme = layer.scheme
     if scheme.dtype is not DType.INT:
         raise SignRoundError(f"Double Rounding derives integer grids only; this layer is {scheme.dtype.value}")
     scale, zero = layer.qparams()
-    codes, zero = derive_codes(layer.codes(), zero, scheme.bits, bits)
+    codes, zero = derive_codes(layer.codes(), zero, scheme.bits, bits, scheme.sym, derivation)
     new = scheme.replace(bits=bits)
-    scale = scale.float() * 2.0 ** (scheme.bits - bits)
+    ratio = double_rounding.derive_ratio(scheme.bits, bits, scheme.sym, derivation is Derivation.RANGE)
+    scale = scale.float() * ratio
     derived = QuantLinear.from_codes(codes, scale, zero.float(), new, layer.bias)
     derived.set_act(layer.act, getattr(layer, "input_scale", None))  # quantized inputs stay as they were
     carry_online(layer, derived)  # and so does an online input rotation
@@ -67,11 +74,18 @@ def serve_at_bits(model: nn.Module, bits: int) -> nn.Module:
     if not 2 <= bits <= widest:
         raise SignRoundError(f"this checkpoint stores {widest}-bit codes: --bits can be 2..{widest}, not {bits}")
     qc: dict[str, Any] | None = getattr(model.config, "quantization_config", None)
+    recorded = qc.get("derivation", Derivation.SHIFT.value) if isinstance(qc, dict) else Derivation.SHIFT.value
+    try:
+        derivation = Derivation(recorded)
+    except ValueError:
+        raise SignRoundError(
+            f"this checkpoint's derivation {recorded!r} is unknown to signround {__version__}; upgrade signround"
+        ) from None
     for name, layer in layers:
         if layer.scheme.bits <= bits:
             continue
         parent_name, _, child = name.rpartition(".")
-        derived = derive_layer(layer, bits)
+        derived = derive_layer(layer, bits, derivation)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, derived)
         if isinstance(qc, dict) and name in qc.get("modules", {}):
             qc["modules"][name] = derived.scheme.to_dict()

@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from signround.act.quant import quantized_inputs
 from signround.calib.capture import block_output
-from signround.config import ActScheme, QuantScheme, TuneConfig
+from signround.config import ActScheme, Derivation, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
 from signround.formats.int_affine import compiled_fake_quant
 from signround.model.blocks import block_linears
@@ -219,7 +219,10 @@ def tune_block(
     on_step, sync_every = hooks.on_step, hooks.sync_every
     linears = block_linears(block)
     learn = cfg.iters > 0
-    tunables = {name: TunableWeight.from_linear(linears[name], s, learn, cfg.nested) for name, s in schemes.items()}
+    keep_range = cfg.derivation is Derivation.RANGE
+    tunables = {
+        name: TunableWeight.from_linear(linears[name], s, learn, cfg.nested, keep_range) for name, s in schemes.items()
+    }
     dtype = inputs.dtype
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:

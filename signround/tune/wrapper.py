@@ -33,6 +33,7 @@ class TunableWeight:
         nested: ``{width: offsets [out, groups, g]}`` of the lower widths tuned with this one (nested
             precision, :mod:`signround.tune.nested`; integer grids): the codes are then nested codes, whose
             Double Rounding at each width gives that width's tuned codes. Empty: the scheme's width alone.
+        keep_range: the nested widths derive by the range-keeping ratio (``Derivation.RANGE``), not by shifts.
     """
 
     scheme: QuantScheme
@@ -44,10 +45,16 @@ class TunableWeight:
     max_factor: torch.Tensor
     kept_codes: torch.Tensor | None = None
     nested: dict[int, torch.Tensor] = field(default_factory=dict)
+    keep_range: bool = False
 
     @classmethod
     def from_linear(
-        cls, layer: nn.Linear, scheme: QuantScheme, learn: bool, nested: tuple[int, ...] = ()
+        cls,
+        layer: nn.Linear,
+        scheme: QuantScheme,
+        learn: bool,
+        nested: tuple[int, ...] = (),
+        keep_range: bool = False,
     ) -> TunableWeight:
         fmt = get_format(scheme.dtype)
         wg = to_groups(layer.weight.detach(), scheme.group_size)
@@ -62,6 +69,7 @@ class TunableWeight:
             min_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
             max_factor=torch.ones(shape, device=wg.device, requires_grad=learn),
             nested={b: torch.zeros(wg.shape, device=wg.device, requires_grad=learn) for b in nested},
+            keep_range=keep_range,
         )
 
     def params(self) -> list[torch.Tensor]:
@@ -75,19 +83,20 @@ class TunableWeight:
 
     def _nested(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         scale, zero = self.qparams()
-        return nested_codes(self.wg, scale, zero, self.scheme.bits, {self.scheme.bits: self.v, **self.nested})
+        offsets = {self.scheme.bits: self.v, **self.nested}
+        return nested_codes(self.wg, scale, zero, self.scheme.bits, offsets, self.scheme.sym, self.keep_range)
 
     def qparams(
         self, min_factor: torch.Tensor | None = None, max_factor: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero)`` per group for the given clipping factors ``[out, groups]`` (None: the learned ones).
-        With nested widths the zero point is a multiple of ``2^(B - lowest)`` (:func:`nested_zero`)."""
+        With nested widths the zero point is a multiple of the lowest width's ratio (:func:`nested_zero`)."""
         fmt = get_format(self.scheme.dtype)
         a = self.min_factor if min_factor is None else min_factor
         b = self.max_factor if max_factor is None else max_factor
         scale, zero = fmt.choose_qparams(self.stats, self.scheme, a, b)
         if self.nested:
-            zero = nested_zero(zero, self.scheme.bits, min(self.nested))
+            zero = nested_zero(zero, self.scheme.bits, min(self.nested), self.scheme.sym, self.keep_range)
         return scale, zero
 
     def grouped_fake_quant(

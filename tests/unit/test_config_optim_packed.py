@@ -98,12 +98,13 @@ def test_config_dumps_are_the_strings_ones():
     cfg = QuantConfig(act=ActScheme(bits=4), tune=TuneConfig(loss="mse"))
     got = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     assert got == (
-        '{"act": {"bits": 4, "clip": 1.0, "dtype": "int", "granularity": "token"}, "calib": {"data_dir": null, "dataset": null, '
+        '{"act": {"bits": 4, "clip": 1.0, "dtype": "int", "granularity": "token"}, '
+        '"calib": {"data_dir": null, "dataset": null, '
         '"nsamples": 128, "seed": 42, "seqlen": 2048}, "export": {"allow_partial_groups": false, '
         '"formats": ["native"]}, '
         '"format_search": [], "layer_rules": [], "mixed": null, "rotate": "none", "scheme": {"bits": 4, '
         '"dtype": "int", "group_size": 128, "sym": false}, "serve_bits": [], "smooth": false, "tune": {"amp": false, '
-        '"batch_size": 8, "expert_min_tokens": 64, "holdout": 0, "init": "search", '
+        '"batch_size": 8, "derivation": "shift", "expert_min_tokens": 64, "holdout": 0, "init": "search", '
         '"iters": 200, "loss": "mse", "lr": null, "method": "signround", "minmax_lr": null, "nested": [], '
         '"quant_inputs": true, '
         '"routing": "teacher", "seed": 42, "starved_experts": "own", "torch_compile": false, "use_best": true}}'

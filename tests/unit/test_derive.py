@@ -10,7 +10,7 @@ import torch
 
 import signround
 from signround.cli import main
-from signround.config import ActScheme, QuantConfig, QuantScheme
+from signround.config import ActScheme, Derivation, QuantConfig, QuantScheme
 from signround.errors import SignRoundError
 from signround.formats import int_affine
 from signround.pack.derive import derive_codes, derive_layer, serve_at_bits
@@ -117,4 +117,62 @@ def test_cli_serves_lower_bits_and_refuses_bad_widths(tmp_path, model_dir, capsy
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("signround: error:") and match in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("src", "dst"), [(8, 4), (8, 2), (8, 3), (6, 3)])
+def test_range_derivation_keeps_the_asymmetric_grids_range(src, dst):
+    """``range``: code ``round(c (2^b-1) / (2^B-1))`` (exact integer arithmetic: never a tie), the top code on
+    the top code; symmetric grids still shift (their shifted grid is the lower full-range grid)."""
+    top, low = 2**src - 1, 2**dst - 1
+    codes = torch.arange(2**src, dtype=torch.uint8).reshape(1, -1)
+    zero = torch.tensor([[0, 5, top]], dtype=torch.uint8)
+    new_codes, new_zero = derive_codes(codes, zero, src, dst, sym=False, derivation=Derivation.RANGE)
+    assert new_codes.flatten().tolist() == [(2 * c * low + top) // (2 * top) for c in range(2**src)]
+    assert new_zero.flatten().tolist() == [(2 * int(z) * low + top) // (2 * top) for z in zero.flatten()]
+    assert new_codes[0, -1] == low and torch.bincount(new_codes.flatten().long()).min() > 0
+    shifted = derive_codes(codes, zero, src, dst, sym=True)
+    ranged = derive_codes(codes, zero, src, dst, True, Derivation.RANGE)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, ranged, strict=True))
+
+
+def test_range_derived_layer_serves_the_whole_range():
+    """At 8 -> 2 bits the shift derivation cuts an asymmetric group's top quarter off; range reaches the
+    group's largest code. (Its weight error is not smaller on Gaussian groups: their zero point, about 128,
+    is a multiple of 64 but not of 85, so the range grid is shifted by up to half a step. Nested tuning puts
+    the zero point on the lowest grid, :func:`signround.tune.nested.nested_zero`.)"""
+    high = _layer(8, sym=False)
+    scale, _ = high.qparams()
+    shift, rng = derive_layer(high, 2), derive_layer(high, 2, Derivation.RANGE)
+    assert torch.allclose(rng.qparams()[0].float(), scale.float() * 85, rtol=1e-3)  # float16 scales: s * 85 rounded
+    top = high.codes() == 255  # each asymmetric group's largest weight
+    assert int(top.sum()) == 16 * 3
+    assert (rng.codes()[top].float() * 85 == 255).all() and (shift.codes()[top].float() * 64 == 192).all()
+
+
+def test_the_checkpoint_records_its_derivation_and_the_reader_follows_it(tmp_path, model_dir, capsys):
+    out = tmp_path / "w8"
+    base = ["quantize", "--model", str(model_dir), "--method", "rtn", "--quiet", "--bits", "8", "--group-size", "32"]
+    assert main([*base, "--output", str(out), "--serve-bits", "2", "--derivation", "range"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["serve_bits"] == [2] and qc["derivation"] == "range"
+    stored, _ = signround.load_model(str(out))
+    want = {n: derive_layer(m, 2, Derivation.RANGE).dequantize() for n, m in stored.named_modules()
+            if isinstance(m, QuantLinear)}  # fmt: skip
+    served, _ = signround.load_model(str(out), bits=2)
+    got = {n: m.dequantize() for n, m in served.named_modules() if isinstance(m, QuantLinear)}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    # a shift checkpoint does not carry the key (every checkpoint before it reads as shift)
+    assert main([*base, "--output", str(tmp_path / "shift"), "--serve-bits", "2"]) == 0
+    assert "derivation" not in json.loads((tmp_path / "shift" / "config.json").read_text())["quantization_config"]
+    # a derivation this version does not know is refused in one line
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["derivation"] = "spiral"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SignRoundError, match="derivation 'spiral' is unknown"):
+        signround.load_model(str(out), bits=2)
+    capsys.readouterr()
+    assert main([*base, "--output", str(tmp_path / "x"), "--derivation", "range"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "add --serve-bits" in err[0], err
     assert not (tmp_path / "x").exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from signround.config import QuantConfig, QuantScheme, TuneConfig
+from signround.config import Derivation, QuantConfig, QuantScheme, TuneConfig
 from signround.errors import SignRoundError
 from signround.pack.derive import derive_codes
 from signround.tune.nested import nested_codes
@@ -15,29 +15,49 @@ from signround.tune.wrapper import TunableWeight
 from tests.conftest import corpus, make_model
 
 
+@pytest.mark.parametrize("keep_range", [False, True])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("widths", [(4,), (6, 4, 3), (4, 2)])
-def test_nested_codes_derive_every_tuned_width_exactly(sym, widths):
+def test_nested_codes_derive_every_tuned_width_exactly(sym, widths, keep_range):
+    """Shift and range derivations alike, the range one with integer (8/4/2) and non-integer (8/6/4/3) ratios."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 8, bias=False)
-    t = TunableWeight.from_linear(layer, QuantScheme(bits=8, group_size=32, sym=sym), learn=True, nested=widths)
+    scheme = QuantScheme(bits=8, group_size=32, sym=sym)
+    t = TunableWeight.from_linear(layer, scheme, learn=True, nested=widths, keep_range=keep_range)
     with torch.no_grad():  # offsets far from zero, so the lower widths' roundings differ from the nearest
         for v in t.offsets:
             v.uniform_(-0.5, 0.5)
     scale, zero = t.qparams()
-    levels = nested_codes(t.wg, scale, zero, 8, {8: t.v, **t.nested})
+    levels = nested_codes(t.wg, scale, zero, 8, {8: t.v, **t.nested}, sym, keep_range)
     stored = t.grouped_codes()
     assert torch.equal(stored.float(), levels[8][0])
+    derivation = Derivation.RANGE if keep_range else Derivation.SHIFT
     for b in widths:
-        derived, _ = derive_codes(stored, zero.round().to(torch.uint8), 8, b)
+        derived, _ = derive_codes(stored, zero.round().to(torch.uint8), 8, b, sym, derivation)
         assert torch.equal(derived.float(), levels[b][0]), b
-        ratio = 2 ** (8 - b)
+        ratio = 255 / (2**b - 1) if keep_range and not sym else 2 ** (8 - b)
         own = torch.round(t.wg / (scale[..., None] * ratio) + t.nested[b]) + torch.round(zero / ratio)[..., None]
         if b == min(widths):  # the lowest width is its own SignRound rounding (clamped to the grid)
             assert torch.equal(levels[b][0], own.clamp(0, 2**b - 1).detach())
     weights = t.nested_fake_quant_weights(torch.float32)
     sum(w.sum() for w in weights[1:]).backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in t.nested.values())
+
+
+def test_code_interval_is_the_preimage_of_the_derivation():
+    """Every stored code ``x`` lies in the interval of its derived code and of no other (both ratio kinds)."""
+    from signround.tune.nested import code_interval
+
+    x = torch.arange(256, dtype=torch.float32)
+    kinds = [(bits, ratio) for bits in (6, 4, 3, 2) for ratio in (2.0 ** (8 - bits), 255 / (2**bits - 1))]
+    for bits, ratio in kinds:  # shift, range
+        derived = torch.round(x / ratio).clamp(0, 2**bits - 1)
+        codes = torch.unique(derived)
+        assert codes.numel() == 2**bits
+        lo, hi = code_interval(codes, ratio, 255)
+        for c, a, b in zip(codes.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            members = x[derived == c]
+            assert (a, b) == (members.min().item(), members.max().item()), (ratio, c)
 
 
 def _errors(tokenizer, nested: bool) -> tuple[float, float]:
