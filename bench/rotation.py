@@ -128,7 +128,8 @@ def write(args, meta: dict, rows: list[dict]) -> None:
     lines += [
         "",
         "Issue 30's targets (W4A4 with rotation + SignRound: INT4 per token <= 2x float, FP4 <= 1.6x) are judged "
-        "on the SignRound rows; RTN rows show what the rotation alone does. Times are not quoted.",
+        "on the SignRound rows; RTN rows show what the rotation alone does. Times are not quoted. Rows with a "
+        "per-token clip ratio (`--act-clip`) are in rotation-clip.md (`--out bench/results/rotation-clip`).",
     ]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
