@@ -37,6 +37,7 @@ from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks, resolve_schemes
 from signround.model.experts import RoutingTape, routed_tokens
 from signround.model.lazy import BlockStream
+from signround.pack.derive import served_at
 from signround.pack.packed import QuantLinear
 from signround.report import (
     BlockReport,
@@ -103,6 +104,8 @@ class _Run:
     report: RunReport
     state: RunState | None = None
     parallel: bool = False  # block-parallel over more than one process
+    # nested widths tuned on quantized inputs: {width: the inputs of the model served at that width}
+    nested_inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def streamed(self) -> bool:
@@ -121,7 +124,8 @@ class _Run:
         if self.parallel:
             RunState.write_block(Path(self.options.state_dir), i, block)
         elif self.state is not None:
-            self.state.save_block(i, block, dataclasses.asdict(self.report.blocks[-1]), fp_inputs, q_inputs)
+            report = dataclasses.asdict(self.report.blocks[-1])
+            self.state.save_block(i, block, report, fp_inputs, q_inputs, self.nested_inputs)
             if self.streamed:
                 self.stream.release(i, self.state.block_file(i))
         release_freed_memory()
@@ -283,8 +287,11 @@ def _calibrate(
                 state.load_block(i, ctx.blocks[i])
         ctx.report.blocks = [BlockReport(**r) for r in state.reports]
         fp_inputs, q_inputs = state.load_inputs()
+        ctx.nested_inputs = {b: x.to(ctx.dev) for b, x in state.load_nested_inputs(_nested_widths(ctx)).items()}
     elif state is not None:
         state.save_tokens(tokens)
+    if not ctx.nested_inputs:
+        ctx.nested_inputs = {b: q_inputs.to(ctx.dev) for b in _nested_widths(ctx)}
     return fp_inputs.to(ctx.dev), q_inputs.to(ctx.dev), [to_device(k, ctx.dev) for k in kwargs]
 
 
@@ -310,9 +317,13 @@ def _quantize_block(
         block.to(home)
         bar.update(1)
         return targets, targets
-    result, act, starved_report = _tune(ctx, i, block, BlockData(x, targets, kwargs), fp_inputs, expert_tokens, tape)
+    data = BlockData(x, targets, kwargs, tuple(ctx.nested_inputs[b] for b in tune.nested if b in ctx.nested_inputs))
+    result, act, starved_report = _tune(ctx, i, block, data, fp_inputs, expert_tokens, tape)
     _replace_linears(block, result, act.scheme if act else None, act.scales if act else None)
     out = _run_block(block, x, kwargs, tune.batch_size)
+    for b, xb in ctx.nested_inputs.items():  # each served width's model goes on from its own outputs
+        with served_at(block, b, tune.derivation):
+            ctx.nested_inputs[b] = _run_block(block, xb, kwargs, tune.batch_size)
     final = output_loss(out, targets, tune.loss, tune.batch_size)
     if result.steps == 0:  # plain RTN: its loss is the final loss, measured once above
         result = dataclasses.replace(result, rtn_loss=final, first_loss=final, best_loss=final, last_loss=final)
@@ -443,6 +454,12 @@ def _experts_inputs(
             h.remove()
     n, seqlen = inputs.shape[:2]
     return {m: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).reshape(n, seqlen, -1) for m, xs in seen.items()}
+
+
+def _nested_widths(ctx: _Run) -> tuple[int, ...]:
+    """The nested widths whose own model's inputs the run carries (only when tuning on quantized inputs)."""
+    tune = ctx.cfg.tune
+    return tune.nested if tune.quant_inputs and tune.iters > 0 else ()
 
 
 def _hooks(ctx: _Run, on_step: Any, tape: RoutingTape | None = None) -> TuneHooks:

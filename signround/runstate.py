@@ -118,14 +118,17 @@ class RunState:
         report: dict[str, Any],
         fp_inputs: torch.Tensor | None,
         q_inputs: torch.Tensor | None,
+        nested_inputs: dict[int, torch.Tensor] | None = None,
     ) -> None:
         """Persist block ``index`` (already packed) and the next block's inputs (None: runs without
-        calibration data), then mark it done."""
+        calibration data; ``nested_inputs``: those of the model served at each nested width), then mark it
+        done."""
         self.write_block(self.folder, index, block)
         if q_inputs is not None:
             inputs = {"q_inputs": q_inputs.cpu()}
             if fp_inputs is not q_inputs:
                 inputs["fp_inputs"] = fp_inputs.cpu()
+            inputs.update({f"q_inputs_b{b}": x.cpu() for b, x in (nested_inputs or {}).items()})
             _atomic_save(inputs, self.folder / "inputs.safetensors")
         self.done = index + 1
         self.reports.append(report)
@@ -170,6 +173,23 @@ class RunState:
         tensors = load_file(str(self.folder / "inputs.safetensors"))
         q = tensors["q_inputs"]
         return tensors.get("fp_inputs", q), q
+
+    def load_nested_inputs(self, widths: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """``{width: inputs}`` of block ``done`` for the model served at each nested width.
+
+        Raises:
+            SignRoundError: the run folder lacks one (written by an older signround).
+        """
+        if not widths:
+            return {}
+        tensors = load_file(str(self.folder / "inputs.safetensors"))
+        missing = [b for b in widths if f"q_inputs_b{b}" not in tensors]
+        if missing:
+            raise SignRoundError(
+                f"the run folder {self.folder} has no inputs for the nested widths {missing} (an older signround "
+                "wrote it); delete it, or run without --resume"
+            )
+        return {b: tensors[f"q_inputs_b{b}"] for b in widths}
 
     def finish(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -15,6 +15,8 @@ with ``--nested`` holds codes whose derivation is that width's tuned codes (:mod
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,6 +60,24 @@ def derive_layer(layer: QuantLinear, bits: int, derivation: Derivation = Derivat
     derived.set_act(layer.act, getattr(layer, "input_scale", None))  # quantized inputs stay as they were
     carry_online(layer, derived)  # and so does an online input rotation
     return derived
+
+
+@contextlib.contextmanager
+def served_at(module: nn.Module, bits: int, derivation: Derivation = Derivation.SHIFT) -> Iterator[nn.Module]:
+    """Within the context, every ``QuantLinear`` of ``module`` wider than ``bits`` is replaced by its derived
+    ``bits``-wide layer (:func:`derive_layer`); the original layers are put back on exit."""
+    swapped = []
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, QuantLinear) and layer.scheme.bits > bits:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, derive_layer(layer, bits, derivation))
+            swapped.append((parent, child, layer))
+    try:
+        yield module
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
 
 
 def serve_at_bits(model: nn.Module, bits: int) -> nn.Module:

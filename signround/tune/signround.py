@@ -138,11 +138,15 @@ class BlockData(NamedTuple):
         inputs: ``[n, seqlen, hidden]`` inputs of the quantized model at this block.
         targets: ``[n, seqlen, hidden]`` outputs of the float block on the float model's inputs.
         kwargs: keyword arguments every call of the block needs (masks, positions), broadcastable.
+        nested_inputs: with nested widths (``TuneConfig.nested``), the inputs ``[n, seqlen, hidden]`` of the
+            model served at each of them, in ``cfg.nested``'s order: each width's loss is its block output
+            on its own model's inputs. Empty: every width on ``inputs``.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     kwargs: dict[str, Any]
+    nested_inputs: tuple[torch.Tensor, ...] = ()
 
 
 class ActInputs(NamedTuple):
@@ -215,7 +219,10 @@ def tune_block(
         A :class:`BlockResult` with codes, scales and zero points of each layer.
     """
     t0 = time.perf_counter()
-    inputs, targets, kwargs = data
+    inputs, targets, kwargs = data.inputs, data.targets, data.kwargs
+    if data.nested_inputs and len(data.nested_inputs) != len(cfg.nested):
+        raise SignRoundError(f"{len(data.nested_inputs)} nested input tensors for the widths {cfg.nested}")
+    width_inputs = [inputs, *data.nested_inputs] if data.nested_inputs else [inputs] * (len(cfg.nested) + 1)
     on_step, sync_every = hooks.on_step, hooks.sync_every
     linears = block_linears(block)
     learn = cfg.iters > 0
@@ -253,7 +260,8 @@ def tune_block(
         coefs = [1.0]
         if learn and cfg.nested:  # each width weighted by one over its start loss (TuneConfig.nested)
             with torch.no_grad():
-                starts = [block_mse(block, inputs, targets, kwargs, cfg.batch_size, w, cfg.loss) for w in weight_sets()]
+                starts = [block_mse(block, x, targets, kwargs, cfg.batch_size, w, cfg.loss)
+                          for x, w in zip(width_inputs, weight_sets(), strict=True)]  # fmt: skip
             inverse = [1.0 / max(s, 1e-30) for s in starts]
             coefs = [c / sum(inverse) for c in inverse]
 
@@ -261,9 +269,9 @@ def tune_block(
             """The step's loss on samples ``idx``: the mean token error (or the error sum over ``denominator``),
             of each tuned width, weighted by ``coefs``."""
             total = None
-            for coef, substituted in zip(coefs, weight_sets(), strict=True):
+            for coef, x, substituted in zip(coefs, width_inputs, weight_sets(), strict=True):
                 with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    out = block_output(functional_call(block, substituted, (inputs[idx],), kwargs))
+                    out = block_output(functional_call(block, substituted, (x[idx],), kwargs))
                 err = token_errors(out, targets[idx], weights=per_token[idx])
                 part = err.mean() if denominator is None else err.sum() / denominator
                 part = part if coef == 1.0 else part * coef
@@ -380,7 +388,7 @@ def keep_better_start(
     """Score the tuned state (what :meth:`TunableWeight.finalize` would return) on the ``held`` samples; if
     it is not below ``start_loss`` (the start's score there), put every layer back to its ``start`` snapshot.
     Returns the block's ``holdout`` record."""
-    inputs, targets, kwargs = data
+    inputs, targets, kwargs = data.inputs, data.targets, data.kwargs
     dtype = inputs.dtype
     tuned = {f"{name}.weight": t.current_weight(dtype) for name, t in tunables.items()}
     tuned_loss = block_mse(block, inputs[held], targets[held], kwargs, cfg.batch_size, tuned, cfg.loss)

@@ -177,3 +177,20 @@ def test_resume_of_an_online_rotation_run_gives_the_same_model(tmp_path, setup, 
     assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     scored = [json.loads((tmp_path / f"{n}.json").read_text())["ppl"]["ppl"] for n in ("ref", "out")]
     assert scored[0] == scored[1], scored
+
+
+def test_resume_of_a_nested_run_keeps_each_widths_inputs(tmp_path, setup, monkeypatch):
+    """A nested run tunes each served width on its own model's inputs; the run folder keeps them, so a resumed
+    run gives the same bytes. Without them, resuming would refuse (an older run folder) rather than differ."""
+    from safetensors import safe_open
+
+    model, calib, _ = setup
+    extra = ["--bits", "8", "--serve-bits", "4,2", "--nested", "--iters", "3"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(args(model, ref, calib) + extra) == 0
+    crash_at_block_3(monkeypatch, "tune_block", args(model, out, calib) + extra)
+    with safe_open(str(run_dir_for(out) / "inputs.safetensors"), framework="pt") as f:
+        assert {"q_inputs", "q_inputs_b4", "q_inputs_b2"} <= set(f.keys())
+        assert not torch.equal(f.get_tensor("q_inputs"), f.get_tensor("q_inputs_b2"))
+    assert main(args(model, out, calib) + extra + ["--resume"]) == 0
+    assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
