@@ -159,7 +159,8 @@ class TuneConfig:
             widths the checkpoint serves, ``--nested`` with ``--serve-bits``): every step's loss is the weighted
             mean of the block-output losses of the stored codes and of the codes derived at each width, each
             width weighted by one over its loss at the start of the steps (so each counts by its relative
-            improvement). Empty (the default): the stored width alone.
+            improvement). With ``quant_inputs`` each width's loss is on the inputs of the model served at that
+            width (the pipeline carries one input tensor per width). Empty (the default): the stored width alone.
         derivation: how the served widths' codes derive from the stored ones (a :class:`Derivation`;
             :mod:`signround.formats.double_rounding`): ``shift`` (the default; the Double Rounding paper's
             ``round(c / 2^(B-b))``) or ``range`` (asymmetric grids keep their whole range:
