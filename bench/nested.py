@@ -127,6 +127,11 @@ def write(args, meta: dict, rows: dict[int, dict]) -> None:
         "",
         "Issue 30's target: every served width of the nested checkpoint within 10% of direct (ratio <= 1.10).",
     ]
+    if meta.get("derivation", "shift") != "shift":
+        lines.append(
+            "The derived column is the direct W8 checkpoint served by shift (it records no derivation): plain "
+            f"Double Rounding, not {meta['derivation']}."
+        )
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
 
