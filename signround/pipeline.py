@@ -286,11 +286,11 @@ def _calibrate(
             elif ctx.stream is not None:  # blocks loaded on demand: the finished ones come back whole
                 state.load_block(i, ctx.blocks[i])
         ctx.report.blocks = [BlockReport(**r) for r in state.reports]
-        fp_inputs, q_inputs = state.load_inputs()
-        ctx.nested_inputs = {b: x.to(ctx.dev) for b, x in state.load_nested_inputs(_nested_widths(ctx)).items()}
-    elif state is not None:
-        state.save_tokens(tokens)
-    if not ctx.nested_inputs:
+        fp_inputs, q_inputs, nested = state.load_inputs(_nested_widths(ctx))
+        ctx.nested_inputs = {b: x.to(ctx.dev) for b, x in nested.items()}
+    else:
+        if state is not None:
+            state.save_tokens(tokens)
         ctx.nested_inputs = {b: q_inputs.to(ctx.dev) for b in _nested_widths(ctx)}
     return fp_inputs.to(ctx.dev), q_inputs.to(ctx.dev), [to_device(k, ctx.dev) for k in kwargs]
 
@@ -317,7 +317,7 @@ def _quantize_block(
         block.to(home)
         bar.update(1)
         return targets, targets
-    data = BlockData(x, targets, kwargs, tuple(ctx.nested_inputs[b] for b in tune.nested if b in ctx.nested_inputs))
+    data = BlockData(x, targets, kwargs, tuple(ctx.nested_inputs[b] for b in tune.nested) if ctx.nested_inputs else ())
     result, act, starved_report = _tune(ctx, i, block, data, fp_inputs, expert_tokens, tape)
     _replace_linears(block, result, act.scheme if act else None, act.scales if act else None)
     out = _run_block(block, x, kwargs, tune.batch_size)

@@ -168,28 +168,22 @@ class RunState:
         tensors (a resumed run whose blocks are loaded on demand)."""
         block.load_state_dict(load_file(str(self.block_file(index))), strict=True, assign=True)
 
-    def load_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fp_inputs, q_inputs)`` of block ``done``."""
-        tensors = load_file(str(self.folder / "inputs.safetensors"))
-        q = tensors["q_inputs"]
-        return tensors.get("fp_inputs", q), q
-
-    def load_nested_inputs(self, widths: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """``{width: inputs}`` of block ``done`` for the model served at each nested width.
+    def load_inputs(self, widths: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """``(fp_inputs, q_inputs, {width: inputs})`` of block ``done``: the last for the model served at each
+        nested width in ``widths``.
 
         Raises:
-            SignRoundError: the run folder lacks one (written by an older signround).
+            SignRoundError: the run folder lacks a nested width's inputs (an older signround wrote it).
         """
-        if not widths:
-            return {}
         tensors = load_file(str(self.folder / "inputs.safetensors"))
+        q = tensors["q_inputs"]
         missing = [b for b in widths if f"q_inputs_b{b}" not in tensors]
         if missing:
             raise SignRoundError(
                 f"the run folder {self.folder} has no inputs for the nested widths {missing} (an older signround "
                 "wrote it); delete it, or run without --resume"
             )
-        return {b: tensors[f"q_inputs_b{b}"] for b in widths}
+        return tensors.get("fp_inputs", q), q, {b: tensors[f"q_inputs_b{b}"] for b in widths}
 
     def finish(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -30,6 +30,13 @@ from signround.formats import double_rounding
 from signround.pack.packed import QuantLinear
 
 
+def _ratio(from_bits: int, to_bits: int, sym: bool, derivation: Derivation) -> float:
+    """The derivation's ratio (:func:`~signround.formats.double_rounding.derive_ratio`), widths checked."""
+    if not 2 <= to_bits <= from_bits:
+        raise SignRoundError(f"can derive 2..{from_bits} bits from a {from_bits}-bit checkpoint, not {to_bits}")
+    return double_rounding.derive_ratio(from_bits, to_bits, sym, derivation is Derivation.RANGE)
+
+
 def derive_codes(
     codes: torch.Tensor,
     zero: torch.Tensor,
@@ -40,10 +47,7 @@ def derive_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes', zero')`` uint8 at ``to_bits`` from codes ``[out, in]`` and zero points ``[out, groups]``
     at ``from_bits`` (see the module docstring)."""
-    if not 2 <= to_bits <= from_bits:
-        raise SignRoundError(f"can derive 2..{from_bits} bits from a {from_bits}-bit checkpoint, not {to_bits}")
-    ratio = double_rounding.derive_ratio(from_bits, to_bits, sym, derivation is Derivation.RANGE)
-    return double_rounding.derive_codes(codes, zero, to_bits, ratio)
+    return double_rounding.derive_codes(codes, zero, to_bits, _ratio(from_bits, to_bits, sym, derivation))
 
 
 def derive_layer(layer: QuantLinear, bits: int, derivation: Derivation = Derivation.SHIFT) -> QuantLinear:
@@ -51,33 +55,32 @@ def derive_layer(layer: QuantLinear, bits: int, derivation: Derivation = Derivat
     scheme = layer.scheme
     if scheme.dtype is not DType.INT:
         raise SignRoundError(f"Double Rounding derives integer grids only; this layer is {scheme.dtype.value}")
+    ratio = _ratio(scheme.bits, bits, scheme.sym, derivation)
     scale, zero = layer.qparams()
-    codes, zero = derive_codes(layer.codes(), zero, scheme.bits, bits, scheme.sym, derivation)
-    new = scheme.replace(bits=bits)
-    ratio = double_rounding.derive_ratio(scheme.bits, bits, scheme.sym, derivation is Derivation.RANGE)
-    scale = scale.float() * ratio
-    derived = QuantLinear.from_codes(codes, scale, zero.float(), new, layer.bias)
+    codes, zero = double_rounding.derive_codes(layer.codes(), zero, bits, ratio)
+    derived = QuantLinear.from_codes(codes, scale.float() * ratio, zero.float(), scheme.replace(bits=bits), layer.bias)
     derived.set_act(layer.act, getattr(layer, "input_scale", None))  # quantized inputs stay as they were
     carry_online(layer, derived)  # and so does an online input rotation
     return derived
+
+
+def _wider(module: nn.Module, bits: int) -> list[tuple[str, QuantLinear]]:
+    """``(name, layer)`` of every ``QuantLinear`` of ``module`` stored wider than ``bits``."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantLinear) and m.scheme.bits > bits]
 
 
 @contextlib.contextmanager
 def served_at(module: nn.Module, bits: int, derivation: Derivation = Derivation.SHIFT) -> Iterator[nn.Module]:
     """Within the context, every ``QuantLinear`` of ``module`` wider than ``bits`` is replaced by its derived
     ``bits``-wide layer (:func:`derive_layer`); the original layers are put back on exit."""
-    swapped = []
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, QuantLinear) and layer.scheme.bits > bits:
-            parent_name, _, child = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, child, derive_layer(layer, bits, derivation))
-            swapped.append((parent, child, layer))
+    originals = _wider(module, bits)
+    for name, layer in originals:
+        module.set_submodule(name, derive_layer(layer, bits, derivation))
     try:
         yield module
     finally:
-        for parent, child, layer in swapped:
-            setattr(parent, child, layer)
+        for name, layer in originals:
+            module.set_submodule(name, layer)
 
 
 def serve_at_bits(model: nn.Module, bits: int) -> nn.Module:
@@ -101,12 +104,9 @@ def serve_at_bits(model: nn.Module, bits: int) -> nn.Module:
         raise SignRoundError(
             f"this checkpoint's derivation {recorded!r} is unknown to signround {__version__}; upgrade signround"
         ) from None
-    for name, layer in layers:
-        if layer.scheme.bits <= bits:
-            continue
-        parent_name, _, child = name.rpartition(".")
+    for name, layer in _wider(model, bits):
         derived = derive_layer(layer, bits, derivation)
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, derived)
+        model.set_submodule(name, derived)
         if isinstance(qc, dict) and name in qc.get("modules", {}):
             qc["modules"][name] = derived.scheme.to_dict()
     if isinstance(qc, dict):
