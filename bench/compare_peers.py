@@ -472,6 +472,11 @@ class Driver:
                      alg_ext=tool == "auto-round-alg-ext", opt_rtn=tool == "auto-round-opt-rtn")  # fmt: skip
         return r
 
+    @staticmethod
+    def tag(tool: str, cfg, budget: str, seed: int | None, key: str) -> str:
+        """A row's file names in --work (its model folder, with --keep-models, is ``<work>/<tag>``)."""
+        return f"{tool}-{'float' if cfg is None else config_name(*cfg)}-{budget}-s{seed}-{key}"
+
     def run_row(self, tool: str, cfg, budget: str, seed: int | None) -> dict | None:
         recipe = self.recipe(tool, cfg, budget, seed)
         key = recipe_key(recipe)
@@ -487,7 +492,7 @@ class Driver:
             return None
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"[{stamp}] {label} ({key})", flush=True)
-        tag = f"{tool}-{'float' if cfg is None else config_name(*cfg)}-{budget}-s{seed}-{key}"
+        tag = self.tag(tool, cfg, budget, seed, key)
         out, rep_path = self.work / tag, self.work / f"{tag}-report.json"
         try:
             if tool == "float":
@@ -907,8 +912,9 @@ def render(meta, rows, summary, cl, tg, failures, mixed, plot_line) -> str:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    """The options of the comparison (bench/peers_zeroshot.py adds its own to the same ones)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", default=str(DATA / "calib-c4.jsonl"))
     p.add_argument("--configs", default="2:128:asym,3:128:sym,4:128:asym", help="bits:group:sym|asym, comma-separated")
@@ -935,8 +941,12 @@ def main() -> None:
         "--key-commit", action="store_true", help="key signround rows on the commit too, not just its source hash"
     )
     p.add_argument("--cached", action="store_true", help="run nothing: tabulate the rows already in <results>")
-    args = p.parse_args()
-    args.command = "python bench/compare_peers.py " + shlex.join(sys.argv[1:])
+    return p
+
+
+def finish_args(args: argparse.Namespace, script: str = "compare_peers.py") -> argparse.Namespace:
+    """Split the comma lists, apply --budget-iters, record the command; stops on an unknown tool or budget."""
+    args.command = f"python bench/{script} " + shlex.join(sys.argv[1:])
     args.tools = args.tools.split(",")
     args.budgets = args.budgets.split(",")
     for item in filter(None, args.budget_iters.split(",")):  # smoke runs: light=1,default=2
@@ -947,6 +957,11 @@ def main() -> None:
     bad = (set(args.tools) - set(TOOLS)) | (set(args.budgets) - set(BUDGETS))
     if bad:
         raise SystemExit(f"unknown tool or budget {sorted(bad)}; tools {TOOLS}, budgets {sorted(BUDGETS)}")
+    return args
+
+
+def main() -> None:
+    args = finish_args(build_parser().parse_args())
     Path(args.work).mkdir(parents=True, exist_ok=True)
     lock = Path(args.work) / "driver.lock"
     try:
