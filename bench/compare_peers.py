@@ -44,6 +44,7 @@ bench/work/compare-peers/ (git-ignored).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -960,20 +961,27 @@ def finish_args(args: argparse.Namespace, script: str = "compare_peers.py") -> a
     return args
 
 
-def main() -> None:
-    args = finish_args(build_parser().parse_args())
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    lock = Path(args.work) / "driver.lock"
+@contextlib.contextmanager
+def work_lock(work: str):
+    """One driver per work folder (compare_peers and frontier share its rows and scratch files)."""
+    Path(work).mkdir(parents=True, exist_ok=True)
+    lock = Path(work) / "driver.lock"
     try:
         pid = int(lock.read_text())
         os.kill(pid, 0)
-        raise SystemExit(f"another compare_peers.py (pid {pid}) is using {args.work}")
+        raise SystemExit(f"another driver (pid {pid}) is using {work}")
     except (OSError, ValueError):
         lock.write_text(str(os.getpid()))
     try:
-        Driver(args).run()
+        yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def main() -> None:
+    args = finish_args(build_parser().parse_args())
+    with work_lock(args.work):
+        Driver(args).run()
 
 
 if __name__ == "__main__":
