@@ -550,8 +550,10 @@ class Driver:
         bits, group, sym, seed = recipe["bits"], recipe["group_size"], recipe["sym"], recipe["seed"]
         log = self.work / f"{tag}-quant.log"
         if tool in ("signround", "rtn"):
+            # signround at 0 iterations is its clipping search alone (a frontier point); rtn is data-free
+            method = "rtn" if tool == "rtn" else "search" if recipe["iters"] == 0 else "signround"
             flags = ["--bits", str(bits), "--group-size", str(group), *(["--sym"] if sym else []),
-                     "--method", "rtn" if tool == "rtn" else "signround", "--iters", str(recipe["iters"]),
+                     "--method", method, "--iters", str(recipe["iters"]),
                      "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size),
                      "--seed", str(seed if seed is not None else 42), "--dataset", a.dataset,
                      *(["--device", a.device] if a.device else [])]  # fmt: skip

@@ -5,8 +5,8 @@ tool in its own process, one perplexity call), so points shared with the peers c
 200 iterations, auto-round light / default / alg-ext, opt-RTN, GPTQ, RTN) are the same records, reused from
 ``<results>/compare-peers/rows/`` when their recipe matches, and new ones are added there too. Points:
 
-- ``signround`` at each of ``--sr-iters`` (default 10,25,50,100,200; 0 is plain RTN in signround today, the
-  ``rtn`` row, so a clipping-search-only point needs its own mode first),
+- ``signround`` at each of ``--sr-iters`` (default 0,10,25,50,100,200; 0 is ``--method search``, the
+  calibrated clipping search alone, recipe "search" in the JSON),
 - ``auto-round`` (its defaults, lr 1/iters) at ``--ar-iters`` (default 50,200: 200 is auto-round's default),
   ``auto-round-light`` (50, lr 5e-3), ``auto-round-alg-ext`` at ``--ar-iters``, ``auto-round-opt-rtn``,
 - ``gptq`` (llm-compressor) and ``rtn``.
@@ -76,6 +76,12 @@ class Frontier(Driver):
         print((self.results / f"{NAME}.md").read_text())
 
 
+def recipe_name(row: dict) -> str | None:
+    """signround's recipe of a row: "search" at 0 iterations (``--method search``), else None (its defaults at
+    the row's iterations; named recipes do not exist yet)."""
+    return "search" if row["tool"] == "signround" and row["iters"] == 0 else None
+
+
 def points(rows: list[dict]) -> list[dict]:
     """Mean over seeds per (config, tool, iters): ppl and quant seconds, with their ranges."""
     groups: dict[tuple, list[dict]] = {}
@@ -118,7 +124,7 @@ def write(d: Driver, rows: list[dict]) -> None:
     ttd = time_to_default(pts)
     fl = next((r for r in rows if r["tool"] == "float"), None)
     blob = {"command": d.args.command, "machine": machine(), "commit": d.commit, "versions": d.versions,
-            "rows": [{**{k: r.get(k) for k in KEEP}, "recipe": None} for r in rows], "points": pts,
+            "rows": [{**{k: r.get(k) for k in KEEP}, "recipe": recipe_name(r)} for r in rows], "points": pts,
             "time_to_autoround_default": ttd}  # fmt: skip
     (d.results / f"{NAME}.json").write_text(json.dumps(blob, indent=1) + "\n")
     lines = [
@@ -182,13 +188,11 @@ def plot(path: Path, pts: list[dict]) -> str:
 
 def main() -> None:
     p = build_parser(__doc__.splitlines()[0])
-    p.add_argument("--sr-iters", default="10,25,50,100,200", help="signround's points (iterations)")
+    p.add_argument("--sr-iters", default="0,10,25,50,100,200", help="signround's points (iterations; 0 = search)")
     p.add_argument("--ar-iters", default="50,200", help="auto-round's and alg-ext's points (iterations)")
     args = finish_args(p.parse_args(), "frontier.py")
     args.sr_iters = [int(x) for x in args.sr_iters.split(",")]
     args.ar_iters = [int(x) for x in args.ar_iters.split(",")]
-    if 0 in args.sr_iters:
-        raise SystemExit("--sr-iters 0 is plain RTN in signround (the rtn point); give iterations >= 1")
     with work_lock(args.work):
         Frontier(args).run()
 

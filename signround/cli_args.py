@@ -83,7 +83,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "Rounding's; asymmetric grids lose their top codes), range = round(c (2^b-1) / (2^B-1)) on asymmetric "
         "grids (the whole range kept; 8/4/2 nest exactly). Recorded in the checkpoint",
     )
-    p.add_argument("--method", choices=[m.value for m in Method], default="signround")
+    p.add_argument(
+        "--method",
+        choices=[m.value for m in Method],
+        default="signround",
+        help="signround (learned rounding), rtn (nearest, weights alone), search (calibrated clip search, no steps)",
+    )
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)

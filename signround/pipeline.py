@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import sys
 import time
@@ -32,7 +33,7 @@ from signround.act.hadamard import carry_online
 from signround.act.smooth import smooth_block
 from signround.calib.capture import block_output, capture_block_inputs, capture_block_kwargs, to_device
 from signround.calib.data import resolve_tokens
-from signround.config import ActScheme, Derivation, QuantConfig, QuantScheme, Routing, StarvedExperts
+from signround.config import ActScheme, Derivation, Method, QuantConfig, QuantScheme, Routing, StarvedExperts
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks, resolve_schemes
 from signround.model.experts import RoutingTape, routed_tokens
@@ -51,6 +52,7 @@ from signround.report import (
 from signround.runstate import RunState, fingerprint
 from signround.tune.experts import starved, tune_alone
 from signround.tune.rtn import tune_rtn
+from signround.tune.search import search_block
 from signround.tune.signround import (
     ActInputs,
     BlockData,
@@ -217,7 +219,7 @@ def starved_summary(report: RunReport, tune: Any) -> str | None:
         StarvedExperts.BLOCK: "tuned with their blocks on the tokens they got",
     }[tune.starved_experts]
     if tune.iters == 0:
-        what = "rounded to nearest like every layer"
+        what = "searched like every layer" if tune.method is Method.SEARCH else "rounded to nearest like every layer"
     block, fewest = min(hungry, key=lambda t: t[1]["tokens"])
     return (
         f"experts: {len(hungry)} of {experts} were routed fewer than {tune.expert_min_tokens} calibration tokens "
@@ -325,7 +327,7 @@ def _quantize_block(
         with served_at(block, b, tune.derivation):
             ctx.nested_inputs[b] = _run_block(block, xb, kwargs, tune.batch_size)
     final = output_loss(out, targets, tune.loss, tune.batch_size)
-    if result.steps == 0:  # plain RTN: its loss is the final loss, measured once above
+    if result.steps == 0 and math.isnan(result.rtn_loss):  # plain RTN: its loss is the final one, measured above
         result = dataclasses.replace(result, rtn_loss=final, first_loss=final, best_loss=final, last_loss=final)
     fp_inputs = targets
     q_inputs = out if tune.quant_inputs else fp_inputs
@@ -386,13 +388,14 @@ def _tune(
     if hungry:
         entries = [
             {"module": m, "expert": e, "tokens": expert_tokens[m][e],
-             "mode": tune.starved_experts.value if tune.iters > 0 else "rtn"}
+             "mode": tune.starved_experts.value if tune.iters > 0 else tune.method.value}
             for m, ids in hungry.items() for e in ids
         ]  # fmt: skip
         if tune.iters > 0 and tune.starved_experts is not StarvedExperts.BLOCK:
             alone = _tune_starved(ctx, i, block, fp_inputs, data.kwargs, entries, act)
     schemes = {n: s for n, s in ctx.plans[i].items() if n not in alone}
-    tuner = tune_block if tune.iters > 0 and schemes else tune_rtn  # nothing left to tune: no steps
+    tuner = tune_block if tune.iters > 0 else search_block if tune.method is Method.SEARCH else tune_rtn
+    tuner = tuner if schemes else tune_rtn  # nothing left to tune: no steps
     with tape.replaying(block) if tape and tape.index else nullcontext():
         result = tuner(block, data, schemes, tune, tune.seed + i, act, _hooks(ctx, on_step, tape))
     result.layers.update(alone)
@@ -533,7 +536,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
         "block_name_to_quantize": prefix,
         "packing": "int32, 32//bits codes per word along the input dimension, least significant bits first",
         "modules": modules,
-        "tuning": {"method": "rtn", "iters": 0}
+        "tuning": {"method": tune.method.value if tune.method is Method.SEARCH else "rtn", "iters": 0}
         if tune.iters == 0
         else {
             "method": tune.method.value,

@@ -22,10 +22,13 @@ class _Choice(str, enum.Enum):
 
 
 class Method(_Choice):
-    """How rounding is decided: learned (SignRound) or round-to-nearest."""
+    """How rounding is decided: learned (SignRound), round-to-nearest from the weights alone (RTN), or
+    round-to-nearest after the calibrated clipping search and no steps (``search``, see
+    :mod:`signround.tune.search`)."""
 
     SIGNROUND = "signround"
     RTN = "rtn"
+    SEARCH = "search"
 
 
 class Loss(_Choice):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from signround.config.choices import Derivation, ExpertUnits, ExportFormat, Rotation
+from signround.config.choices import Derivation, ExpertUnits, ExportFormat, Method, Rotation
 from signround.config.named import named_scheme
 from signround.config.scheme import (
     LayerRule,
@@ -133,6 +133,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the run needs calibration data: SignRound, static activation scales or smoothing."""
+        """Whether the run needs calibration data: SignRound, the clipping search, static activation scales or
+        smoothing."""
         static = self.act is not None and (self.act.granularity.is_static or self.smooth)
-        return self.tune.iters > 0 or static
+        return self.tune.iters > 0 or self.tune.method is Method.SEARCH or static

@@ -102,7 +102,8 @@ class TuneConfig:
     """How rounding and clipping are learned. Defaults are auto-round's.
 
     Attributes:
-        method: ``signround`` (learned) or ``rtn`` (round to nearest, no tuning).
+        method: ``signround`` (learned), ``rtn`` (round to nearest from the weights alone, no calibration) or
+            ``search`` (the calibrated clipping search of ``init="search"`` and no steps; ``iters`` is 0).
         iters: signed-gradient steps per block (0 means RTN).
         lr: step size of the rounding offsets; ``None`` means 1/iters.
         minmax_lr: step size of the clipping factors; ``None`` means ``lr``.
@@ -220,7 +221,13 @@ class TuneConfig:
             raise SignRoundError(f"init must be one of {', '.join(INITS)}, got {self.init!r}") from None
         if self.iters < 0:
             raise SignRoundError(f"iters must be >= 0, got {self.iters}")
-        if self.method is Method.RTN:
+        if self.method is Method.SEARCH:
+            if self.init is not Init.SEARCH:
+                raise SignRoundError("method search is the clipping search with no steps: it needs init search")
+            if self.nested or self.holdout:
+                what = "nested widths are" if self.nested else "holdout judges"
+                raise SignRoundError(f"method search takes no steps, and {what} for tuned blocks: use signround")
+        if self.method in (Method.RTN, Method.SEARCH):
             object.__setattr__(self, "iters", 0)
         if self.batch_size < 1:
             raise SignRoundError(f"batch size must be >= 1, got {self.batch_size}")
