@@ -56,7 +56,7 @@ class Frontier(Driver):
         for seed in a.seeds:
             for cfg in configs:
                 pts = [("gptq", "none"), ("auto-round-opt-rtn", "none")]
-                pts += [("auto-round-light", "light")] if "light" in BUDGETS and BUDGETS["light"] == 50 else []
+                pts += [("auto-round-light", "light")]  # its recipe fixes the light budget's iterations
                 for n in a.ar_iters:
                     pts += [("auto-round", budget_name(n)), ("auto-round-alg-ext", budget_name(n))]
                 pts += [("signround", budget_name(n)) for n in a.sr_iters]

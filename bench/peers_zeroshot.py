@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_name, machine, recipe_key, sh, source_sha  # noqa: E402
 from compare_peers import NAME, Driver, build_parser, finish_args, rel, venv_versions  # noqa: E402
-from zeroshot import DERIVED, TASKS  # noqa: E402
+from zeroshot import TASKS, task_columns  # noqa: E402
 
 TABLE = f"{NAME}-zeroshot"
 
@@ -51,9 +51,10 @@ def score(d: Driver, args, row: tuple, zs: dict, out_dir: Path) -> dict:
     base = {"config": "float" if cfg is None else config_name(*cfg), "tool": tool, "budget": budget, "seed": seed,
             "row_key": rkey}  # fmt: skip
     path = out_dir / f"{rkey}-{recipe_key(zs)}.json"
-    if path.is_file() and json.loads(path.read_text()).get("zeroshot_recipe") == zs:
+    done = json.loads(path.read_text()) if path.is_file() else None
+    if done is not None and done.get("zeroshot_recipe") == zs:
         print(f"reuse {label}: {path.name}", flush=True)
-        return json.loads(path.read_text())
+        return done
     if not (d.rows_dir / f"{rkey}.json").is_file():
         return {**base, "missing": "no compare-peers row with this recipe: run compare_peers.py with these options"}
     model = d.folder if tool == "float" else str(d.work / d.tag(tool, cfg, budget, seed, rkey))
@@ -77,7 +78,7 @@ def score(d: Driver, args, row: tuple, zs: dict, out_dir: Path) -> dict:
 
 def render(args, recs: list[dict]) -> str:
     tasks = args.tasks.split(",")
-    head = " | ".join(f"{t}{'*' if t in DERIVED else ''}" for t in tasks)
+    head = task_columns(tasks)
     lines = [
         "# compare-peers: zero-shot accuracy of the same checkpoints (lm-eval, local task files)",
         "",

@@ -39,9 +39,14 @@ def score(args: argparse.Namespace, model: str, label: str) -> dict:
     return signround_eval(model, Path(args.work) / f"zeroshot-{label}-limit{args.limit}.json", flags)
 
 
+def task_columns(tasks: list[str]) -> str:
+    """The tasks' table header cells, derived-data tasks starred."""
+    return " | ".join(f"{t}{'*' if t in DERIVED else ''}" for t in tasks)
+
+
 def render(rows: list[tuple[str, str, dict]], args: argparse.Namespace, command: str) -> str:
     tasks = args.tasks.split(",")
-    head = " | ".join(f"{t}{'*' if t in DERIVED else ''}" for t in tasks)
+    head = task_columns(tasks)
     lines = [
         "# SmolLM2-135M zero-shot accuracy (lm-eval 0.4.13, local task files)",
         "",

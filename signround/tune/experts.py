@@ -24,7 +24,7 @@ from signround.model.blocks import block_linears
 from signround.primitives import from_groups, to_groups
 from signround.tune.init import InputPower, init_clipping
 from signround.tune.rtn import tune_rtn
-from signround.tune.signround import ActInputs, BlockData, BlockResult, LayerResult, block_mse, tune_block
+from signround.tune.signround import ActInputs, BlockData, BlockResult, LayerResult, block_mse, finalized, tune_block
 from signround.tune.wrapper import TunableWeight
 
 
@@ -54,11 +54,7 @@ def _search_only(
     with power.recording({n: linears[n] for n in schemes}):
         expert_targets(expert, data.inputs, cfg.batch_size)
     init_clipping(tunables, power)
-    layers = {}
-    for name, t in tunables.items():
-        codes, scale, zero = t.finalize()
-        layers[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=t.scheme)
-    return layers
+    return finalized(tunables)
 
 
 def tune_alone(

@@ -19,7 +19,7 @@ from signround.act.quant import quantized_inputs
 from signround.config import QuantScheme, TuneConfig
 from signround.model.blocks import block_linears
 from signround.tune.init import InputPower, init_clipping
-from signround.tune.signround import NO_HOOKS, ActInputs, BlockData, BlockResult, LayerResult, TuneHooks, block_mse
+from signround.tune.signround import NO_HOOKS, ActInputs, BlockData, BlockResult, TuneHooks, block_mse, finalized
 from signround.tune.wrapper import TunableWeight
 
 
@@ -56,8 +56,4 @@ def search_block(
             rtn_loss = block_mse(block, data.inputs, data.targets, data.kwargs, cfg.batch_size, weights(), cfg.loss)
         init_clipping(tunables, power)
         loss = block_mse(block, data.inputs, data.targets, data.kwargs, cfg.batch_size, weights(), cfg.loss)
-    layers = {}
-    for name, t in tunables.items():
-        codes, scale, zero = t.finalize()
-        layers[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=t.scheme)
-    return BlockResult(layers, rtn_loss, rtn_loss, loss, loss, -1, 0, time.perf_counter() - t0)
+    return BlockResult(finalized(tunables), rtn_loss, rtn_loss, loss, loss, -1, 0, time.perf_counter() - t0)

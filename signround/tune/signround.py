@@ -68,6 +68,15 @@ class BlockResult:
     holdout: dict[str, Any] | None = None
 
 
+def finalized(tunables: dict[str, TunableWeight]) -> dict[str, LayerResult]:
+    """``{name: LayerResult}`` of each tunable's final codes, scale and zero point (:meth:`TunableWeight.finalize`)."""
+    out = {}
+    for name, t in tunables.items():
+        codes, scale, zero = t.finalize()
+        out[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=t.scheme)
+    return out
+
+
 # A float output token whose mean square is below this counts as having mean square TINY_POWER.
 TINY_POWER = 1e-6
 
@@ -354,10 +363,7 @@ def tune_block(
                     t.restore(best_state[name])
             if held is not None:
                 holdout = keep_better_start(block, tunables, start, start_loss, data, held, cfg)
-        layers = {}
-        for name, t in tunables.items():
-            codes, scale, zero = t.finalize()
-            layers[name] = LayerResult(codes=codes, scale=scale, zero=zero, scheme=t.scheme)
+        layers = finalized(tunables)
     finally:
         stack.close()
         for p in frozen:
