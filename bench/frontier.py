@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, pyplot  # noqa: E402
 from compare_peers import BUDGETS, TOOLS, Driver, build_parser, finish_args, stats, work_lock  # noqa: E402
 
+from signround.config import RECIPES  # noqa: E402
+
 NAME = "frontier"
 KEEP = ("config", "budget", "tool", "seed", "calib_sha256", "ppl", "quant_seconds", "peak_rss_gb", "iters",
         "nsamples", "seqlen", "eval_windows", "recipe_key", "commit")  # fmt: skip
@@ -77,9 +79,17 @@ class Frontier(Driver):
 
 
 def recipe_name(row: dict) -> str | None:
-    """signround's recipe of a row: "search" at 0 iterations (``--method search``), else None (its defaults at
-    the row's iterations; named recipes do not exist yet)."""
-    return "search" if row["tool"] == "signround" and row["iters"] == 0 else None
+    """signround's recipe of a row: "search" at 0 iterations (``--method search``); the name of the
+    ``--recipe`` whose steps and samples the row ran (at the bench's own sequence length, ``--seqlen``, the
+    same for every tool); else None (signround's defaults at the row's iterations)."""
+    if row["tool"] != "signround":
+        return None
+    if row["iters"] == 0:
+        return "search"
+    for name, spec in RECIPES.items():
+        if (spec.iters, spec.nsamples) == (row["iters"], row["nsamples"]):
+            return name.value
+    return None
 
 
 def points(rows: list[dict]) -> list[dict]:
@@ -92,7 +102,8 @@ def points(rows: list[dict]) -> list[dict]:
     for (config, tool, iters), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], TOOLS.index(kv[0][1]),
                                                                          kv[0][2])):  # fmt: skip
         secs = [r["quant_seconds"] for r in rs if r["quant_seconds"] is not None]
-        out.append({"config": config, "tool": tool, "iters": iters, "seeds": sorted(r["seed"] or 0 for r in rs),
+        out.append({"config": config, "tool": tool, "iters": iters, "recipe": recipe_name(rs[0]),
+                    "seeds": sorted(r["seed"] or 0 for r in rs),
                     "ppl": stats([r["ppl"] for r in rs]), "quant_seconds": stats(secs) if secs else None})  # fmt: skip
     return out
 
@@ -147,13 +158,20 @@ def write(d: Driver, rows: list[dict]) -> None:
             lines.append(f"- {t['config']}: **{t['ratio']:.2f}** (signround {t['signround_iters']} iters, ppl "
                          f"{t['signround_ppl']:.3f} vs auto-round default {t['autoround_ppl']:.3f}); "
                          f"target {'met' if t['target_0.33_met'] else 'not met'}")  # fmt: skip
-    lines += ["", "| config | tool | iters | seeds | ppl mean (min-max) | quant s mean |"]
-    lines += ["|---|---|---:|---|---:|---:|"]
+    lines += [
+        "",
+        "recipe: the signround `--recipe` whose steps and samples the point ran (at this bench's sequence "
+        "length); search = `--method search`.",
+        "",
+    ]
+    lines += ["| config | tool | iters | recipe | seeds | ppl mean (min-max) | quant s mean |"]
+    lines += ["|---|---|---:|---|---|---:|---:|"]
     for p in pts:
         st = p["ppl"]
         ppl = f"{st['mean']:.3f}" + (f" ({st['min']:.3f}-{st['max']:.3f})" if st["n"] > 1 else "")
         secs = "" if p["quant_seconds"] is None else f"{p['quant_seconds']['mean']:.0f}"
-        lines.append(f"| {p['config']} | {p['tool']} | {p['iters']} | {len(p['seeds'])} | {ppl} | {secs} |")
+        lines.append(f"| {p['config']} | {p['tool']} | {p['iters']} | {p['recipe'] or ''} | {len(p['seeds'])} | "
+                     f"{ppl} | {secs} |")  # fmt: skip
     plot_line = plot(d.results / f"{NAME}.png", pts)
     lines += ["", plot_line] if plot_line else []
     (d.results / f"{NAME}.md").write_text("\n".join(lines) + "\n")

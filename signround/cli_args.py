@@ -17,6 +17,7 @@ from signround.config import (
     Init,
     Loss,
     Method,
+    Recipe,
     Rotation,
     Routing,
     Sensitivity,
@@ -89,11 +90,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         default="signround",
         help="signround (learned rounding), rtn (nearest, weights alone), search (calibrated clip search, no steps)",
     )
-    p.add_argument("--iters", type=int, default=200, help="SignRound steps per block (0 = RTN)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="rounding step size (default 1/iters)")
+    p.add_argument(
+        "--recipe",
+        choices=[r.value for r in Recipe],
+        default=None,
+        help="tuning budget, filling what --iters/--nsamples/--seqlen/--batch-size/--lr leave unset: fast = 50 "
+        "steps; default = 200 steps on 128 x 2048 tokens, batch 8; best = 1000 steps on 512 x 2048",
+    )
+    p.add_argument("--iters", type=int, default=None, help="SignRound steps per block (0 = RTN; recipe's: 200)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (recipe's: 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence (recipe's: 2048)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (recipe's: 8)")
+    p.add_argument("--lr", type=float, default=None, help="rounding step size (recipe's: 1/iters)")
     p.add_argument("--minmax-lr", type=float, default=None, help="clipping step size (default = lr)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
@@ -359,7 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
 def quant_config(args: argparse.Namespace) -> Any:
     """The :class:`~signround.config.QuantConfig` of ``quantize``'s flags (validated: a combination the
     config refuses is refused here with the same message as in the Python API)."""
-    from signround.config import ActScheme, CalibConfig, ExportConfig, QuantConfig, TuneConfig, implied_scheme
+    from signround.config import (
+        ActScheme,
+        CalibConfig,
+        ExportConfig,
+        QuantConfig,
+        TuneConfig,
+        fill_from_recipe,
+        implied_scheme,
+    )
     from signround.config.named import named_scheme
 
     named = named_scheme(args.scheme) if args.scheme else None
@@ -375,8 +391,11 @@ def quant_config(args: argparse.Namespace) -> Any:
     scheme = implied_scheme(args.format, **fields, labels=labels)
     if args.nested and not args.serve_bits:
         raise SignRoundError("--nested tunes the widths the checkpoint serves; add --serve-bits (e.g. 4,2)")
+    budget = fill_from_recipe(args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                              batch_size=args.batch_size, lr=args.lr)  # fmt: skip
     tune = TuneConfig(
-        method=args.method, iters=args.iters, lr=args.lr, minmax_lr=args.minmax_lr, batch_size=args.batch_size,
+        method=args.method, iters=budget["iters"], lr=budget["lr"], minmax_lr=args.minmax_lr,
+        batch_size=budget["batch_size"],
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
         expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts, routing=args.routing,
@@ -402,7 +421,11 @@ def quant_config(args: argparse.Namespace) -> Any:
         layer_rules=args.layer_config,
         tune=tune,
         calib=CalibConfig(
-            dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir
+            dataset=args.dataset,
+            nsamples=budget["nsamples"],
+            seqlen=budget["seqlen"],
+            seed=args.seed,
+            data_dir=args.data_dir,
         ),
         serve_bits=args.serve_bits,
         act=act,

@@ -23,6 +23,7 @@ from signround.config.choices import (
     Init,
     Loss,
     Method,
+    Recipe,
     Rotation,
     Routing,
     Sensitivity,
@@ -32,6 +33,7 @@ from signround.config.choices import (
 from signround.config.implied import implied_scheme
 from signround.config.named import SCHEMES, NamedScheme, named_scheme
 from signround.config.quant import QuantConfig
+from signround.config.recipes import RECIPES, RecipeSpec, fill_from_recipe, recipe_spec
 from signround.config.scheme import (
     DEFAULT_BITS,
     DEFAULT_GROUP_SIZE,
@@ -83,6 +85,11 @@ __all__ = [
     "MixedSpec",
     "QuantConfig",
     "QuantScheme",
+    "RECIPES",
+    "Recipe",
+    "RecipeSpec",
+    "fill_from_recipe",
+    "recipe_spec",
     "Sensitivity",
     "Derivation",
     "Rotation",

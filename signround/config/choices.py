@@ -31,6 +31,14 @@ class Method(_Choice):
     SEARCH = "search"
 
 
+class Recipe(_Choice):
+    """A named tuning budget: steps, samples, batch and step size (see :mod:`signround.config.recipes`)."""
+
+    FAST = "fast"
+    DEFAULT = "default"
+    BEST = "best"
+
+
 class Loss(_Choice):
     """The block-output error SignRound tunes against (see :attr:`TuneConfig.loss`)."""
 

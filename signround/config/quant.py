@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from signround.config.choices import Derivation, ExpertUnits, ExportFormat, Method, Rotation
 from signround.config.named import named_scheme
+from signround.config.recipes import Recipe, recipe_spec
 from signround.config.scheme import (
     LayerRule,
     QuantScheme,
@@ -58,6 +60,26 @@ class QuantConfig:
     mixed: MixedSpec | None = None
     format_search: tuple[QuantScheme, ...] = ()
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: Recipe | str | None,
+        *,
+        tune: TuneConfig | dict[str, Any] | None = None,
+        calib: CalibConfig | dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> QuantConfig:
+        """The config of a named recipe (:mod:`signround.config.recipes`; None: the default one): its steps,
+        batch and step size in ``tune``, its samples and length in ``calib``. A dict for ``tune`` / ``calib``
+        overrides the recipe's fields (``tune={"seed": 1}``); a :class:`TuneConfig` / :class:`CalibConfig`
+        replaces them whole. ``fields`` are the other fields (``scheme="W4A16"``...)."""
+        spec = recipe_spec(recipe)
+        if not isinstance(tune, TuneConfig):
+            tune = TuneConfig(**{**spec.tune_fields(), **(tune or {})})
+        if not isinstance(calib, CalibConfig):
+            calib = CalibConfig(**{**spec.calib_fields(), **(calib or {})})
+        return cls(tune=tune, calib=calib, **fields)
 
     def __post_init__(self) -> None:
         if isinstance(self.scheme, str):  # a named scheme: its weights, and its activations unless act is given
