@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, pyplot  # noqa: E402
-from compare_peers import BUDGETS, TOOLS, Driver, build_parser, finish_args, stats, work_lock  # noqa: E402
+from compare_peers import Driver, build_parser, finish_args, work_lock  # noqa: E402
+from peers_tables import BUDGETS, TOOLS, stats  # noqa: E402
 
 from signround.config import RECIPES  # noqa: E402
 
