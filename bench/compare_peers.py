@@ -24,18 +24,19 @@ hashes what it drew and stops the run if it differs), auto-round gets the ids as
 ``{input_ids, attention_mask}`` samples, llm-compressor as a DataLoader of the same samples (batch 1,
 its default). Every row records the seed and ``calib_sha256``.
 
-Each quantization runs in its own process (peak RSS: VmHWM of that process; time: the tool's own span from
-model-in-memory to quantized, calibration included; ``process_seconds`` is the whole child, load and save
-included), then every model is scored by the same ``signround eval`` perplexity call. Within a seed the
-tools run interleaved (their order rotates with the seed and config) so the machine's drift hits them alike.
+Each quantization runs in its own process (bench/peers_children.py; peak RSS: VmHWM of that process; time:
+the tool's own span from model-in-memory to quantized, calibration included; ``process_seconds`` is the whole
+child, load and save included), then every model is scored by the same ``signround eval`` perplexity call.
+Within a seed the tools run interleaved (their order rotates with the seed and config) so the machine's drift
+hits them alike.
 
 A finished row is written to ``<results>/compare-peers/rows/<recipe_key>.json``: the key is a hash of the
 row's full recipe (tool and version, the runner's source, signround's source hash for signround's rows, flags,
 model, calibration hash, seed, evaluation windows and the source of signround/eval), so a rerun (on a fresh
 checkout too) reuses only rows whose recipe matches and continues where the last run stopped. Any edit under
 signround/ retires signround's and RTN's rows; the peers' rows survive it. The tables
-``<results>/compare-peers.{md,json,png}`` are rebuilt from the rows after every row. Work files go to
-bench/work/compare-peers/ (git-ignored).
+``<results>/compare-peers.{md,json,png}`` are rebuilt from the rows after every row (bench/peers_tables.py).
+Work files go to bench/work/compare-peers/ (git-ignored).
 
     .venv/bin/python bench/compare_peers.py --configs 2:128:asym,3:128:sym,4:128:asym --seeds 42,43,44 \\
         --budgets light,default --default-seeds 42 --eval-windows 20

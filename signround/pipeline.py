@@ -179,7 +179,8 @@ def run(
 def _start(model: nn.Module, cfg: QuantConfig, options: RunOptions, stream: BlockStream | None) -> _Run:
     """The run context: device, blocks and their per-layer schemes; refuses what cannot run."""
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_finite(model)
+    if stream is None:  # a streamed model's loader checks each tensor as it reads it (model.lazy)
+        check_finite(model)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if cfg.tune.amp and dev.type == "cpu" and not native_bf16_cpu():

@@ -113,6 +113,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     (about :data:`_FINITE_CHUNK` elements, at least one row; non-contiguous views are fine)."""
     if t.dim() == 0:
         return bool(torch.isfinite(t))
+    if t.numel() == 0:
+        return True
     rows = max(1, _FINITE_CHUNK // max(1, t[0].numel()))
     return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 

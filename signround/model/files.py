@@ -1,14 +1,21 @@
-"""Reading tensors out of safetensors files without keeping the file mapped: each tensor read straight into
-memory it owns (the block-streaming reader's and the loaders' one path to the bytes)."""
+"""Reading tensors out of safetensors files: :func:`read_safetensors` reads each tensor straight into memory it
+owns, nothing left mapped (the block-streaming reader's path: blocks are read whole and freed);
+:func:`map_safetensors` leaves the tensors that live the whole run and are read in part (a large vocabulary's
+embedding) on the file, as copy-on-write views of its memory map."""
 
 from __future__ import annotations
 
 import io
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 
 import torch
+
+from signround.errors import SignRoundError
+from signround.model.blocks import _all_finite
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -29,6 +36,81 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 # bytes per read when a tensor is cast while it is read (the only temporary besides the result)
 _READ_CHUNK = 1 << 24
+
+
+def _header(f: io.RawIOBase) -> tuple[int, dict]:
+    """``(first data byte, header)`` of an open safetensors file."""
+    f.seek(0)
+    (size,) = struct.unpack("<Q", f.read(8))
+    return 8 + size, json.loads(f.read(size))
+
+
+def map_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` as :func:`read_safetensors` gives them, except that a tensor stored in the dtype it is
+    wanted in comes back as a view of a private (copy-on-write) memory map of the file: only the pages the run
+    touches count in its RSS, and they are the file's, which the kernel can drop and read again: an embedding
+    costs the pages of the rows calibration looks up, not its whole size (0.67 GB for a tied 262144 x 640
+    float32 one). A write into such a tensor copies the page it touches; the file never
+    changes. Tensors stored in another dtype (or at an offset their dtype cannot view) are read and cast as
+    :func:`read_safetensors` does.
+
+    Every floating-point tensor is checked for NaN and Inf here, because a check of the returned tensor would
+    page the whole map in: the mapped ones by plain reads of the file in slices of :data:`_READ_CHUNK` bytes
+    (one buffer; the page cache is not the process's RSS), the cast ones after the cast.
+
+    Raises:
+        SafetensorError, OSError, KeyError: as :func:`read_safetensors`.
+        SignRoundError: a floating-point tensor holds NaN or Inf.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt"):  # validation first (header, offsets, length), as read_safetensors
+        pass
+    with open(path, "rb", buffering=0) as f:
+        data, header = _header(f)
+    mapped, read = [], []
+    for name in names:
+        stored = _SAFETENSORS_DTYPES[header[name]["dtype"]]
+        target = dtype if stored.is_floating_point else stored
+        begin = data + header[name]["data_offsets"][0]
+        n = int(torch.Size(header[name]["shape"]).numel())
+        (mapped if target == stored and n and begin % stored.itemsize == 0 else read).append(name)
+    out = read_safetensors(path, read, dtype) if read else {}
+    for name, t in out.items():
+        if t.is_floating_point() and not _all_finite(t):
+            raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")
+    if not mapped:
+        return out
+    with open(path, "rb", buffering=0) as f:
+        view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # stays open while a tensor holds it
+        # lookups are scattered rows: no readahead, which would page in their neighbours too
+        view.madvise(mmap.MADV_RANDOM)
+        for name in mapped:
+            info = header[name]
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (data + o for o in info["data_offsets"])
+            if end > len(view):
+                raise OSError(f"{name}: the file ends {end - len(view)} bytes before the tensor does")
+            n = (end - begin) // stored.itemsize
+            if stored.is_floating_point and not _finite_on_disk(f, begin, n, stored):
+                raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")
+            # the check's reads left these pages cached, and a fault maps the cached pages around it too:
+            # drop them, so that a lookup pages in only its own rows
+            os.posix_fadvise(f.fileno(), begin, end - begin, os.POSIX_FADV_DONTNEED)
+            out[name] = torch.frombuffer(view, dtype=stored, count=n, offset=begin).view(info["shape"])
+    return out
+
+
+def _finite_on_disk(f: io.RawIOBase, begin: int, n: int, stored: torch.dtype) -> bool:
+    """Whether the ``n`` values of ``stored`` dtype at byte ``begin`` of ``f`` are all finite (plain reads)."""
+    step = max(1, _READ_CHUNK // stored.itemsize)
+    buf = torch.empty(min(step, n), dtype=stored)
+    for i in range(0, n, step):
+        part = buf[: min(step, n - i)]
+        _read_exact(f, begin + i * stored.itemsize, part, "tensor")
+        if not bool(torch.isfinite(part).all()):
+            return False
+    return True
 
 
 def read_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -52,12 +134,11 @@ def read_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[s
         pass
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb", buffering=0) as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        data, header = _header(f)
         for name in names:
             info = header[name]
             stored = _SAFETENSORS_DTYPES[info["dtype"]]
-            begin = 8 + size + info["data_offsets"][0]
+            begin = data + info["data_offsets"][0]
             target = dtype if stored.is_floating_point else stored
             t = torch.empty(info["shape"], dtype=target)
             if target == stored:

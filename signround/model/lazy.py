@@ -24,7 +24,7 @@ from torch import nn
 from signround.errors import SignRoundError
 from signround.model.blocks import check_finite, find_blocks
 from signround.model.experts import UnfusedExperts, split_fused_state, unfuse_experts
-from signround.model.files import read_safetensors
+from signround.model.files import map_safetensors, read_safetensors
 from signround.model.tokenizer import load_tokenizer
 
 log = logging.getLogger("signround")
@@ -54,15 +54,18 @@ class SafetensorsIndex:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` for ``names`` (floating-point tensors cast to ``dtype``)."""
+    def load(self, names: list[str], dtype: torch.dtype, mapped: bool = False) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` for ``names`` (floating-point tensors cast to ``dtype``): read into owned memory,
+        or with ``mapped`` left on the files where they can be (:func:`~signround.model.files.map_safetensors`,
+        which also refuses NaN / Inf)."""
+        read = map_safetensors if mapped else read_safetensors
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, wanted in by_file.items():
-            try:  # plain reads into owned memory: nothing stays mapped (signround.model.files)
-                out.update(read_safetensors(path, wanted, dtype))
+            try:
+                out.update(read(path, wanted, dtype))
             except (SafetensorError, OSError) as exc:
                 raise SignRoundError(f"cannot read {path.name}: {exc}; the model files are corrupt") from None
         return out
@@ -72,9 +75,12 @@ def load_skeleton(
     folder: str | Path, dtype: torch.dtype = torch.float32, keep: bool = False
 ) -> tuple[nn.Module, Any, BlockStream]:
     """``(model, tokenizer, stream)``: the model with its blocks' parameters on the meta device and every
-    other tensor loaded; ``stream`` loads and releases blocks (see :class:`BlockStream`). With ``keep`` the
-    finished blocks stay in memory (the default quantize path: a block's float weights are read only when
-    its turn comes, and freed once it is packed; nothing is memory-mapped, so freed weights leave the RSS).
+    other tensor loaded (copy-on-write views of the files where their dtype allows: only the pages a run
+    touches are resident, e.g. the embedding rows of the calibration tokens); ``stream`` loads and releases
+    blocks (see :class:`BlockStream`). With ``keep`` the finished blocks stay in memory (the default quantize
+    path: a block's float weights are read only when its turn comes, into owned memory, so that a freed block
+    leaves the RSS). Every tensor is checked finite as it is read (the outside ones here, a block's when it is
+    read), so the pipeline does not check a streamed model again.
 
     Raises:
         SignRoundError: not an HF safetensors folder, or its weights do not fit its config.
@@ -96,7 +102,9 @@ def load_skeleton(
     prefix, blocks = find_blocks(model)
     _check_block_names(index, prefix, blocks)
     outside = [n for n in index.names() if not n.startswith(prefix + ".")]
-    result = model.load_state_dict(index.load(outside, dtype), strict=False, assign=True)
+    # the tensors outside the blocks live the whole run and are read in part (the embedding's looked-up rows;
+    # the output head is not used while tuning): left on the file, checked finite there
+    result = model.load_state_dict(index.load(outside, dtype, mapped=True), strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(prefix + ".")]
     if missing or result.unexpected_keys:

@@ -6,7 +6,12 @@ its ``VmHWM`` over the value after imports is compared with the weights' bytes. 
 ran ``torch.isfinite(p).all()`` on whole parameters, and by 0.174 GB (1.14x) with the sliced check; the
 weights themselves are the memory-mapped file, paged in once. ``read_safetensors`` rose by 1.01x the bytes it
 returns, where ``safe_open(...).get_tensor`` plus a copy (the block reader's old way) rose by 2.03x. The bounds,
-1.5x and 1.4x, leave room for allocator and page-cache noise and still fail on the old code.
+1.5x and 1.4x, leave room for allocator and page-cache noise and still fail on the old code. The quantize path's
+skeleton (``load_skeleton``: blocks on the meta device, the rest read) leaves the embedding on the file
+(``map_safetensors``): after a warm-up (modeling code imported, one tokenizer loaded) it rose by 0.35x the
+embedding's bytes mapped, nearly all of it a second tokenizer and a read buffer, where reading the embedding
+into owned memory adds 1x; the bound, 0.6x, fails on the old code. Without dropping the finiteness check's
+cached pages, scattered lookups paged in 0.6x of the embedding (the kernel maps cached neighbours on a fault).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from signround.errors import SignRoundError
 from signround.model import blocks, files
 from signround.model.blocks import check_finite
-from signround.model.files import read_safetensors
+from signround.model.files import map_safetensors, read_safetensors
+from signround.model.lazy import load_skeleton
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, HIDDEN = 65536, 512
@@ -51,9 +57,9 @@ def big_vocab(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-def measure(body: str, folder: Path) -> dict:
-    """Run ``body`` in a fresh process after the imports; it sets ``nbytes`` (the bytes it loaded). Returns
-    ``{"rise": VmHWM rise over the value after imports, "nbytes": ...}`` in bytes."""
+def measure(body: str, folder: Path, warm: str = "") -> dict:
+    """Run ``body`` in a fresh process after the imports and ``warm``; it sets ``nbytes`` (the bytes it loaded).
+    Returns ``{"rise": VmHWM rise over the value after imports, "nbytes": ...}`` in bytes."""
     code = f"""
 import json, sys
 import torch
@@ -62,6 +68,7 @@ from signround.model.files import read_safetensors
 from signround.model.load import load_model
 from signround.report import peak_rss_gb
 folder = sys.argv[1]
+{warm}
 base = peak_rss_gb()
 {body}
 print(json.dumps({{"rise": (peak_rss_gb() - base) * 1e9, "nbytes": nbytes}}))
@@ -141,3 +148,85 @@ def test_check_finite_finds_nan_past_the_first_slice(monkeypatch):
     transposed.w = torch.nn.Parameter(model[0].weight.detach().t())  # a non-contiguous view
     with pytest.raises(SignRoundError, match="weight w contains NaN or Inf"):
         check_finite(transposed)
+
+
+def test_skeleton_leaves_the_embedding_on_the_file(big_vocab):
+    body = """
+from signround.model.lazy import load_skeleton
+model, _, stream = load_skeleton(folder, keep=True)
+emb = model.model.embed_tokens.weight
+assert model.lm_head.weight.data_ptr() == emb.data_ptr()  # still tied
+rows = emb[torch.arange(0, emb.shape[0], 97)].sum()  # a lookup touches only its rows' pages
+nbytes = emb.numel() * emb.element_size()
+"""
+    # modeling code imported and a tokenizer loaded first: the skeleton's own rise is then a second tokenizer
+    # (about 0.03 GB) and one read buffer of the finiteness check
+    warm = """
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+from signround.model.tokenizer import load_tokenizer
+with init_empty_weights(include_buffers=False):
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+load_tokenizer(folder)
+"""
+    got = measure(body, big_vocab, warm)
+    assert got["nbytes"] == VOCAB * HIDDEN * 4
+    assert got["rise"] < 0.6 * got["nbytes"], f"the skeleton rose {got['rise'] / got['nbytes']:.2f}x the embedding"
+
+
+def test_skeleton_tensors_equal_the_files(big_vocab):
+    model, _, stream = load_skeleton(big_vocab, keep=True)
+    ref = load_file(big_vocab / "model.safetensors")
+    state = model.state_dict()
+    outside = [n for n in ref if not n.startswith(stream.prefix + ".")]
+    assert outside and all(torch.equal(state[n], ref[n]) for n in outside)
+
+
+def test_mapped_tensors_are_copy_on_write_and_match(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_READ_CHUNK", 1000)  # many slices per finiteness check
+    torch.manual_seed(0)
+    stored = {"f32": torch.randn(37, 11), "bf16": torch.randn(5).bfloat16(), "i64": torch.arange(7),
+              "empty": torch.randn(0, 3), "scalar": torch.tensor(2.5)}  # fmt: skip
+    path = tmp_path / "x.safetensors"
+    save_file(stored, path)
+    before = path.read_bytes()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = map_safetensors(path, list(stored), dtype)
+        for name, t in stored.items():
+            want = t.to(dtype) if t.is_floating_point() else t
+            assert got[name].dtype == want.dtype and torch.equal(got[name], want), (name, dtype)
+    got = map_safetensors(path, ["f32"], torch.float32)
+    got["f32"][3, 4] = 99.0  # a write copies its page: the file stays as it was
+    assert path.read_bytes() == before
+    assert torch.equal(map_safetensors(path, ["f32"], torch.float32)["f32"], stored["f32"])
+
+
+def test_map_safetensors_refuses_nan_without_paging_it_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_READ_CHUNK", 256)
+    w = torch.randn(64, 64)
+    w[60, 3] = float("nan")  # past the first slices
+    path = tmp_path / "x.safetensors"
+    save_file({"w": w, "ok": torch.randn(4)}, path)
+    with pytest.raises(SignRoundError, match=r"weight w contains NaN or Inf; the model file is corrupt"):
+        map_safetensors(path, ["ok", "w"], torch.float32)  # mapped (same dtype)
+    with pytest.raises(SignRoundError, match=r"weight w contains NaN or Inf"):
+        map_safetensors(path, ["w"], torch.bfloat16)  # read and cast
+    assert torch.equal(map_safetensors(path, ["ok"], torch.float32)["ok"], load_file(path)["ok"])
+
+
+def test_streamed_run_refuses_a_nan_embedding_in_one_line(tmp_path, tokenizer):
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5, 7] = float("inf")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    done = subprocess.run(
+        [sys.executable, "-m", "signround.cli", "quantize", "--model", str(tmp_path / "m"), "--method", "rtn",
+         "--output", str(tmp_path / "out"), "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and not (tmp_path / "out").exists()
+    assert "weight model.embed_tokens.weight contains NaN or Inf; the model file is corrupt" in done.stderr
+    assert "Traceback" not in done.stderr
