@@ -69,7 +69,8 @@ def main() -> None:
         help="comma-separated models to run: depth (the 1x/2x synthetic pair), smollm2, vocab (--vocab adds it)",
     )
     p.add_argument("--vocab", type=int, default=0, help="embedding rows of the large-vocabulary model (e.g. 262144)")
-    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where memory.md/.json/.png go")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where <name>.md/.json/.png go")
+    p.add_argument("--name", default="memory", help="the tables' file name (memory-vocab for a --rows vocab run)")
     args = p.parse_args()
     command = "python " + shlex.join(["bench/memory.py", *sys.argv[1:]])
     work = Path(args.work)
@@ -102,7 +103,7 @@ def main() -> None:
             tool = "auto-round 0.16.1"
             rows.append({"model": label, "tool": tool, "peak_rss_gb": rep["peak_rss_gb"], "seconds": rep["seconds"]})
             write(command, args, rows)
-    print((Path(args.results) / "memory.md").read_text())
+    print((Path(args.results) / f"{args.name}.md").read_text())
 
 
 def vocab_label(vocab: int) -> str:
@@ -113,7 +114,7 @@ def vocab_label(vocab: int) -> str:
 def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "memory.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    (results / f"{args.name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Peak memory of a quantization run",
         "",
@@ -148,8 +149,8 @@ def write(command: str, args: argparse.Namespace, rows: list[dict]) -> None:
             key, ref = (model, tool), (model, "auto-round 0.16.1")
             if key in by and ref in by:
                 lines.append(f"- {model}, {tool} / auto-round peak RSS = {by[key] / by[ref]:.3f}")
-    (results / "memory.md").write_text("\n".join(lines) + "\n")
-    plot(rows, results / "memory.png")
+    (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, results / f"{args.name}.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
