@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -92,7 +93,9 @@ def map_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[st
             if end > len(view):
                 raise OSError(f"{name}: the file ends {end - len(view)} bytes before the tensor does")
             n = (end - begin) // stored.itemsize
-            if stored.is_floating_point and not _finite_on_disk(f, begin, n, stored):
+            if stored.is_floating_point and not all(
+                bool(torch.isfinite(p).all()) for _, p in _slices(f, begin, n, stored, name)
+            ):
                 raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")
             # the check's reads left these pages cached, and a fault maps the cached pages around it too:
             # drop them, so that a lookup pages in only its own rows
@@ -101,16 +104,15 @@ def map_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[st
     return out
 
 
-def _finite_on_disk(f: io.RawIOBase, begin: int, n: int, stored: torch.dtype) -> bool:
-    """Whether the ``n`` values of ``stored`` dtype at byte ``begin`` of ``f`` are all finite (plain reads)."""
+def _slices(f: io.RawIOBase, begin: int, n: int, stored: torch.dtype, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first index, values)`` of the ``n`` values of ``stored`` dtype at byte ``begin`` of ``f``, read in
+    slices of :data:`_READ_CHUNK` bytes into one reused buffer (each slice is valid until the next)."""
     step = max(1, _READ_CHUNK // stored.itemsize)
     buf = torch.empty(min(step, n), dtype=stored)
     for i in range(0, n, step):
         part = buf[: min(step, n - i)]
-        _read_exact(f, begin + i * stored.itemsize, part, "tensor")
-        if not bool(torch.isfinite(part).all()):
-            return False
-    return True
+        _read_exact(f, begin + i * stored.itemsize, part, name)
+        yield i, part
 
 
 def read_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -144,11 +146,8 @@ def read_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[s
             if target == stored:
                 _read_exact(f, begin, t.view(-1), name)
             else:
-                flat, step = t.view(-1), max(1, _READ_CHUNK // stored.itemsize)
-                buf = torch.empty(min(step, flat.numel()), dtype=stored)
-                for i in range(0, flat.numel(), step):
-                    part = buf[: min(step, flat.numel() - i)]
-                    _read_exact(f, begin + i * stored.itemsize, part, name)
+                flat = t.view(-1)
+                for i, part in _slices(f, begin, flat.numel(), stored, name):
                     flat[i : i + part.numel()].copy_(part)
             out[name] = t
     return out
