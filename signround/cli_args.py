@@ -134,6 +134,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="tuning objective: per-token error relative to the float output (default) or auto-round's plain MSE",
     )
     p.add_argument(
+        "--drop-outliers",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="leave the largest FRACTION of each step's squared output errors out of the tuning loss "
+        "(auto-round's outlier-suppressed loss uses 0.001; default 0: off)",
+    )
+    p.add_argument(
         "--init",
         choices=[v.value for v in Init],
         default="search",
@@ -399,7 +407,8 @@ def quant_config(args: argparse.Namespace) -> Any:
         use_best=not args.use_last, seed=args.seed, amp=args.amp, quant_inputs=not args.fp_inputs,
         loss=args.loss, init=args.init, torch_compile=args.enable_torch_compile,
         expert_min_tokens=args.expert_min_tokens, starved_experts=args.starved_experts, routing=args.routing,
-        holdout=args.holdout, nested=(args.serve_bits or "") if args.nested else (), derivation=args.derivation,
+        holdout=args.holdout, drop_outliers=args.drop_outliers,
+        nested=(args.serve_bits or "") if args.nested else (), derivation=args.derivation,
     )  # fmt: skip
     act = None
     base = named.act if named is not None else None

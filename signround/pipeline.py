@@ -550,6 +550,7 @@ def quantization_config(model: nn.Module, cfg: QuantConfig, prefix: str, report:
             "amp": tune.amp,
             "loss": tune.loss.value,
             "init": tune.init.value,
+            **({"drop_outliers": tune.drop_outliers} if tune.drop_outliers else {}),
             **({} if tune.quant_inputs else {"quant_inputs": False}),
             **({"torch_compile": True} if tune.torch_compile else {}),
             "nsamples": report.nsamples,

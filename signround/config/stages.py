@@ -156,6 +156,11 @@ class TuneConfig:
             them with the tuned rounding is compared with its loss at the start (the clipping search's
             rounding, plain rounding with ``init none``), and a block the steps made worse there keeps its
             start. The run report says which blocks did (``BlockReport.holdout``).
+        drop_outliers: the fraction of each step's largest squared block-output errors (over the whole batch
+            tensor, ``batch x seqlen x hidden``) left out of the tuning loss, so that a few extreme output
+            elements do not steer the step (auto-round's outlier-suppressed loss: 0.001 in its
+            ``enable_alg_ext`` path below 4 bits). The best step is chosen by the same loss; the losses the
+            report gives (start, final, held-out) stay the full error. 0 (default): nothing left out.
         nested: lower integer widths tuned together with the stored one (nested precision; the Double Rounding
             widths the checkpoint serves, ``--nested`` with ``--serve-bits``): every step's loss is the weighted
             mean of the block-output losses of the stored codes and of the codes derived at each width, each
@@ -185,6 +190,7 @@ class TuneConfig:
     starved_experts: StarvedExperts = StarvedExperts.OWN
     routing: Routing = Routing.TEACHER
     holdout: int = 0
+    drop_outliers: float = 0.0
     nested: tuple[int, ...] = ()
     derivation: Derivation = Derivation.SHIFT
 
@@ -207,6 +213,8 @@ class TuneConfig:
             object.__setattr__(self, "routing", Routing(self.routing))
         except ValueError:
             raise SignRoundError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}") from None
+        if not 0 <= self.drop_outliers < 0.5:
+            raise SignRoundError(f"drop_outliers is a fraction of the errors in [0, 0.5), got {self.drop_outliers}")
         if self.holdout < 0:
             raise SignRoundError(f"holdout must be >= 0 samples, got {self.holdout}")
         if self.expert_min_tokens < 0:

@@ -91,14 +91,31 @@ def token_weights(target: torch.Tensor, loss: str) -> torch.Tensor:
     return 1.0 / power.clamp(min=TINY_POWER)
 
 
+def drop_largest(sq: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``sq`` (squared errors, any shape) with its ``max(1, floor(fraction * numel))`` largest elements set to
+    0 (ties at the cut all go), so they add nothing to the loss and get no gradient; ``fraction`` 0 returns
+    ``sq`` itself. auto-round's outlier-suppressed loss (its ``enable_alg_ext`` path, below 4 bits)."""
+    if fraction <= 0:
+        return sq
+    flat = sq.detach().reshape(-1)
+    k = min(max(1, int(fraction * flat.numel())), flat.numel())
+    cut = torch.topk(flat, k, sorted=False).values.min()
+    return torch.where(sq.detach() >= cut, torch.zeros_like(sq), sq)
+
+
 def token_errors(
-    out: torch.Tensor, target: torch.Tensor, loss: str = "mse", weights: torch.Tensor | None = None
+    out: torch.Tensor,
+    target: torch.Tensor,
+    loss: str = "mse",
+    weights: torch.Tensor | None = None,
+    drop: float = 0.0,
 ) -> torch.Tensor:
     """Per-token error ``[..., seqlen]`` float32 of block outputs ``out`` against ``target`` (both
     ``[..., seqlen, hidden]``): the mean squared error over the hidden dimension, times
     :func:`token_weights` (pass ``weights`` precomputed to skip that). The tuning loss is the mean over
-    tokens."""
-    err = (out.float() - target.float()).pow(2).mean(-1)
+    tokens. ``drop``: the fraction of the largest squared errors of the whole tensor left out
+    (:func:`drop_largest`; the mean still divides by the hidden width)."""
+    err = drop_largest((out.float() - target.float()).pow(2), drop).mean(-1)
     return err * (token_weights(target, loss) if weights is None else weights)
 
 
@@ -281,7 +298,7 @@ def tune_block(
             for coef, x, substituted in zip(coefs, width_inputs, weight_sets(), strict=True):
                 with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     out = block_output(functional_call(block, substituted, (x[idx],), kwargs))
-                err = token_errors(out, targets[idx], weights=per_token[idx])
+                err = token_errors(out, targets[idx], weights=per_token[idx], drop=cfg.drop_outliers)
                 part = err.mean() if denominator is None else err.sum() / denominator
                 part = part if coef == 1.0 else part * coef
                 total = part if total is None else total + part

@@ -113,6 +113,39 @@ def test_relative_loss_weighs_every_token_alike():
     assert abs(output_loss(out, target, "mse", batch_size=1) - torch.nn.functional.mse_loss(out, target).item()) < 1e-3
 
 
+def test_drop_largest_leaves_out_exactly_the_largest_errors_and_their_gradient():
+    from signround.tune.signround import drop_largest
+
+    sq = torch.rand(4, 50, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    kept = drop_largest(sq, 0.01)  # 20 of 2000 elements
+    dropped = kept.detach() == 0
+    assert int(dropped.sum()) == 20
+    assert float(sq.detach()[dropped].min()) > float(sq.detach()[~dropped].max())
+    kept.sum().backward()
+    assert torch.equal(sq.grad, (~dropped).float())
+    assert drop_largest(sq, 0.0) is sq
+    assert int((drop_largest(sq.detach(), 1e-9) == 0).sum()) == 1  # at least one element goes
+    # in the per-token loss the dropped errors count as 0 and the mean still divides by the hidden width
+    out, target = torch.zeros(1, 2, 4), torch.tensor([[[1.0, 1.0, 1.0, 9.0], [1.0, 1.0, 1.0, 1.0]]])
+    torch.testing.assert_close(token_errors(out, target, drop=0.125), torch.tensor([[0.75, 1.0]]))
+
+
+def test_drop_outliers_changes_the_tuning_not_the_reported_losses():
+    block, x, y, kw, schemes = _block_setup(bits=2)
+    x = x.clone()
+    x[:, 3] *= 50.0  # one position with outlier outputs, which the plain loss is steered by
+    y = _run_block(block, x, kw, 8)
+    plain = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=20, batch_size=4), seed=0)
+    drop = tune_block(block, BlockData(x, y, kw), schemes, TuneConfig(iters=20, batch_size=4, drop_outliers=0.01),
+                      seed=0)  # fmt: skip
+    assert any(not torch.equal(plain.layers[n].codes, drop.layers[n].codes) for n in plain.layers)
+    # the start is the same full-error measurement; the step losses are the smaller, dropped ones
+    assert drop.rtn_loss == plain.rtn_loss
+    assert drop.losses[0] < plain.losses[0]
+    with pytest.raises(SignRoundError, match=r"drop_outliers is a fraction of the errors in \[0, 0.5\)"):
+        TuneConfig(drop_outliers=0.5)
+
+
 def test_unknown_loss_is_refused():
     with pytest.raises(SignRoundError, match="loss must be one of relative, mse"):
         TuneConfig(loss="l1")
@@ -201,3 +234,15 @@ def test_torch_compile_tuning_matches_eager():
     )
     assert comp.losses == pytest.approx(eager.losses, rel=1e-4)
     assert all(torch.equal(eager.layers[n].codes, comp.layers[n].codes) for n in eager.layers)
+
+
+def test_drop_outliers_flag_reaches_the_config_and_bad_values_are_refused():
+    from signround.cli_args import build_parser, quant_config
+
+    def cfg(*flags):
+        return quant_config(build_parser().parse_args(["quantize", "--model", "m", "--output", "o", *flags]))
+
+    assert cfg().tune.drop_outliers == 0.0
+    assert cfg("--drop-outliers", "0.001").tune.drop_outliers == 0.001
+    with pytest.raises(SignRoundError, match="drop_outliers is a fraction"):
+        cfg("--drop-outliers", "-1")
