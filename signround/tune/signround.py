@@ -100,7 +100,7 @@ def drop_largest(sq: torch.Tensor, fraction: float) -> torch.Tensor:
     flat = sq.detach().reshape(-1)
     k = min(max(1, int(fraction * flat.numel())), flat.numel())
     cut = torch.topk(flat, k, sorted=False).values.min()
-    return torch.where(sq.detach() >= cut, torch.zeros_like(sq), sq)
+    return sq.masked_fill(sq.detach() >= cut, 0.0)
 
 
 def token_errors(
