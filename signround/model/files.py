@@ -69,20 +69,19 @@ def map_safetensors(path: Path, names: list[str], dtype: torch.dtype) -> dict[st
         pass
     with open(path, "rb", buffering=0) as f:
         data, header = _header(f)
-    mapped, read = [], []
-    for name in names:
-        stored = _SAFETENSORS_DTYPES[header[name]["dtype"]]
-        target = dtype if stored.is_floating_point else stored
-        begin = data + header[name]["data_offsets"][0]
-        n = int(torch.Size(header[name]["shape"]).numel())
-        (mapped if target == stored and n and begin % stored.itemsize == 0 else read).append(name)
-    out = read_safetensors(path, read, dtype) if read else {}
-    for name, t in out.items():
-        if t.is_floating_point() and not _all_finite(t):
-            raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")
-    if not mapped:
-        return out
-    with open(path, "rb", buffering=0) as f:
+        mapped, read = [], []
+        for name in names:
+            stored = _SAFETENSORS_DTYPES[header[name]["dtype"]]
+            target = dtype if stored.is_floating_point else stored
+            begin = data + header[name]["data_offsets"][0]
+            n = int(torch.Size(header[name]["shape"]).numel())
+            (mapped if target == stored and n and begin % stored.itemsize == 0 else read).append(name)
+        out = read_safetensors(path, read, dtype) if read else {}
+        for name, t in out.items():
+            if t.is_floating_point() and not _all_finite(t):
+                raise SignRoundError(f"weight {name} contains NaN or Inf; the model file is corrupt")
+        if not mapped:
+            return out
         view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # stays open while a tensor holds it
         # lookups are scattered rows: no readahead, which would page in their neighbours too
         view.madvise(mmap.MADV_RANDOM)
