@@ -6,7 +6,10 @@ Python API is not) on a tiny random-init model from ``tests/conftest.py``, insid
 folder with *relative* paths (``config.json`` records the dataset path), on the CPU with 2 threads. A
 quantize case's fingerprint is the sha256 of every file under its output folder (relative path -> hex
 digest); a refusal's is ``[exit code, first stderr line]``. The expected values are in
-``tests/golden/golden.json``.
+``tests/golden/golden.json``. transformers stamps its version into every ``config.json`` and
+``generation_config.json`` it writes; the JSON records which version stamped the reference's files
+(``transformers_version`` in ``generated_with``), and the test rewrites that one stamp to it before hashing, so a
+new transformers release does not read as a change of behaviour (every other byte still counts).
 
 Regenerate (only with the code whose behaviour is the reference, never to make a failing case pass):
 
@@ -30,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -119,11 +123,23 @@ def _write_inputs(family: str) -> None:
     Path("calib.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(40, seed=1)))
 
 
-def fingerprint(folder: str | Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, keyed by its path relative to it."""
+_STAMP = re.compile(rb'"transformers_version": "[^"]*"')
+
+
+def _file_bytes(path: Path, stamp: str | None) -> bytes:
+    """``path``'s bytes; for a ``.json`` file with ``stamp`` given, its transformers version stamp set to it."""
+    data = path.read_bytes()
+    if stamp is None or path.suffix != ".json":
+        return data
+    return _STAMP.sub(f'"transformers_version": "{stamp}"'.encode(), data)
+
+
+def fingerprint(folder: str | Path, stamp: str | None = None) -> dict[str, str]:
+    """sha256 of every file under ``folder``, keyed by its path relative to it; ``stamp`` normalizes the
+    transformers version that ``save_pretrained`` writes into JSON files (None: the bytes as they are)."""
     root = Path(folder)
     return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        p.relative_to(root).as_posix(): hashlib.sha256(_file_bytes(p, stamp)).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -139,8 +155,8 @@ def _cli(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def run_case(case: str) -> dict:
-    """Run one case in the current (empty) working folder; its golden record."""
+def run_case(case: str, stamp: str | None = None) -> dict:
+    """Run one case in the current (empty) working folder; its golden record (``stamp``: see ``fingerprint``)."""
     if case in REFUSED:
         _write_inputs("llama")
         code, err = _cli(["quantize", "--model", "model", "--output", "out", *COMMON, *REFUSED[case]])
@@ -152,14 +168,14 @@ def run_case(case: str) -> dict:
         assert code == 0, err
         code, err = _cli(["export", "--model", "q", "--format", "gptq", "--output", "out", "--quiet"])
         assert code == 0, err
-        return {"files": fingerprint("out"), "source_files": fingerprint("q")}
+        return {"files": fingerprint("out", stamp), "source_files": fingerprint("q", stamp)}
     family, flags = QUANTIZE[case]
     _write_inputs(family)
     code, err = _cli(["quantize", "--model", "model", "--output", "out", *COMMON, *flags])
     if code != 0:  # a refusal is recorded as such (and must then stay a refusal)
         lines = err.strip().splitlines()
         return {"refused": [code, lines[0] if lines else ""], "output_written": Path("out").exists()}
-    return {"files": fingerprint("out")}
+    return {"files": fingerprint("out", stamp)}
 
 
 def _load_golden() -> dict:
@@ -188,12 +204,20 @@ def expected(golden: dict, case: str) -> dict | None:
     return golden.get("by_capability", {}).get(_capability(), {}).get(case, golden["cases"].get(case))
 
 
+def _stamp(golden: dict, case: str) -> str | None:
+    """The transformers version that stamped the JSON files of ``case``'s record (None where not recorded)."""
+    if case in golden.get("by_capability", {}).get(_capability(), {}):
+        return golden["by_capability_generated_with"][_capability()].get("transformers_version")
+    return golden["generated_with"].get("transformers_version")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case, tmp_path, monkeypatch):
-    want = expected(_load_golden(), case)
+    golden = _load_golden()
+    want = expected(golden, case)
     assert want is not None, f"no golden record for {case}; regenerate with the reference code (see the docstring)"
     monkeypatch.chdir(tmp_path)
-    got = run_case(case)
+    got = run_case(case, _stamp(golden, case))
     assert got == want, _describe(want, got)
 
 
@@ -217,6 +241,7 @@ def _main(argv: list[str]) -> int:
     import time
 
     import torch
+    import transformers
 
     parser = argparse.ArgumentParser(description="write or check tests/golden/golden.json")
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -250,7 +275,7 @@ def _main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             os.chdir(tmp)
             try:
-                results[case] = run_case(case)
+                results[case] = run_case(case, _stamp(old, case) if args.check and expected(old, case) else None)
             finally:
                 os.chdir(here)
         if args.check and results[case] != expected(old, case):
@@ -265,13 +290,15 @@ def _main(argv: list[str]) -> int:
             parser.error("--for-this-cpu needs --only")
         by_cap = old.setdefault("by_capability", {})
         by_cap[_capability()] = {**by_cap.get(_capability(), {}), **results}
-        old.setdefault("by_capability_generated_with", {})[_capability()] = {"commit": commit, "modified": dirty}
+        old.setdefault("by_capability_generated_with", {})[_capability()] = {
+            "commit": commit, "modified": dirty, "transformers_version": transformers.__version__}  # fmt: skip
         GOLDEN.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
         print(f"wrote {GOLDEN} ({len(results)} cases for {_capability()})", file=sys.stderr)
         return 0
     merged = {**old["cases"], **results} if args.only else results
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    data = {"generated_with": {"source": str(src), "commit": commit, "modified": dirty}, "cases": merged}
+    made = {"source": str(src), "commit": commit, "modified": dirty, "transformers_version": transformers.__version__}
+    data = {"generated_with": made, "cases": merged}
     for key in ("by_capability", "by_capability_generated_with"):
         if key in old:
             data[key] = old[key]
