@@ -136,10 +136,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drop-outliers",
         type=float,
-        default=0.0,
+        default=None,
         metavar="FRACTION",
         help="leave the largest FRACTION of each step's squared output errors out of the tuning loss "
-        "(auto-round's outlier-suppressed loss uses 0.001; default 0: off)",
+        "(auto-round's outlier-suppressed loss; default: 0.001 below 4 bits, else 0; 0 turns it off)",
     )
     p.add_argument(
         "--init",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from signround.config.choices import Derivation, ExpertUnits, ExportFormat, Method, Rotation
@@ -16,7 +16,7 @@ from signround.config.scheme import (
     parse_serve_bits,
     resolve_scheme,
 )
-from signround.config.stages import ActScheme, CalibConfig, ExportConfig, MixedSpec, TuneConfig
+from signround.config.stages import ActScheme, CalibConfig, ExportConfig, MixedSpec, TuneConfig, auto_drop_outliers
 from signround.errors import SignRoundError
 
 
@@ -32,7 +32,8 @@ class QuantConfig:
             when ``act`` is None).
         layer_rules: per-layer overrides, later ones winning: rules, or ``{regex: {"bits": 8}}`` (a dict, JSON
             text or a .json path; ``null`` keeps a layer float) parsed over ``scheme``.
-        tune: how rounding is learned. calib: which calibration tokens.
+        tune: how rounding is learned (its ``drop_outliers`` None becomes the scheme's default,
+            :func:`~signround.config.stages.auto_drop_outliers`). calib: which calibration tokens.
         serve_bits: Double Rounding: lower widths the checkpoint also serves (``"6,4,3,2"`` or a sequence).
         act: quantize every quantized linear's input (fake-quant). smooth: with ``act``, fold searched
             per-channel smoothing scales into the norms / up_proj first.
@@ -89,6 +90,8 @@ class QuantConfig:
                 object.__setattr__(self, "act", named.act)
         scheme = resolve_scheme(self.scheme)
         object.__setattr__(self, "scheme", scheme)
+        if self.tune.drop_outliers is None:  # the scheme's default (auto-round's rule: on below 4 bits)
+            object.__setattr__(self, "tune", replace(self.tune, drop_outliers=auto_drop_outliers(scheme.bits)))
         if not (isinstance(self.layer_rules, tuple) and all(isinstance(r, LayerRule) for r in self.layer_rules)):
             object.__setattr__(self, "layer_rules", parse_layer_config(self.layer_rules, scheme))
         object.__setattr__(self, "serve_bits", parse_serve_bits(self.serve_bits, scheme))

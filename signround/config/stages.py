@@ -91,6 +91,19 @@ class ActScheme:
 
 
 # The values, for argparse's choices
+# auto-round's outlier-suppressed loss (its enable_alg_ext path) leaves this fraction out below 4 bits.
+AUTO_DROP_OUTLIERS = 0.001
+AUTO_DROP_BELOW_BITS = 4
+
+
+def auto_drop_outliers(bits: int) -> float:
+    """The default :attr:`TuneConfig.drop_outliers` of a run whose scheme is ``bits`` wide: 0.001 below 4 bits,
+    else 0. Measured on SmolLM2-135M (bench/results/compare-peers.md): below 4 bits, dropping the largest 0.1%
+    of the output errors lowered perplexity (W3G128-sym 35.97 -> 33.56, W2G128-asym 133.02 -> 127.74 at seed
+    42, light budget)."""
+    return AUTO_DROP_OUTLIERS if bits < AUTO_DROP_BELOW_BITS else 0.0
+
+
 LOSSES = tuple(m.value for m in Loss)
 INITS = tuple(m.value for m in Init)
 STARVED = tuple(m.value for m in StarvedExperts)
@@ -160,7 +173,9 @@ class TuneConfig:
             tensor, ``batch x seqlen x hidden``) left out of the tuning loss, so that a few extreme output
             elements do not steer the step (auto-round's outlier-suppressed loss: 0.001 in its
             ``enable_alg_ext`` path below 4 bits). The best step is chosen by the same loss; the losses the
-            report gives (start, final, held-out) stay the full error. 0 (default): nothing left out.
+            report gives (start, final, held-out) stay the full error. 0: nothing left out. None (the default):
+            :func:`auto_drop_outliers` of the run's scheme, which :class:`~signround.config.QuantConfig` sets:
+            0.001 below 4 bits, else 0 (a TuneConfig used on its own reads None as 0).
         nested: lower integer widths tuned together with the stored one (nested precision; the Double Rounding
             widths the checkpoint serves, ``--nested`` with ``--serve-bits``): every step's loss is the weighted
             mean of the block-output losses of the stored codes and of the codes derived at each width, each
@@ -190,7 +205,7 @@ class TuneConfig:
     starved_experts: StarvedExperts = StarvedExperts.OWN
     routing: Routing = Routing.TEACHER
     holdout: int = 0
-    drop_outliers: float = 0.0
+    drop_outliers: float | None = None
     nested: tuple[int, ...] = ()
     derivation: Derivation = Derivation.SHIFT
 
@@ -213,7 +228,7 @@ class TuneConfig:
             object.__setattr__(self, "routing", Routing(self.routing))
         except ValueError:
             raise SignRoundError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}") from None
-        if not 0 <= self.drop_outliers < 0.5:
+        if self.drop_outliers is not None and not 0 <= self.drop_outliers < 0.5:
             raise SignRoundError(f"drop_outliers is a fraction of the errors in [0, 0.5), got {self.drop_outliers}")
         if self.holdout < 0:
             raise SignRoundError(f"holdout must be >= 0 samples, got {self.holdout}")

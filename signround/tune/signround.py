@@ -298,7 +298,7 @@ def tune_block(
             for coef, x, substituted in zip(coefs, width_inputs, weight_sets(), strict=True):
                 with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     out = block_output(functional_call(block, substituted, (x[idx],), kwargs))
-                err = token_errors(out, targets[idx], weights=per_token[idx], drop=cfg.drop_outliers)
+                err = token_errors(out, targets[idx], weights=per_token[idx], drop=cfg.drop_outliers or 0.0)
                 part = err.mean() if denominator is None else err.sum() / denominator
                 part = part if coef == 1.0 else part * coef
                 total = part if total is None else total + part

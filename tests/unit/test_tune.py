@@ -236,13 +236,29 @@ def test_torch_compile_tuning_matches_eager():
     assert all(torch.equal(eager.layers[n].codes, comp.layers[n].codes) for n in eager.layers)
 
 
+def test_drop_outliers_default_follows_the_scheme_width_in_the_api():
+    from signround.config import QuantConfig, QuantScheme
+    from signround.config.stages import auto_drop_outliers
+
+    assert TuneConfig().drop_outliers is None  # unresolved on its own; the run's config decides
+    assert [auto_drop_outliers(b) for b in (2, 3, 4, 8)] == [0.001, 0.001, 0.0, 0.0]
+    assert QuantConfig(scheme=QuantScheme(bits=3, sym=True)).tune.drop_outliers == 0.001
+    assert QuantConfig(scheme=QuantScheme(bits=8)).tune.drop_outliers == 0.0
+    assert QuantConfig(scheme=QuantScheme(bits=2), tune=TuneConfig(drop_outliers=0.0)).tune.drop_outliers == 0.0
+    assert QuantConfig.from_recipe("fast", scheme=QuantScheme(bits=2)).tune.drop_outliers == 0.001
+
+
 def test_drop_outliers_flag_reaches_the_config_and_bad_values_are_refused():
     from signround.cli_args import build_parser, quant_config
 
     def cfg(*flags):
         return quant_config(build_parser().parse_args(["quantize", "--model", "m", "--output", "o", *flags]))
 
-    assert cfg().tune.drop_outliers == 0.0
+    assert cfg().tune.drop_outliers == 0.0  # 4 bits: off by default
     assert cfg("--drop-outliers", "0.001").tune.drop_outliers == 0.001
+    assert cfg("--bits", "3").tune.drop_outliers == 0.001  # below 4 bits: auto-round's 0.1% by default
+    assert cfg("--bits", "2", "--sym").tune.drop_outliers == 0.001
+    assert cfg("--bits", "3", "--drop-outliers", "0").tune.drop_outliers == 0.0  # 0 turns it off
+    assert cfg("--data-type", "fp4_e2m1").tune.drop_outliers == 0.0
     with pytest.raises(SignRoundError, match="drop_outliers is a fraction"):
         cfg("--drop-outliers", "-1")
